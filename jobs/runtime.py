@@ -1,0 +1,71 @@
+"""Ray bootstrap shared by every job: connect to a cluster, or start a local Ray sized to the machine.
+
+Rules (../shared/RAY_NOTES.md): with ``--address`` or ``RAY_ADDRESS`` we join that cluster
+unchanged; otherwise a local Ray starts in-process, bound to 127.0.0.1, without usage stats,
+without the dashboard unless asked, with an explicit auth mode (token auth on a throwaway local
+cluster only gets in the way of the CLI), and with Ray Data's no-progress timeout bounded so a
+stuck plan fails with a message instead of hanging for 30 minutes.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+
+log = logging.getLogger(__name__)
+
+DEFAULT_NO_PROGRESS_TIMEOUT_S = 600
+
+
+def init_ray(address: str | None = None, *, num_cpus: int | None = None, dashboard: bool = False,
+             no_progress_timeout_s: float = DEFAULT_NO_PROGRESS_TIMEOUT_S) -> dict:
+    """Start or join Ray; return the cluster's resources (``{"CPU": 2.0, ...}``)."""
+    os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
+    os.environ.setdefault("RAY_DATA_DISABLE_PROGRESS_BARS", "1")
+    os.environ.setdefault("RAY_DATA_EXECUTION_NO_PROGRESS_TIMEOUT_S", str(int(no_progress_timeout_s)))
+    import ray
+
+    if ray.is_initialized():
+        return ray.cluster_resources()
+    address = address or os.environ.get("RAY_ADDRESS") or None
+    if address:
+        log.info("joining Ray cluster at %s", address)
+        ray.init(address=address, logging_level=logging.WARNING, log_to_driver=True)
+    else:
+        os.environ.setdefault("RAY_AUTH_MODE", "disabled")
+        ray.init(
+            num_cpus=num_cpus or os.cpu_count() or 1,
+            include_dashboard=dashboard,
+            dashboard_host="127.0.0.1",
+            _node_ip_address="127.0.0.1",
+            logging_level=logging.WARNING,
+            configure_logging=True,
+        )
+    _configure_data_context(no_progress_timeout_s)
+    return ray.cluster_resources()
+
+
+def _configure_data_context(no_progress_timeout_s: float) -> None:
+    from ray.data import DataContext
+
+    ctx = DataContext.get_current()
+    ctx.enable_progress_bars = False
+    if hasattr(ctx, "execution_no_progress_timeout_s"):
+        ctx.execution_no_progress_timeout_s = no_progress_timeout_s
+
+
+def cluster_cpus() -> float:
+    import ray
+
+    return float(ray.cluster_resources().get("CPU", 1.0))
+
+
+def worker_cpus(num_workers: int, reserve_cpus: float = 0.5) -> float:
+    """CPUs per training worker so ``num_workers`` fit beside Ray Data's read tasks.
+
+    On a 2-CPU machine, 2 workers x 1 CPU plus a map stage hangs (RAY_NOTES.md): give the
+    workers what is left after ``reserve_cpus`` for the data stages, never more than 1 each.
+    """
+    total = cluster_cpus()
+    per = max(0.1, (total - reserve_cpus) / max(1, num_workers))
+    return round(min(1.0, per), 2)

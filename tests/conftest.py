@@ -1,0 +1,33 @@
+"""One session-scoped local Ray for the whole suite (settings from ../shared/RAY_NOTES.md).
+
+Tests that need Ray take the ``ray_session`` fixture; everything else runs without it. A hang
+fails fast: Ray Data's no-progress timeout is 120 s here, not the default 1800 s.
+"""
+
+from __future__ import annotations
+
+import os
+
+import pytest
+
+os.environ.setdefault("RAY_AUTH_MODE", "disabled")
+os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
+os.environ.setdefault("RAY_DATA_DISABLE_PROGRESS_BARS", "1")
+os.environ.setdefault("RAY_DATA_EXECUTION_NO_PROGRESS_TIMEOUT_S", "120")
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+os.environ.pop("RAY_ADDRESS", None)
+
+
+@pytest.fixture(scope="session")
+def ray_session():
+    import ray
+
+    from jobs.runtime import init_ray
+
+    if not ray.is_initialized():
+        ray.init(num_cpus=2, object_store_memory=256 * 1024 * 1024, include_dashboard=False,
+                 _node_ip_address="127.0.0.1", logging_level="WARNING")
+        init_ray(no_progress_timeout_s=120)  # applies the DataContext settings to this session
+    yield ray
+    ray.shutdown()
