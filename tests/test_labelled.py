@@ -1,0 +1,63 @@
+"""Labelled converters: emoji-test.txt parsing, emoji rendering, digits source, and `mm data` end to end."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from pipelines import labelled as L
+
+EMOJI_SNIPPET = """\
+# group: Smileys & Emotion
+
+# subgroup: face-smiling
+1F600                                                  ; fully-qualified     # 😀 E1.0 grinning face
+263A FE0F                                              ; fully-qualified     # ☺️ E0.6 smiling face
+263A                                                   ; unqualified         # ☺ E0.6 smiling face
+
+# group: Flags
+# subgroup: country-flag
+1F1EB 1F1F7                                            ; fully-qualified     # 🇫🇷 E2.0 flag: France
+# Smileys & Emotion subtotal:		3
+"""
+
+
+def test_parse_emoji_test(tmp_path):
+    p = tmp_path / "emoji-test.txt"
+    p.write_text(EMOJI_SNIPPET, encoding="utf-8")
+    items = L.parse_emoji_test(str(p))
+    assert [(e.chars, e.name, e.group, e.subgroup) for e in items] == [
+        ("\U0001F600", "grinning face", "Smileys & Emotion", "face-smiling"),
+        ("\u263A\uFE0F", "smiling face", "Smileys & Emotion", "face-smiling"),
+        ("\U0001F1EB\U0001F1F7", "flag: France", "Flags", "country-flag"),
+    ]
+
+
+@pytest.mark.skipif(not L.emoji_available(), reason="needs Debian unicode-data and fonts-noto-color-emoji")
+def test_real_emoji_list_and_rendering():
+    items = L.parse_emoji_test()
+    assert len(items) > 3000 and len({e.group for e in items}) == 9
+    from PIL import ImageFont
+
+    font = ImageFont.truetype(L.EMOJI_FONT, 109)
+    img = np.asarray(L.render_emoji(items[0].chars, font))  # grinning face: a yellow disc
+    assert img.shape == (128, 136, 3)
+    yellow = (img[..., 0] > 200) & (img[..., 1] > 150) & (img[..., 2] < 100)
+    assert yellow.mean() > 0.2
+
+
+def test_digits_source(tmp_path):
+    info = L.write_digits_source(tmp_path / "src", image_px=32)
+    assert info["n"] == 1797 and info["classes"][7] == "seven"
+    sidecar = json.loads((tmp_path / "src" / "digit_0007.json").read_text())
+    from sklearn.datasets import load_digits
+
+    target = int(load_digits().target[7])
+    assert sidecar["label"] == L.DIGIT_NAMES[target] and L.DIGIT_NAMES[target] in sidecar["caption"]
+    img = Image.open(tmp_path / "src" / "digit_0007.png")
+    assert img.size == (32, 32) and img.mode == "RGB"
+    arr = np.asarray(img)
+    assert arr.min() < 60 and arr.max() > 200  # dark ink on a white page
