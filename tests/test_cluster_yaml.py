@@ -69,7 +69,12 @@ def test_setup_installs_this_project_and_mounts_exist(raw):
     assert any("pip install" in c and project_remote in c for c in raw["setup_commands"])
     assert any(Path(local).name == "configs" for local in mounts.values())
     for local in mounts.values():
-        assert (ROOT / local).exists(), f"file_mounts source {local} missing"
+        if not local.startswith("~"):  # ~/.ray/auth_token is the operator's secret, not in the repo
+            assert (ROOT / local).exists(), f"file_mounts source {local} missing"
+    # Token auth on every node; a mismatch between head and workers would lock workers out.
+    starts = raw["head_start_ray_commands"] + raw["worker_start_ray_commands"]
+    assert all("RAY_AUTH_MODE=token" in c for c in starts if "ray start" in c)
+    assert any(remote.endswith(".ray/auth_token") for remote in mounts)
     assert ".venv" in raw["rsync_exclude"], "never ship the virtualenv"
     # The docker images pin the Ray version the project depends on.
     pinned = next(line for line in (ROOT / "pyproject.toml").read_text().splitlines() if '"ray[' in line)
