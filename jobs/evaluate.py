@@ -1,0 +1,98 @@
+"""`mm evaluate`: metrics of a saved model on a curated corpus split, eval.json and report.html.
+
+    mm evaluate --model RUN --data DIR --out RUN/eval.json [--task zeroshot|retrieval|classify|linear_probe]
+                [--config configs/evaluate.yaml] [--set split=val --set batch_rows=128 ...]
+
+``--model`` is a run dir (with ``model/``, and ``classifier/`` after a classification fine-tune)
+or a model dir. Without ``--task`` the config's ``tasks`` run (zero-shot and retrieval; zero-shot
+is skipped, and said so in eval.json, when the split has no labels). Writes FILE.json,
+FILE_samples.json and report.html beside FILE.json (with RUN/metrics.jsonl's loss curves when
+FILE.json sits in a run). Bad paths fail before Ray starts, with one line and exit code 2.
+Tested in tests/test_evaluate.py.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import sys
+from collections.abc import Sequence
+from pathlib import Path
+
+from jobs.cli import UsageError, add_common, run
+from jobs.config import load_config
+
+log = logging.getLogger("mm.evaluate")
+TASKS = ("zeroshot", "retrieval", "classify", "linear_probe")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="mm evaluate", description=__doc__.split("\n\n")[0])
+    p.add_argument("--model", required=True, help="run dir (with model/) or model dir")
+    p.add_argument("--data", required=True, help="curated corpus dir (data/*.parquet + tokenizer/)")
+    p.add_argument("--out", required=True, help="eval JSON file to write (e.g. RUN/eval.json)")
+    p.add_argument("--task", choices=TASKS, default=None, help="one task (default: the config's tasks)")
+    add_common(p)
+    return p
+
+
+def check_inputs(model: str, data: str, out: str) -> Path:
+    """Fail before any work on a bad --model, --data or --out; return the model dir."""
+    from mm.data import check_corpus
+    from mm.evaluate import resolve_model_dir
+
+    try:
+        model_dir = resolve_model_dir(model)
+    except FileNotFoundError as e:
+        raise UsageError(str(e)) from None
+    try:
+        check_corpus(data)
+    except ValueError as e:
+        raise UsageError(str(e).replace("data dir", "--data", 1)) from None
+    if not (model_dir / "tokenizer").is_dir():
+        raise UsageError(f"--model {model} has no tokenizer/ beside its weights")
+    check_same_tokenizer(model_dir / "tokenizer", Path(data) / "tokenizer")
+    o = Path(out)
+    if o.is_dir():
+        raise UsageError(f"--out {out} is a directory, expected a .json file path")
+    return model_dir
+
+
+def check_same_tokenizer(model_tok: Path, data_tok: Path) -> None:
+    """The corpus's input_ids must mean what the model's text tower learned."""
+    from transformers import AutoTokenizer
+
+    a = AutoTokenizer.from_pretrained(str(model_tok)).get_vocab()
+    b = AutoTokenizer.from_pretrained(str(data_tok)).get_vocab()
+    if a != b:
+        raise UsageError(f"the corpus tokenizer ({data_tok}) differs from the model's ({model_tok}); "
+                         "curate with the model's tokenizer")
+
+
+def _main(args: argparse.Namespace) -> int:
+    from mm.evaluate import EvalConfig, evaluate_run, write_eval
+
+    cfg = load_config(EvalConfig, args.config, args.overrides)
+    check_inputs(args.model, args.data, args.out)
+    from jobs.runtime import init_ray
+    from mm.report import write_report
+
+    init_ray(args.address)
+    tasks = (args.task,) if args.task else None
+    result = evaluate_run(args.model, args.data, cfg, tasks=tasks)
+    out = write_eval(result, args.out)
+    report = write_report(out.parent, eval_path=out)
+    for task, values in result["metrics"].items():
+        log.info("%s: %s", task, ", ".join(f"{k}={v:.4f}" for k, v in values.items()))
+    for task, why in result["skipped"].items():
+        log.warning("skipped %s: %s", task, why)
+    log.info("wrote %s and %s", out, report)
+    return 0
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    return run(_main, build_parser(), argv)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,448 @@
+"""Evaluation of a saved model on a curated corpus split: zero-shot classification, retrieval both
+ways, a fine-tuned classifier, a linear probe; metrics named as CLIP_benchmark names them.
+
+Embedding is a Ray Data plan: the split's Parquet rows stream through ``Embedder`` actors (each
+loads the model once, decodes with ``mm.data.preprocess_batch`` and encodes), and only the
+embeddings come back to the driver. Similarities are ranked in blocks (``mm.metrics.topk_indices``),
+so a 1M-item retrieval holds 2 x 1M x D floats plus one block of scores, never a 1M x 1M matrix.
+
+    result = evaluate_run("runs/pre", "corpora/demo", EvalConfig())   # Ray must be initialised
+    write_eval(result, "runs/pre/eval.json")
+
+``eval.json``: ``{"model", "data", "split", "modality", "tasks", "counts",
+"metrics": {task: {name: value}}, "chance": {task: {name: value}}, "confusion_matrix", "skipped"}``
+where task is ``zeroshot`` (acc1, acc5, mean_per_class_recall), ``retrieval``
+(image_retrieval_recall@k = text→image, text_retrieval_recall@k = image→text; for a video corpus
+video_retrieval_recall@k = text→video), ``classify`` (a fine-tuned head) or ``linear_probe``.
+Sample retrievals with thumbnails go to ``eval_samples.json`` beside it, for the report.
+
+Zero-shot prompts: a JSON list of templates with ``{c}``, or a mapping class -> list of prompts;
+class embeddings are averaged over the prompts and renormalised (CLIP, Radford et al. 2021).
+
+Tested in tests/test_evaluate.py.
+"""
+
+from __future__ import annotations
+
+import base64
+import hashlib
+import io
+import json
+import logging
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Literal
+
+import numpy as np
+
+from mm import metrics as M
+
+log = logging.getLogger(__name__)
+
+Task = Literal["zeroshot", "retrieval", "classify", "linear_probe"]
+DEFAULT_TEMPLATES = Path(__file__).resolve().parent.parent / "configs" / "templates.json"
+
+
+@dataclass(frozen=True)
+class LinearProbeConfig:
+    """Logistic regression on frozen pooled features (CLIP's linear-probe protocol), fit with L-BFGS."""
+
+    weight_decay: float = 1e-4
+    max_iters: int = 200
+    max_train_rows: int = 50_000  # rows of the train split embedded for the probe
+
+
+@dataclass(frozen=True)
+class EvalConfig:
+    tasks: tuple[Task, ...] = ("zeroshot", "retrieval")
+    split: str = "val"
+    templates_path: str | None = None  # default: DATA/templates.json, else configs/templates.json
+    classes_path: str | None = None  # default: DATA/classes.json, else the sorted labels of the split
+    batch_rows: int = 64  # rows per embedding batch
+    num_actors: int = 1
+    actor_cpus: float = 1.0
+    max_rows: int = 0  # 0: the whole split
+    ks: tuple[int, ...] = (1, 5, 10)
+    block_rows: int = 1024  # queries per similarity block
+    block_cols: int = 65536  # gallery items per similarity block
+    sample_queries: int = 4  # sample retrievals kept for the report
+    sample_hits: int = 5
+    thumb_px: int = 96
+    linear_probe: LinearProbeConfig = field(default_factory=LinearProbeConfig)
+
+    def __post_init__(self) -> None:
+        if self.batch_rows < 1 or self.num_actors < 1:
+            raise ValueError("batch_rows and num_actors must be >= 1")
+        if not self.ks or min(self.ks) < 1:
+            raise ValueError("ks must be positive")
+
+
+# ----------------------------------------------------------------------------- inputs
+
+
+def resolve_model_dir(path: str | Path) -> Path:
+    """A run dir (with ``model/``) or a model dir (with ``config.json`` + ``model.safetensors``)."""
+    p = Path(path)
+    for cand in (p / "model", p):
+        if (cand / "config.json").is_file() and (cand / "model.safetensors").is_file():
+            return cand
+    raise FileNotFoundError(f"--model {path} is neither a run dir with model/ nor a model dir "
+                            "(config.json + model.safetensors)")
+
+
+def load_templates(path: str | Path) -> list[str] | dict[str, list[str]]:
+    """A list of templates with ``{c}``, or a mapping class name -> list of prompts."""
+    data = json.loads(Path(path).read_text(encoding="utf-8"))
+    if isinstance(data, list) and data and all(isinstance(t, str) and "{c}" in t for t in data):
+        return data
+    if isinstance(data, dict) and data and all(isinstance(v, list) and v for v in data.values()):
+        return {str(k): [str(x) for x in v] for k, v in data.items()}
+    raise ValueError(f"templates {path}: expected a list of strings with {{c}} or a mapping class -> prompts")
+
+
+def class_prompts(classes: list[str], templates: list[str] | dict[str, list[str]]) -> list[list[str]]:
+    if isinstance(templates, dict):
+        missing = [c for c in classes if c not in templates]
+        if missing:
+            raise ValueError(f"templates have no prompts for classes {missing[:5]}")
+        return [templates[c] for c in classes]
+    return [[t.format(c=c) for t in templates] for c in classes]
+
+
+def corpus_file(data_dir: str | Path, override: str | None, name: str, fallback: Path | None = None) -> Path | None:
+    if override:
+        return Path(override)
+    p = Path(data_dir) / name
+    return p if p.is_file() else fallback
+
+
+def split_labels(data_dir: str | Path, split: str) -> list[str | None]:
+    """The ``label`` column of one split, read on the driver (one small column)."""
+    import pyarrow.compute as pc
+    import pyarrow.dataset as pads
+
+    ds = pads.dataset(str(Path(data_dir) / "data"), format="parquet")
+    if "label" not in ds.schema.names:
+        return []
+    return ds.to_table(columns=["label"], filter=pc.field("split") == split)["label"].to_pylist()
+
+
+def resolve_classes(data_dir: str | Path, cfg: EvalConfig, labels: list[str | None]) -> list[str]:
+    path = corpus_file(data_dir, cfg.classes_path, "classes.json")
+    if path is not None:
+        classes = json.loads(Path(path).read_text(encoding="utf-8"))
+        if not isinstance(classes, list) or not all(isinstance(c, str) for c in classes):
+            raise ValueError(f"classes file {path} must hold a JSON list of class names")
+        return classes
+    return sorted({x for x in labels if x is not None})
+
+
+# ----------------------------------------------------------------------------- embedding on Ray Data
+
+
+def media_key(blob) -> str:
+    """Content key of one image (bytes) or clip (list of frame bytes): rows with the same media
+    are one gallery item with several captions (CLIP_benchmark's texts_image_index)."""
+    h = hashlib.blake2b(digest_size=12)
+    for part in ([blob] if isinstance(blob, (bytes, bytearray)) else list(blob)):
+        h.update(bytes(part))
+    return h.hexdigest()
+
+
+class Embedder:
+    """Ray Data callable class: numpy batch of corpus rows -> embeddings. Loads the model once per actor."""
+
+    def __init__(self, model_dir: str, features: bool = False, pad_id: int = 0) -> None:
+        import torch
+
+        import mm
+        from mm.data import PreprocessConfig
+
+        torch.set_num_threads(1)
+        self.torch = torch
+        self.model = mm.load(model_dir)
+        self.model.eval()
+        c = self.model.cfg
+        self.pre = PreprocessConfig(image_px=c.vision.image_px, mean=c.vision.mean, std=c.vision.std,
+                                    max_tokens=c.text.max_tokens, pad_id=pad_id, max_frames=c.vision.max_frames,
+                                    pad_to_longest=True)
+        self.features = features
+
+    def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+        from mm.data import preprocess_batch
+
+        media_col = "image" if "image" in batch else "frames"
+        x = preprocess_batch(batch, self.pre)
+        t = self.torch
+        with t.inference_mode():
+            pix = t.from_numpy(x["pixels"] if "pixels" in x else x["frames"])
+            tokens = self.model.vision_tokens(pix)  # (B, 1+M, Wv)
+            out = {"sample_id": np.asarray(batch["sample_id"]).astype(str),
+                   "media_key": np.array([media_key(b) for b in batch[media_col]]),
+                   "media_emb": self.model.project_vision(tokens).numpy().astype(np.float32),
+                   "text_emb": self.model.encode_text(t.from_numpy(x["input_ids"]),
+                                                      t.from_numpy(x["attention_mask"])).numpy().astype(np.float32)}
+            if self.features:
+                out["feature"] = self.model.vision.pool(tokens).numpy().astype(np.float32)
+        labels = batch.get("label")
+        out["label"] = (np.array(["" if v is None else str(v) for v in labels]) if labels is not None
+                        else np.full(len(out["sample_id"]), "", dtype=str))
+        return out
+
+
+@dataclass
+class Embeddings:
+    """Per-row embeddings of one split, sorted by sample_id (deterministic whatever the plan's order)."""
+
+    sample_id: np.ndarray
+    media_key: np.ndarray
+    label: np.ndarray  # "" where unlabelled
+    media_emb: np.ndarray  # (N, D)
+    text_emb: np.ndarray  # (N, D)
+    feature: np.ndarray | None = None  # (N, Wv) pooled pre-projection, for probes
+
+
+def embed_split(model_dir: str | Path, data_dir: str | Path, split: str, cfg: EvalConfig, *,
+                features: bool = False, max_rows: int = 0) -> Embeddings:
+    """Stream one split through ``Embedder`` actors; only embeddings reach the driver."""
+    import pyarrow.parquet as pq
+    import ray.data
+    from ray.data.expressions import col
+
+    from mm.data import load_token_info
+
+    files = sorted((Path(data_dir) / "data").glob("*.parquet"))
+    names = pq.read_schema(files[0]).names
+    media = "frames" if "frames" in names else "image"
+    columns = ["sample_id", media, "input_ids"] + (["label"] if "label" in names else [])
+    pad_id = load_token_info(str(Path(model_dir) / "tokenizer")).pad_id
+    ds = (ray.data.read_parquet([str(f) for f in files])
+          .filter(expr=col("split") == split)  # pushed down into the Parquet read
+          .select_columns(columns))
+    if max_rows:
+        ds = ds.limit(max_rows)
+    ds = ds.map_batches(Embedder, fn_constructor_kwargs={"model_dir": str(model_dir), "features": features,
+                                                         "pad_id": pad_id},
+                        batch_size=cfg.batch_rows, batch_format="numpy", num_cpus=cfg.actor_cpus,
+                        compute=ray.data.ActorPoolStrategy(size=cfg.num_actors))
+    parts: dict[str, list[np.ndarray]] = {}
+    for batch in ds.iter_batches(batch_size=None, batch_format="numpy"):
+        for k, v in batch.items():
+            parts.setdefault(k, []).append(v)
+    if not parts:
+        raise ValueError(f"split {split!r} of {data_dir} has no rows")
+    cols = {k: np.concatenate(v) for k, v in parts.items()}
+    order = np.argsort(cols["sample_id"], kind="stable")
+    cols = {k: v[order] for k, v in cols.items()}
+    return Embeddings(sample_id=cols["sample_id"], media_key=cols["media_key"], label=cols["label"],
+                      media_emb=cols["media_emb"], text_emb=cols["text_emb"], feature=cols.get("feature"))
+
+
+# ----------------------------------------------------------------------------- tasks
+
+
+def encode_prompts(model, tokenizer, prompts: list[str], batch: int = 256) -> np.ndarray:
+    """Texts -> (N, D) normalised embeddings with the model's tokenizer and text tower."""
+    import torch
+
+    from mm.data import pad_ids
+
+    out = []
+    for i in range(0, len(prompts), batch):
+        ids = tokenizer(prompts[i:i + batch], add_special_tokens=True)["input_ids"]
+        input_ids, mask = pad_ids(ids, tokenizer.pad_token_id, model.cfg.text.max_tokens, True)
+        with torch.inference_mode():
+            out.append(model.encode_text(torch.from_numpy(input_ids), torch.from_numpy(mask)).float().numpy())
+    return np.concatenate(out) if out else np.zeros((0, model.cfg.embed_dim), np.float32)
+
+
+def zeroshot_weights(model, tokenizer, classes: list[str], templates) -> np.ndarray:
+    """(C, D): each class's prompt embeddings averaged and renormalised."""
+    prompts = class_prompts(classes, templates)
+    flat = encode_prompts(model, tokenizer, [p for ps in prompts for p in ps])
+    w, i = [], 0
+    for ps in prompts:
+        m = flat[i:i + len(ps)].mean(0)
+        w.append(m / max(np.linalg.norm(m), 1e-12))
+        i += len(ps)
+    return np.stack(w).astype(np.float32)
+
+
+def label_targets(labels: np.ndarray, classes: list[str]) -> tuple[np.ndarray, np.ndarray]:
+    """Rows whose label is one of ``classes`` -> (row mask, class index per kept row)."""
+    index = {c: i for i, c in enumerate(classes)}
+    keep = np.array([lab in index for lab in labels], dtype=bool)
+    return keep, np.array([index[lab] for lab in labels[keep]], dtype=np.int64)
+
+
+def evaluate_classifier(logits: np.ndarray, targets: np.ndarray, classes: list[str], source: str):
+    metrics = M.classification_metrics(logits, targets)
+    cm = M.confusion_matrix(M.predict(logits), targets, len(classes))
+    return metrics, M.classification_chance(len(classes)), {"classes": classes, "matrix": cm.tolist(), "source": source}
+
+
+def retrieval_inputs(emb: Embeddings) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Deduplicate media by content key: (media embeddings (M, D), text→media index (N,), first row per media)."""
+    _, first, inverse = np.unique(emb.media_key, return_index=True, return_inverse=True)
+    return emb.media_emb[first], inverse.astype(np.int64), first
+
+
+def _thumb(blob, px: int) -> str:
+    from PIL import Image
+
+    data = blob if isinstance(blob, (bytes, bytearray)) else list(blob)[len(blob) // 2]
+    img = Image.open(io.BytesIO(data)).convert("RGB")
+    img.thumbnail((px, px))
+    buf = io.BytesIO()
+    img.save(buf, format="JPEG", quality=85)
+    return base64.b64encode(buf.getvalue()).decode("ascii")
+
+
+def sample_retrievals(data_dir: str | Path, emb: Embeddings, media: np.ndarray, text_to_media: np.ndarray,
+                      first: np.ndarray, cfg: EvalConfig) -> dict:
+    """A few text→media queries with their top hits as thumbnails (for report.html)."""
+    import pyarrow.compute as pc
+    import pyarrow.dataset as pads
+
+    n = len(emb.text_emb)
+    if n == 0 or cfg.sample_queries <= 0:
+        return {"retrievals": []}
+    queries = np.unique(np.linspace(0, n - 1, min(cfg.sample_queries, n)).round().astype(int))
+    top = M.topk_indices(emb.text_emb[queries], media, cfg.sample_hits)
+    needed = {str(emb.sample_id[first[j]]) for row in top for j in row} | {str(emb.sample_id[q]) for q in queries}
+    ds = pads.dataset(str(Path(data_dir) / "data"), format="parquet")
+    media_col = "frames" if "frames" in ds.schema.names else "image"
+    table = ds.to_table(columns=["sample_id", "caption", media_col],
+                        filter=pc.field("sample_id").isin(sorted(needed)))
+    rows = {r["sample_id"]: r for r in table.to_pylist()}
+    out = []
+    for q, hits in zip(queries, top):
+        qrow = rows.get(str(emb.sample_id[q]), {})
+        items = []
+        for j in hits:
+            r = rows.get(str(emb.sample_id[first[j]]))
+            if r is not None:
+                items.append({"caption": r["caption"], "image": _thumb(r[media_col], cfg.thumb_px),
+                              "positive": bool(j == text_to_media[q])})
+        out.append({"direction": "text→image" if media_col == "image" else "text→video",
+                    "query": qrow.get("caption", ""), "hits": items})
+    return {"retrievals": out}
+
+
+def _load_model_and_tokenizer(model_dir: Path):
+    from transformers import AutoTokenizer
+
+    import mm
+
+    model = mm.load(str(model_dir))
+    model.eval()
+    return model, AutoTokenizer.from_pretrained(str(model_dir / "tokenizer"))
+
+
+def evaluate_run(model_path: str | Path, data_dir: str | Path, cfg: EvalConfig,
+                 tasks: tuple[str, ...] | None = None, classifier: str | Path | None = None) -> dict:
+    """Evaluate ``model_path`` (run or model dir) on ``data_dir``'s ``cfg.split``. Ray must be up.
+
+    ``classifier``: a fine-tuned classifier dir (``RUN/classifier``) for the ``classify`` task;
+    by default ``RUN/classifier`` when ``model_path`` is a run holding one.
+    """
+    t0 = time.time()
+    model_dir = resolve_model_dir(model_path)
+    tasks = tuple(tasks or cfg.tasks)
+    labels = split_labels(data_dir, cfg.split)
+    classes = resolve_classes(data_dir, cfg, labels)
+    labelled = sum(1 for x in labels if x)
+    skipped: dict[str, str] = {}
+    if classifier is None and (Path(model_path) / "classifier").is_dir():
+        classifier = Path(model_path) / "classifier"
+    for task in ("zeroshot", "classify", "linear_probe"):
+        if task in tasks and (not labelled or not classes):
+            skipped[task] = f"split {cfg.split!r} has no labelled rows"
+    if "classify" in tasks and classifier is None:
+        skipped["classify"] = "no fine-tuned classifier (RUN/classifier) in --model"
+    tasks = tuple(t for t in tasks if t not in skipped)
+
+    emb = embed_split(model_dir, data_dir, cfg.split, cfg, features="linear_probe" in tasks, max_rows=cfg.max_rows)
+    modality = "video" if any("frames" in f for f in _schema_names(data_dir)) else "image"
+    result: dict = {"model": str(model_dir), "data": str(data_dir), "split": cfg.split, "modality": modality,
+                    "tasks": list(tasks), "counts": {"rows": int(len(emb.sample_id)), "labelled_rows": 0},
+                    "metrics": {}, "chance": {}, "skipped": skipped, "config": asdict(cfg)}
+    keep, targets = label_targets(emb.label, classes) if classes else (np.zeros(len(emb.label), bool), None)
+    result["counts"].update(labelled_rows=int(keep.sum()), classes=len(classes))
+
+    if "zeroshot" in tasks:
+        model, tok = _load_model_and_tokenizer(model_dir)
+        templates = load_templates(corpus_file(data_dir, cfg.templates_path, "templates.json", DEFAULT_TEMPLATES))
+        w = zeroshot_weights(model, tok, classes, templates)
+        logits = emb.media_emb[keep] @ w.T  # (N, C)
+        m, c, cm = evaluate_classifier(logits, targets, classes, "zeroshot")
+        result["metrics"]["zeroshot"], result["chance"]["zeroshot"] = m, c
+        result["confusion_matrix"] = cm
+    if "classify" in tasks:
+        from mm.finetune import load_classifier
+
+        head = load_classifier(classifier)
+        ckeep, ctargets = label_targets(emb.label, head.classes)
+        logits = head.logits(emb.media_emb[ckeep])
+        m, c, cm = evaluate_classifier(logits, ctargets, head.classes, "classify")
+        result["metrics"]["classify"], result["chance"]["classify"] = m, c
+        result["confusion_matrix"] = cm  # the fine-tuned head's, when there is one
+    if "linear_probe" in tasks:
+        m, c = linear_probe(model_dir, data_dir, cfg, emb, classes)
+        result["metrics"]["linear_probe"], result["chance"]["linear_probe"] = m, c
+    if "retrieval" in tasks:
+        media, t2m, first = retrieval_inputs(emb)
+        m, c = M.retrieval_metrics(media, emb.text_emb, t2m, media=modality, ks=cfg.ks,
+                                   block_rows=cfg.block_rows, block_cols=cfg.block_cols)
+        result["metrics"]["retrieval"], result["chance"]["retrieval"] = m, c
+        result["counts"].update(media=int(len(media)), texts=int(len(emb.text_emb)))
+        result["samples"] = sample_retrievals(data_dir, emb, media, t2m, first, cfg)
+    result["time_s"] = round(time.time() - t0, 2)
+    return result
+
+
+def _schema_names(data_dir) -> list[str]:
+    import pyarrow.parquet as pq
+
+    files = sorted((Path(data_dir) / "data").glob("*.parquet"))
+    return pq.read_schema(files[0]).names if files else []
+
+
+def linear_probe(model_dir: Path, data_dir, cfg: EvalConfig, val: Embeddings, classes: list[str]):
+    """Fit logistic regression on the train split's frozen pooled features, score the eval split."""
+    from mm.finetune import fit_linear_head
+
+    train = embed_split(model_dir, data_dir, "train", cfg, features=True, max_rows=cfg.linear_probe.max_train_rows)
+    tkeep, ttargets = label_targets(train.label, classes)
+    vkeep, vtargets = label_targets(val.label, classes)
+    if not tkeep.any():
+        raise ValueError("linear probe: the train split has no labelled rows")
+    head = fit_linear_head(train.feature[tkeep], ttargets, len(classes), weight_decay=cfg.linear_probe.weight_decay,
+                           max_iters=cfg.linear_probe.max_iters)
+    logits = head(val.feature[vkeep])
+    return M.classification_metrics(logits, vtargets), M.classification_chance(len(classes))
+
+
+def write_eval(result: dict, out: str | Path) -> Path:
+    """Write eval.json (without the thumbnails) and ``<stem>_samples.json`` beside it."""
+    out = Path(out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    body = {k: v for k, v in result.items() if k != "samples"}
+    out.write_text(json.dumps(body, indent=1, default=_jsonable), encoding="utf-8")
+    if "samples" in result:
+        out.with_name(out.stem + "_samples.json").write_text(json.dumps(result["samples"]), encoding="utf-8")
+    return out
+
+
+def _jsonable(x):
+    if isinstance(x, np.generic):
+        return x.item()
+    if isinstance(x, np.ndarray):
+        return x.tolist()
+    raise TypeError(f"not JSON serialisable: {type(x)}")
+
+
+__all__ = ["EvalConfig", "LinearProbeConfig", "Embedder", "Embeddings", "resolve_model_dir", "load_templates",
+           "class_prompts", "embed_split", "zeroshot_weights", "encode_prompts", "evaluate_run", "write_eval",
+           "retrieval_inputs", "label_targets"]
