@@ -151,9 +151,13 @@ def media_key(blob) -> str:
 
 
 class Embedder:
-    """Ray Data callable class: numpy batch of corpus rows -> embeddings. Loads the model once per actor."""
+    """Ray Data callable class: numpy batch of corpus rows -> embeddings under one or several models.
 
-    def __init__(self, model_dir: str, features: bool = False, pad_id: int = 0) -> None:
+    Loads each model once per actor; several models (WiSE-FT's interpolation points, before/after
+    a fine-tune) share one pass over the data: columns ``media_emb/i``, ``text_emb/i``, ``feature/i``.
+    """
+
+    def __init__(self, model_dirs: list[str], features: bool = False, pad_id: int = 0) -> None:
         import torch
 
         import mm
@@ -161,9 +165,12 @@ class Embedder:
 
         torch.set_num_threads(1)
         self.torch = torch
-        self.model = mm.load(model_dir)
-        self.model.eval()
-        c = self.model.cfg
+        self.models = [mm.load(d).eval() for d in model_dirs]
+        c = self.models[0].cfg
+        for m in self.models[1:]:
+            if (m.cfg.vision.image_px, m.cfg.vision.mean, m.cfg.vision.std, m.cfg.text.max_tokens) != \
+                    (c.vision.image_px, c.vision.mean, c.vision.std, c.text.max_tokens):
+                raise ValueError("models embedded in one pass must share their preprocessing")
         self.pre = PreprocessConfig(image_px=c.vision.image_px, mean=c.vision.mean, std=c.vision.std,
                                     max_tokens=c.text.max_tokens, pad_id=pad_id, max_frames=c.vision.max_frames,
                                     pad_to_longest=True)
@@ -175,16 +182,17 @@ class Embedder:
         media_col = "image" if "image" in batch else "frames"
         x = preprocess_batch(batch, self.pre)
         t = self.torch
+        out = {"sample_id": np.asarray(batch["sample_id"]).astype(str),
+               "media_key": np.array([media_key(b) for b in batch[media_col]])}
+        pix = t.from_numpy(x["pixels"][:, None] if "pixels" in x else x["frames"])  # (B, T, 3, H, W)
+        ids, mask = t.from_numpy(x["input_ids"]), t.from_numpy(x["attention_mask"])
         with t.inference_mode():
-            pix = t.from_numpy(x["pixels"] if "pixels" in x else x["frames"])
-            tokens = self.model.vision_tokens(pix)  # (B, 1+M, Wv)
-            out = {"sample_id": np.asarray(batch["sample_id"]).astype(str),
-                   "media_key": np.array([media_key(b) for b in batch[media_col]]),
-                   "media_emb": self.model.project_vision(tokens).numpy().astype(np.float32),
-                   "text_emb": self.model.encode_text(t.from_numpy(x["input_ids"]),
-                                                      t.from_numpy(x["attention_mask"])).numpy().astype(np.float32)}
-            if self.features:
-                out["feature"] = self.model.vision.pool(tokens).numpy().astype(np.float32)
+            for i, model in enumerate(self.models):
+                tokens = model.vision_tokens(pix)  # (B, 1+M, Wv)
+                out[f"media_emb/{i}"] = model.project_vision(tokens).float().numpy()
+                out[f"text_emb/{i}"] = model.encode_text(ids, mask).float().numpy()
+                if self.features:
+                    out[f"feature/{i}"] = model.vision.pool(tokens).float().numpy()
         labels = batch.get("label")
         out["label"] = (np.array(["" if v is None else str(v) for v in labels]) if labels is not None
                         else np.full(len(out["sample_id"]), "", dtype=str))
@@ -203,9 +211,9 @@ class Embeddings:
     feature: np.ndarray | None = None  # (N, Wv) pooled pre-projection, for probes
 
 
-def embed_split(model_dir: str | Path, data_dir: str | Path, split: str, cfg: EvalConfig, *,
-                features: bool = False, max_rows: int = 0) -> Embeddings:
-    """Stream one split through ``Embedder`` actors; only embeddings reach the driver."""
+def embed_split_multi(model_dirs: list[str | Path], data_dir: str | Path, split: str, cfg: EvalConfig, *,
+                      features: bool = False, max_rows: int = 0) -> list[Embeddings]:
+    """Stream one split through ``Embedder`` actors once, for every model; only embeddings reach the driver."""
     import pyarrow.parquet as pq
     import ray.data
     from ray.data.expressions import col
@@ -216,14 +224,14 @@ def embed_split(model_dir: str | Path, data_dir: str | Path, split: str, cfg: Ev
     names = pq.read_schema(files[0]).names
     media = "frames" if "frames" in names else "image"
     columns = ["sample_id", media, "input_ids"] + (["label"] if "label" in names else [])
-    pad_id = load_token_info(str(Path(model_dir) / "tokenizer")).pad_id
+    pad_id = load_token_info(str(Path(model_dirs[0]) / "tokenizer")).pad_id
     ds = (ray.data.read_parquet([str(f) for f in files])
           .filter(expr=col("split") == split)  # pushed down into the Parquet read
           .select_columns(columns))
     if max_rows:
         ds = ds.limit(max_rows)
-    ds = ds.map_batches(Embedder, fn_constructor_kwargs={"model_dir": str(model_dir), "features": features,
-                                                         "pad_id": pad_id},
+    ds = ds.map_batches(Embedder, fn_constructor_kwargs={"model_dirs": [str(d) for d in model_dirs],
+                                                         "features": features, "pad_id": pad_id},
                         batch_size=cfg.batch_rows, batch_format="numpy", num_cpus=cfg.actor_cpus,
                         compute=ray.data.ActorPoolStrategy(size=cfg.num_actors))
     parts: dict[str, list[np.ndarray]] = {}
@@ -235,8 +243,14 @@ def embed_split(model_dir: str | Path, data_dir: str | Path, split: str, cfg: Ev
     cols = {k: np.concatenate(v) for k, v in parts.items()}
     order = np.argsort(cols["sample_id"], kind="stable")
     cols = {k: v[order] for k, v in cols.items()}
-    return Embeddings(sample_id=cols["sample_id"], media_key=cols["media_key"], label=cols["label"],
-                      media_emb=cols["media_emb"], text_emb=cols["text_emb"], feature=cols.get("feature"))
+    return [Embeddings(sample_id=cols["sample_id"], media_key=cols["media_key"], label=cols["label"],
+                       media_emb=cols[f"media_emb/{i}"], text_emb=cols[f"text_emb/{i}"],
+                       feature=cols.get(f"feature/{i}")) for i in range(len(model_dirs))]
+
+
+def embed_split(model_dir: str | Path, data_dir: str | Path, split: str, cfg: EvalConfig, *,
+                features: bool = False, max_rows: int = 0) -> Embeddings:
+    return embed_split_multi([model_dir], data_dir, split, cfg, features=features, max_rows=max_rows)[0]
 
 
 # ----------------------------------------------------------------------------- tasks
@@ -347,30 +361,53 @@ def evaluate_run(model_path: str | Path, data_dir: str | Path, cfg: EvalConfig,
     ``classifier``: a fine-tuned classifier dir (``RUN/classifier``) for the ``classify`` task;
     by default ``RUN/classifier`` when ``model_path`` is a run holding one.
     """
+    return evaluate_models([model_path], data_dir, cfg, tasks, [classifier])[0]
+
+
+def evaluate_models(model_paths: list[str | Path], data_dir: str | Path, cfg: EvalConfig,
+                    tasks: tuple[str, ...] | None = None,
+                    classifiers: list[str | Path | None] | None = None) -> list[dict]:
+    """``evaluate_run`` for several models of one architecture, embedding the split in one pass."""
     t0 = time.time()
-    model_dir = resolve_model_dir(model_path)
+    model_dirs = [resolve_model_dir(p) for p in model_paths]
+    classifiers = list(classifiers or [None] * len(model_paths))
+    for i, p in enumerate(model_paths):
+        if classifiers[i] is None and (Path(p) / "classifier").is_dir():
+            classifiers[i] = Path(p) / "classifier"
     tasks = tuple(tasks or cfg.tasks)
     labels = split_labels(data_dir, cfg.split)
     classes = resolve_classes(data_dir, cfg, labels)
     labelled = sum(1 for x in labels if x)
     skipped: dict[str, str] = {}
-    if classifier is None and (Path(model_path) / "classifier").is_dir():
-        classifier = Path(model_path) / "classifier"
     for task in ("zeroshot", "classify", "linear_probe"):
         if task in tasks and (not labelled or not classes):
             skipped[task] = f"split {cfg.split!r} has no labelled rows"
-    if "classify" in tasks and classifier is None:
+    if "classify" in tasks and any(c is None for c in classifiers):
         skipped["classify"] = "no fine-tuned classifier (RUN/classifier) in --model"
     tasks = tuple(t for t in tasks if t not in skipped)
 
-    emb = embed_split(model_dir, data_dir, cfg.split, cfg, features="linear_probe" in tasks, max_rows=cfg.max_rows)
-    modality = "video" if any("frames" in f for f in _schema_names(data_dir)) else "image"
-    result: dict = {"model": str(model_dir), "data": str(data_dir), "split": cfg.split, "modality": modality,
-                    "tasks": list(tasks), "counts": {"rows": int(len(emb.sample_id)), "labelled_rows": 0},
-                    "metrics": {}, "chance": {}, "skipped": skipped, "config": asdict(cfg)}
-    keep, targets = label_targets(emb.label, classes) if classes else (np.zeros(len(emb.label), bool), None)
-    result["counts"].update(labelled_rows=int(keep.sum()), classes=len(classes))
+    embs = embed_split_multi(model_dirs, data_dir, cfg.split, cfg, features="linear_probe" in tasks,
+                             max_rows=cfg.max_rows)
+    modality = "video" if "frames" in _schema_names(data_dir) else "image"
+    train_embs = None
+    if "linear_probe" in tasks:
+        train_embs = embed_split_multi(model_dirs, data_dir, "train", cfg, features=True,
+                                       max_rows=cfg.linear_probe.max_train_rows)
+    results = []
+    for i, (model_dir, emb) in enumerate(zip(model_dirs, embs)):
+        result = _task_metrics(model_dir, data_dir, cfg, tasks, emb, classes, classifiers[i], modality,
+                               train_embs[i] if train_embs else None)
+        result.update(skipped=skipped, config=asdict(cfg), time_s=round(time.time() - t0, 2))
+        results.append(result)
+    return results
 
+
+def _task_metrics(model_dir: Path, data_dir, cfg: EvalConfig, tasks, emb: Embeddings, classes: list[str],
+                  classifier, modality: str, train_emb: Embeddings | None) -> dict:
+    result: dict = {"model": str(model_dir), "data": str(data_dir), "split": cfg.split, "modality": modality,
+                    "tasks": list(tasks), "counts": {"rows": int(len(emb.sample_id))}, "metrics": {}, "chance": {}}
+    keep, targets = label_targets(emb.label, classes)
+    result["counts"].update(labelled_rows=int(keep.sum()), classes=len(classes))
     if "zeroshot" in tasks:
         model, tok = _load_model_and_tokenizer(model_dir)
         templates = load_templates(corpus_file(data_dir, cfg.templates_path, "templates.json", DEFAULT_TEMPLATES))
@@ -389,8 +426,7 @@ def evaluate_run(model_path: str | Path, data_dir: str | Path, cfg: EvalConfig,
         result["metrics"]["classify"], result["chance"]["classify"] = m, c
         result["confusion_matrix"] = cm  # the fine-tuned head's, when there is one
     if "linear_probe" in tasks:
-        m, c = linear_probe(model_dir, data_dir, cfg, emb, classes)
-        result["metrics"]["linear_probe"], result["chance"]["linear_probe"] = m, c
+        result["metrics"]["linear_probe"], result["chance"]["linear_probe"] = linear_probe(cfg, train_emb, emb, classes)
     if "retrieval" in tasks:
         media, t2m, first = retrieval_inputs(emb)
         m, c = M.retrieval_metrics(media, emb.text_emb, t2m, media=modality, ks=cfg.ks,
@@ -398,7 +434,6 @@ def evaluate_run(model_path: str | Path, data_dir: str | Path, cfg: EvalConfig,
         result["metrics"]["retrieval"], result["chance"]["retrieval"] = m, c
         result["counts"].update(media=int(len(media)), texts=int(len(emb.text_emb)))
         result["samples"] = sample_retrievals(data_dir, emb, media, t2m, first, cfg)
-    result["time_s"] = round(time.time() - t0, 2)
     return result
 
 
@@ -409,30 +444,39 @@ def _schema_names(data_dir) -> list[str]:
     return pq.read_schema(files[0]).names if files else []
 
 
-def linear_probe(model_dir: Path, data_dir, cfg: EvalConfig, val: Embeddings, classes: list[str]):
-    """Fit logistic regression on the train split's frozen pooled features, score the eval split."""
+def linear_probe(cfg: EvalConfig, train: Embeddings, val: Embeddings, classes: list[str]):
+    """Logistic regression on the train split's frozen pooled features, scored on the eval split."""
     from mm.finetune import fit_linear_head
 
-    train = embed_split(model_dir, data_dir, "train", cfg, features=True, max_rows=cfg.linear_probe.max_train_rows)
     tkeep, ttargets = label_targets(train.label, classes)
     vkeep, vtargets = label_targets(val.label, classes)
     if not tkeep.any():
         raise ValueError("linear probe: the train split has no labelled rows")
     head = fit_linear_head(train.feature[tkeep], ttargets, len(classes), weight_decay=cfg.linear_probe.weight_decay,
                            max_iters=cfg.linear_probe.max_iters)
-    logits = head(val.feature[vkeep])
-    return M.classification_metrics(logits, vtargets), M.classification_chance(len(classes))
+    return M.classification_metrics(head(val.feature[vkeep]), vtargets), M.classification_chance(len(classes))
 
 
 def write_eval(result: dict, out: str | Path) -> Path:
     """Write eval.json (without the thumbnails) and ``<stem>_samples.json`` beside it."""
     out = Path(out)
     out.parent.mkdir(parents=True, exist_ok=True)
-    body = {k: v for k, v in result.items() if k != "samples"}
-    out.write_text(json.dumps(body, indent=1, default=_jsonable), encoding="utf-8")
+    body = _finite({k: v for k, v in result.items() if k != "samples"})
+    out.write_text(json.dumps(body, indent=1, default=_jsonable, allow_nan=False), encoding="utf-8")
     if "samples" in result:
         out.with_name(out.stem + "_samples.json").write_text(json.dumps(result["samples"]), encoding="utf-8")
     return out
+
+
+def _finite(x):
+    """NaN/inf -> null: eval.json stays strict JSON."""
+    if isinstance(x, dict):
+        return {k: _finite(v) for k, v in x.items()}
+    if isinstance(x, (list, tuple)):
+        return [_finite(v) for v in x]
+    if isinstance(x, (float, np.floating)) and not np.isfinite(x):
+        return None
+    return x
 
 
 def _jsonable(x):
@@ -444,5 +488,6 @@ def _jsonable(x):
 
 
 __all__ = ["EvalConfig", "LinearProbeConfig", "Embedder", "Embeddings", "resolve_model_dir", "load_templates",
-           "class_prompts", "embed_split", "zeroshot_weights", "encode_prompts", "evaluate_run", "write_eval",
+           "class_prompts", "embed_split", "embed_split_multi", "zeroshot_weights", "encode_prompts", "evaluate_run",
+           "evaluate_models", "write_eval",
            "retrieval_inputs", "label_targets"]

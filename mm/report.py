@@ -3,7 +3,8 @@
 Reads what the run wrote and draws it with matplotlib (Agg, no display needed):
 
 * ``RUN/metrics.jsonl``: one line per logged step; every numeric key whose name contains
-  ``loss`` is drawn against ``step`` (loss curves).
+  ``loss`` is drawn against ``step`` (loss curves); ``RUN/probe_metrics.jsonl`` likewise for a
+  linear probe's L-BFGS (head-only and LP-FT fine-tunes).
 * ``RUN/eval.json`` (``mm.evaluate`` format): ``metrics`` and ``chance`` per task
   (``{"zeroshot": {"acc1": ..}, "retrieval": {"image_retrieval_recall@1": ..}, ...}``) become the
   metric table; optional ``retention`` (zero-shot before/after fine-tuning beside fine-tuned
@@ -66,7 +67,7 @@ def _png(fig) -> str:
     return "data:image/png;base64," + base64.b64encode(buf.getvalue()).decode("ascii")
 
 
-def plot_losses(rows: list[dict]) -> str | None:
+def plot_losses(rows: list[dict], title: str = "training losses", xlabel: str = "step") -> str | None:
     """Loss curves (every numeric ``*loss*`` key against ``step``) as a PNG data URI."""
     keys = sorted({k for r in rows for k, v in r.items() if "loss" in k and isinstance(v, (int, float))})
     if not keys:
@@ -78,11 +79,11 @@ def plot_losses(rows: list[dict]) -> str | None:
         if pts:
             xs, ys = zip(*pts)
             ax.plot(xs, ys, label=key, lw=1.2)
-    ax.set_xlabel("step")
+    ax.set_xlabel(xlabel)
     ax.set_ylabel("loss")
     ax.grid(alpha=0.3)
     ax.legend(fontsize=8)
-    ax.set_title("training losses")
+    ax.set_title(title)
     return _png(fig)
 
 
@@ -136,6 +137,8 @@ def plot_confusion(cm: dict) -> str | None:
 
 
 def _fmt(v: Any) -> str:
+    if v is None:
+        return "–"
     if isinstance(v, float):
         return "nan" if math.isnan(v) else f"{v:.4f}"
     return html.escape(str(v))
@@ -176,7 +179,8 @@ def _samples_html(samples: dict) -> str:
     return "\n".join(out) or "<p>no samples</p>"
 
 
-def render_report(run_dir: Path, ev: dict, metric_rows: list[dict], samples: dict) -> str:
+def render_report(run_dir: Path, ev: dict, metric_rows: list[dict], samples: dict,
+                  probe_rows: list[dict] | None = None) -> str:
     parts = [f"<!doctype html><html><head><meta charset='utf-8'><title>report: {html.escape(run_dir.name)}"
              f"</title><style>{_CSS}</style></head><body>",
              f"<h1>Run report: {html.escape(str(run_dir))}</h1>",
@@ -186,7 +190,8 @@ def render_report(run_dir: Path, ev: dict, metric_rows: list[dict], samples: dic
              "<h2>Metrics</h2>", _metric_table(ev)]
     if ev.get("retention"):
         parts += ["<h2>Zero-shot retention after fine-tuning</h2>", _retention_table(ev["retention"])]
-    for title, uri in (("Loss curves", plot_losses(metric_rows)),
+    probe = plot_losses(probe_rows or [], "linear probe (L-BFGS)", "loss evaluation")
+    for title, uri in (("Loss curves", plot_losses(metric_rows)), ("Linear-probe loss", probe),
                        ("WiSE-FT curve", plot_wise_ft(ev.get("wise_ft", []))),
                        ("Confusion matrix", plot_confusion(ev.get("confusion_matrix", {})))):
         if uri:
@@ -216,7 +221,7 @@ def write_report(run_dir: str | Path, eval_path: str | Path | None = None, out: 
     ev = json.loads(ev_path.read_text(encoding="utf-8")) if ev_path.is_file() else {}
     samples_path = ev_path.with_name(ev_path.stem + "_samples.json")
     samples = json.loads(samples_path.read_text(encoding="utf-8")) if samples_path.is_file() else {}
-    page = render_report(run, ev, read_jsonl(run / "metrics.jsonl"), samples)
+    page = render_report(run, ev, read_jsonl(run / "metrics.jsonl"), samples, read_jsonl(run / "probe_metrics.jsonl"))
     target = Path(out) if out else run / "report.html"
     target.parent.mkdir(parents=True, exist_ok=True)
     target.write_text(page, encoding="utf-8")

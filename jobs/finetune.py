@@ -1,0 +1,88 @@
+"""`mm finetune`: transfer a pretrained run to a task with a strategy, then WiSE-FT, eval and report.
+
+    mm finetune --init RUN --data DIR --task classify|retrieval --out RUN2
+                [--config configs/finetune.yaml] [--set finetune.strategy=lora --set train.max_steps=100 ...]
+
+Strategies (``finetune.strategy``): full, last_n, head_only, lora, lp_ft, flyp (mm/finetune.py).
+Writes RUN2/model, RUN2/classifier (classify), RUN2/metrics.jsonl, RUN2/eval.json (metrics, chance,
+WiSE-FT curve, zero-shot retention) and RUN2/report.html. Bad paths or config fail before Ray
+starts, with one line and exit code 2. Tested in tests/test_finetune.py.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import sys
+from collections.abc import Sequence
+from pathlib import Path
+
+from jobs.cli import UsageError, add_common, check_out_dir, run
+from jobs.config import load_config
+
+log = logging.getLogger("mm.finetune")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="mm finetune", description=__doc__.split("\n\n")[0])
+    p.add_argument("--init", required=True, help="pretrained run dir (with model/) or model dir")
+    p.add_argument("--data", required=True, help="curated corpus dir (labelled for --task classify)")
+    p.add_argument("--task", required=True, choices=("classify", "retrieval"))
+    p.add_argument("--out", required=True, help="run dir to write")
+    add_common(p)
+    return p
+
+
+def check_inputs(init: str, data: str, task: str, out: str, cfg) -> None:
+    from jobs.evaluate import check_same_tokenizer
+    from mm.data import check_corpus
+    from mm.evaluate import resolve_model_dir
+
+    try:
+        model_dir = resolve_model_dir(init)
+    except FileNotFoundError as e:
+        raise UsageError(str(e).replace("--model", "--init", 1)) from None
+    for path, flag in ((data, "--data"), (cfg.finetune.retention_data, "finetune.retention_data")):
+        if path is None:
+            continue
+        try:
+            check_corpus(path)
+        except ValueError as e:
+            raise UsageError(str(e).replace("data dir", flag, 1)) from None
+        check_same_tokenizer(model_dir / "tokenizer", Path(path) / "tokenizer")
+    check_out_dir(out)
+    if Path(out).resolve() == model_dir.parent.resolve() or Path(out).resolve() == model_dir.resolve():
+        raise UsageError(f"--out {out} would overwrite --init {init}")
+    if task == "retrieval" and cfg.finetune.strategy not in ("full", "last_n", "lora"):
+        raise UsageError(f"finetune.strategy={cfg.finetune.strategy} applies to --task classify; "
+                         "valid choices for retrieval: full, last_n, lora")
+    if task == "classify":
+        from mm.evaluate import split_labels
+
+        if not any(split_labels(data, "train")):
+            raise UsageError(f"--data {data} has no labelled train rows (needed for --task classify)")
+
+
+def _main(args: argparse.Namespace) -> int:
+    from mm.finetune import FinetuneConfig, finetune
+
+    cfg = load_config(FinetuneConfig, args.config, args.overrides)
+    check_inputs(args.init, args.data, args.task, args.out, cfg)
+    from jobs.runtime import init_ray
+
+    init_ray(args.address)
+    result = finetune(args.init, args.data, args.task, args.out, cfg)
+    for task, values in result["metrics"].items():
+        log.info("%s: %s", task, ", ".join(f"{k}={v:.4f}" for k, v in values.items()))
+    for k, v in result.get("retention", {}).items():
+        log.info("retention %s = %.4f", k, v)
+    log.info("wrote %s/eval.json and %s/report.html", args.out, args.out)
+    return 0
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    return run(_main, build_parser(), argv)
+
+
+if __name__ == "__main__":
+    sys.exit(main())
