@@ -1,0 +1,198 @@
+"""Checkpoints as safetensors + JSON only, written atomically; loading refuses anything else.
+
+Exported model (DESIGN.md "Runs"):
+
+    save_model(model, cfg, out_dir, tokenizer_dir)  # model.safetensors, config.json, tokenizer/
+    model, cfg = load_model(path)                   # path: a model dir or a run dir holding model/
+
+Training state (one directory per step checkpoint, handed to Ray Train):
+
+    save_train_state(dir, model_state, optim_state, state)   # state.safetensors, optim.safetensors,
+    model_state, optim_state, state = load_train_state(dir)  # train_state.json
+
+``optim_state`` is torch's optimizer state dict keyed by parameter name (as produced by
+``torch.distributed.checkpoint.state_dict.get_state_dict`` with ``full_state_dict``): tensors go
+to safetensors, the param groups to JSON. Nothing is ever unpickled. Tested in
+tests/test_checkpoint.py.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import tempfile
+from pathlib import Path
+from typing import Any
+
+import torch
+from safetensors import SafetensorError
+from safetensors.torch import load_file, save_file
+
+from mm.config import ModelConfig, from_json, to_json
+
+FORMAT = "mm-vlmodel/1"
+
+
+class CheckpointError(ValueError):
+    """A checkpoint that is missing, not safetensors + JSON, or not ours."""
+
+
+# -- atomic writes -----------------------------------------------------------------------------
+def _atomic_write(path: Path, write) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    os.close(fd)
+    try:
+        write(tmp)
+        os.replace(tmp, path)
+    finally:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+
+
+def write_json(path: Path, data: Any) -> None:
+    _atomic_write(Path(path), lambda t: Path(t).write_text(json.dumps(data, indent=2, sort_keys=True)))
+
+
+def write_tensors(path: Path, tensors: dict[str, torch.Tensor], metadata: dict[str, str] | None = None) -> None:
+    tensors = {k: v.detach().cpu().contiguous() for k, v in tensors.items()}
+    _atomic_write(Path(path), lambda t: save_file(tensors, t, metadata=metadata))
+
+
+def read_tensors(path: Path) -> dict[str, torch.Tensor]:
+    path = Path(path)
+    if not path.is_file():
+        raise CheckpointError(f"{path} not found")
+    try:
+        return load_file(str(path))
+    except (SafetensorError, OSError, ValueError) as e:
+        raise CheckpointError(f"{path} is not a safetensors file ({e}); refusing to load it "
+                              "(checkpoints are never unpickled)") from None
+
+
+def read_json(path: Path) -> Any:
+    path = Path(path)
+    if not path.is_file():
+        raise CheckpointError(f"{path} not found")
+    try:
+        return json.loads(path.read_text(encoding="utf-8"))
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise CheckpointError(f"{path} is not valid JSON: {e}") from None
+
+
+# -- exported model ----------------------------------------------------------------------------
+def unwrap(model: torch.nn.Module) -> torch.nn.Module:
+    """The bare module under DDP / torch.compile wrappers."""
+    while hasattr(model, "module") or hasattr(model, "_orig_mod"):
+        model = getattr(model, "module", None) or model._orig_mod
+    return model
+
+
+def save_model(model: torch.nn.Module, cfg: ModelConfig, out_dir: str | os.PathLike,
+               tokenizer_dir: str | os.PathLike | None, state: dict[str, torch.Tensor] | None = None) -> Path:
+    """Write ``out_dir/model.safetensors``, ``out_dir/config.json`` and ``out_dir/tokenizer/``.
+
+    ``state`` overrides ``model.state_dict()`` (e.g. a full state dict gathered from FSDP).
+    """
+    from mm.models import VLModel
+
+    out = Path(out_dir)
+    bare = unwrap(model)
+    if not isinstance(bare, VLModel):
+        raise TypeError(f"save_model expects a VLModel, got {type(bare).__name__}")
+    write_tensors(out / "model.safetensors", state if state is not None else bare.state_dict(),
+                  metadata={"format": FORMAT})
+    write_json(out / "config.json", {"format": FORMAT, "vocab_size": bare.vocab_size, "model": to_json(cfg)})
+    if tokenizer_dir is not None:
+        tmp = out / ".tokenizer.tmp"
+        shutil.rmtree(tmp, ignore_errors=True)
+        shutil.copytree(tokenizer_dir, tmp)
+        shutil.rmtree(out / "tokenizer", ignore_errors=True)
+        os.replace(tmp, out / "tokenizer")
+    return out
+
+
+def model_dir(path: str | os.PathLike) -> Path:
+    """A model dir, or a run dir's ``model/``."""
+    p = Path(path)
+    if (p / "model" / "config.json").is_file():
+        return p / "model"
+    if (p / "config.json").is_file():
+        return p
+    raise CheckpointError(f"{path} holds no model (expected config.json + model.safetensors, or model/)")
+
+
+def load_model(path: str | os.PathLike) -> tuple[torch.nn.Module, ModelConfig]:
+    """Rebuild the model from a model dir or run dir; returns (model in train mode, its config)."""
+    from mm.models import VLModel
+
+    d = model_dir(path)
+    meta = read_json(d / "config.json")
+    if not isinstance(meta, dict) or meta.get("format") != FORMAT:
+        raise CheckpointError(f"{d / 'config.json'} is not an {FORMAT} config")
+    cfg = from_json(meta["model"])
+    state = read_tensors(d / "model.safetensors")
+    # Build without pretrained files: the checkpoint holds every weight, and locking is a
+    # training-time choice.
+    cfg_build = _without_pretrained(cfg)
+    model = VLModel(cfg_build, int(meta["vocab_size"]))
+    missing, unexpected = model.load_state_dict(state, strict=False)
+    if missing or unexpected:
+        raise CheckpointError(f"{d} does not match its config: missing {missing[:3]}, unexpected {unexpected[:3]}")
+    return model, cfg
+
+
+def _without_pretrained(cfg: ModelConfig) -> ModelConfig:
+    import dataclasses
+
+    return dataclasses.replace(cfg, vision=dataclasses.replace(cfg.vision, pretrained_path=None),
+                               text=dataclasses.replace(cfg.text, pretrained_path=None))
+
+
+# -- training state ----------------------------------------------------------------------------
+def flatten_optim(optim_state: dict) -> tuple[dict[str, torch.Tensor], dict]:
+    tensors: dict[str, torch.Tensor] = {}
+    scalars: dict[str, dict] = {}
+    for pname, st in optim_state["state"].items():
+        for k, v in st.items():
+            if isinstance(v, torch.Tensor):
+                tensors[f"{pname}::{k}"] = v
+            else:
+                scalars.setdefault(pname, {})[k] = v
+    return tensors, {"param_groups": optim_state["param_groups"], "scalars": scalars}
+
+
+def unflatten_optim(tensors: dict[str, torch.Tensor], meta: dict) -> dict:
+    state: dict[str, dict] = {}
+    for key, v in tensors.items():
+        pname, k = key.rsplit("::", 1)
+        state.setdefault(pname, {})[k] = v
+    for pname, st in meta.get("scalars", {}).items():
+        state.setdefault(pname, {}).update(st)
+    return {"state": state, "param_groups": meta["param_groups"]}
+
+
+def save_train_state(directory: str | os.PathLike, model_state: dict[str, torch.Tensor], optim_state: dict,
+                     state: dict) -> Path:
+    d = Path(directory)
+    tensors, optim_meta = flatten_optim(optim_state)
+    write_tensors(d / "state.safetensors", model_state)
+    write_tensors(d / "optim.safetensors", tensors)
+    # JSON last: a directory without train_state.json is an incomplete checkpoint.
+    write_json(d / "train_state.json", {"format": FORMAT, **state, "optimizer": optim_meta})
+    return d
+
+
+def load_train_state(directory: str | os.PathLike) -> tuple[dict[str, torch.Tensor], dict, dict]:
+    d = Path(directory)
+    state = read_json(d / "train_state.json")
+    if state.get("format") != FORMAT:
+        raise CheckpointError(f"{d / 'train_state.json'} is not an {FORMAT} training state")
+    model_state = read_tensors(d / "state.safetensors")
+    optim_state = unflatten_optim(read_tensors(d / "optim.safetensors"), state.pop("optimizer"))
+    return model_state, optim_state, state
+
+
+__all__ = ["CheckpointError", "save_model", "load_model", "model_dir", "unwrap", "save_train_state",
+           "load_train_state", "write_json", "read_json", "write_tensors", "read_tensors"]

@@ -1,0 +1,128 @@
+"""Model configuration: one frozen dataclass per component, nested into ``ModelConfig``.
+
+The training job's other sections live with their owners (``mm.objectives.ObjectivesConfig``,
+``mm.optim.OptimConfig``, ``mm.data.DataConfig``, ``mm.train.TrainConfig``). A ``ModelConfig``
+is stored next to every checkpoint as ``config.json`` (``to_json`` / ``from_json``) so a model is
+rebuilt without the YAML that trained it.
+
+Tested in tests/test_models.py and tests/test_checkpoint.py.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+from dataclasses import dataclass, field
+from typing import Any, Literal
+
+# OpenAI CLIP's pixel statistics: the usual choice for image-text pretraining from scratch.
+CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
+CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
+
+
+@dataclass(frozen=True)
+class VisionConfig:
+    """ViT image/video tower. Images are videos with T=1; frames share every weight."""
+
+    image_px: int = 64
+    patch_px: int = 8
+    width: int = 128
+    depth: int = 4
+    heads: int = 4
+    mlp_ratio: float = 4.0
+    max_frames: int = 8
+    # joint: one attention over all T*N tokens (ViViT "joint"); divided: time then space per
+    # block (TimeSformer, Bertasius et al. 2021), cheaper for long clips.
+    attention: Literal["joint", "divided"] = "joint"
+    # avg (mean of patch tokens) learns much faster from scratch than the class token (seen on
+    # the synthetic corpus: 24 steps to leave chance vs >100); use "token" for CLIP-style weights.
+    pool: Literal["token", "avg"] = "avg"
+    drop_path_rate: float = 0.0
+    # A timm model name (e.g. "vit_base_patch16_224") builds that architecture instead of the
+    # width/depth/heads fields above; pretrained_path is a local weights file for it.
+    timm_name: str | None = None
+    pretrained_path: str | None = None
+    mean: tuple[float, float, float] = CLIP_MEAN
+    std: tuple[float, float, float] = CLIP_STD
+
+    def __post_init__(self) -> None:
+        if self.image_px % self.patch_px:
+            raise ValueError(f"image_px {self.image_px} is not a multiple of patch_px {self.patch_px}")
+        if self.max_frames < 1:
+            raise ValueError("max_frames must be >= 1")
+        if self.timm_name is None and self.width % self.heads:
+            raise ValueError(f"width {self.width} is not divisible by heads {self.heads}")
+
+
+@dataclass(frozen=True)
+class TextConfig:
+    """BERT-style text encoder, built from these fields or loaded from ``pretrained_path``."""
+
+    width: int = 128
+    depth: int = 2
+    heads: int = 4
+    mlp_ratio: float = 4.0
+    max_tokens: int = 32
+    pool: Literal["cls", "mean"] = "mean"  # mean: as sentence-transformers (MiniLM) pool
+    dropout: float = 0.0
+    # A local Hugging Face directory (config.json + weights), e.g. MiniLM (../shared/DATA.md);
+    # its width/depth/heads replace the fields above.
+    pretrained_path: str | None = None
+
+    def __post_init__(self) -> None:
+        if self.pretrained_path is None and self.width % self.heads:
+            raise ValueError(f"width {self.width} is not divisible by heads {self.heads}")
+
+
+@dataclass(frozen=True)
+class FusionConfig:
+    """Single-stream encoder: BERT layers over text tokens with cross-attention to vision tokens
+    (ALBEF, Li et al. 2021). depth 0 builds none; ITM and image-conditioned MLM need it."""
+
+    depth: int = 0
+    heads: int = 4
+
+
+@dataclass(frozen=True)
+class LockConfig:
+    """LiT-style locking (Zhai et al. 2022): a locked tower gets no gradient, except its last
+    ``*_unlocked_blocks`` transformer blocks (and, for vision, its projection)."""
+
+    vision: bool = False
+    vision_unlocked_blocks: int = 0
+    text: bool = False
+    text_unlocked_blocks: int = 0
+
+
+@dataclass(frozen=True)
+class ModelConfig:
+    vision: VisionConfig = field(default_factory=VisionConfig)
+    text: TextConfig = field(default_factory=TextConfig)
+    fusion: FusionConfig = field(default_factory=FusionConfig)
+    lock: LockConfig = field(default_factory=LockConfig)
+    embed_dim: int = 128
+    # clip: InfoNCE with a learnable temperature, init 1/0.07 (Radford et al. 2021);
+    # siglip: sigmoid loss with scale init 10 and bias init -10 (Zhai et al. 2023).
+    loss: Literal["clip", "siglip"] = "clip"
+    logit_scale_max: float = math.log(100.0)
+
+    def init_logit_scale(self) -> float:
+        return math.log(10.0) if self.loss == "siglip" else math.log(1 / 0.07)
+
+    def init_logit_bias(self) -> float:
+        return -10.0 if self.loss == "siglip" else 0.0
+
+
+def to_json(cfg: ModelConfig) -> dict[str, Any]:
+    return dataclasses.asdict(cfg)
+
+
+def from_json(data: dict[str, Any]) -> ModelConfig:
+    """Rebuild a ModelConfig from ``to_json`` output; unknown keys are an error, missing ones default."""
+    from jobs.config import build
+
+    return build(ModelConfig, data)
+
+
+__all__ = ["CLIP_MEAN", "CLIP_STD", "VisionConfig", "TextConfig", "FusionConfig", "LockConfig",
+           "ModelConfig", "to_json", "from_json"]

@@ -1,0 +1,285 @@
+"""From curated Parquet rows to model tensors, inside Ray Data map stages; shared by training and
+evaluation.
+
+    pre = PreprocessConfig.build(model_cfg, data_cfg, tokens.pad_id, train=True)
+    ds = build_dataset(corpus_dir, "train", pre, data_cfg)   # ray.data.Dataset of numpy batches
+    batch = preprocess_batch({"image": ..., "input_ids": ...}, pre)   # the same, on one batch
+
+``preprocess_batch`` decodes JPEG (with PIL's draft mode, which lets libjpeg decode at a reduced
+size), resizes the short side to ``image_px`` and centre-crops (or, for training with
+``augment``, takes a random-resized crop and optional flip, drawn from (seed, sample_id) so a
+resumed run sees the same crops), normalises with the model's mean/std, and pads ``input_ids``
+with the tokenizer's pad id. Videos become (T, 3, H, W) with ``max_frames`` frames sampled evenly
+(repeating frames when the clip has fewer), all frames of a clip cropped alike.
+
+Token padding: Ray Data concatenates map outputs into training batches of another size, so the
+dataset pads to ``max_tokens`` (fixed shape) and the loop trims each batch to its longest caption
+(``trim_padding``); a direct call with ``pad_to_longest=True`` pads to the longest in the batch.
+
+Tested in tests/test_data.py (real Parquet, real JPEG, a real local Ray).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import io
+import json
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+from PIL import Image
+
+from mm.config import ModelConfig
+
+
+@dataclass(frozen=True)
+class DataConfig:
+    batch_size: int = 32  # per worker, per micro-step
+    # One weight per corpus, in --data order: the chance that a step draws its batch from that
+    # corpus. Empty: proportional to each corpus's rows in the split.
+    mix_weights: tuple[float, ...] = ()
+    augment: bool = True
+    crop_scale_min: float = 0.8
+    flip: bool = False  # off by default: captions may say "left"/"right"
+    shuffle_buffer_rows: int = 256
+    prefetch_batches: int = 2
+    map_batch_rows: int = 32
+    map_cpus: float = 0.25  # fractional: on small machines the trainers hold most CPUs (RAY_NOTES.md)
+    # A corpus whose decoded split fits in this many MiB is decoded once and kept in Ray's object
+    # store: every later epoch only re-splits blocks instead of re-reading and re-decoding (a
+    # small corpus otherwise pays Ray Data's start-up cost every few steps). Augmentation is
+    # drawn per sample from (seed, sample_id), so caching changes no result. 0 disables.
+    cache_max_mb: int = 1024
+
+    def __post_init__(self) -> None:
+        if self.batch_size < 1:
+            raise ValueError("batch_size must be >= 1")
+        if any(w < 0 for w in self.mix_weights):
+            raise ValueError("mix_weights must be >= 0")
+
+
+@dataclass(frozen=True)
+class TokenInfo:
+    vocab_size: int
+    pad_id: int
+    mask_id: int
+    cls_id: int
+    sep_id: int
+
+    @property
+    def special_ids(self) -> tuple[int, ...]:
+        return (self.pad_id, self.cls_id, self.sep_id, self.mask_id)
+
+
+@dataclass(frozen=True)
+class PreprocessConfig:
+    image_px: int
+    mean: tuple[float, float, float]
+    std: tuple[float, float, float]
+    max_tokens: int
+    pad_id: int
+    max_frames: int
+    augment: bool = False
+    crop_scale_min: float = 0.8
+    flip: bool = False
+    seed: int = 0
+    pad_to_longest: bool = False
+    keep_columns: tuple[str, ...] = ()  # passed through unchanged (e.g. "label" for fine-tuning)
+
+    @classmethod
+    def build(cls, model: ModelConfig, data: DataConfig, pad_id: int, *, train: bool, seed: int = 0,
+              keep_columns: tuple[str, ...] = ()) -> PreprocessConfig:
+        return cls(image_px=model.vision.image_px, mean=model.vision.mean, std=model.vision.std,
+                   max_tokens=model.text.max_tokens, pad_id=pad_id, max_frames=model.vision.max_frames,
+                   augment=train and data.augment, crop_scale_min=data.crop_scale_min,
+                   flip=train and data.flip, seed=seed, keep_columns=keep_columns)
+
+
+# -- one batch ---------------------------------------------------------------------------------
+def _row_rng(seed: int, sample_id: str) -> np.random.Generator:
+    h = int.from_bytes(hashlib.blake2b(str(sample_id).encode(), digest_size=8).digest(), "little")
+    return np.random.default_rng([seed, h])
+
+
+def _crop_box(w: int, h: int, cfg: PreprocessConfig, rng: np.random.Generator | None) -> tuple[int, int, int, int]:
+    """Random-resized crop (Inception-style, area in [crop_scale_min, 1], ratio 3/4..4/3) or the
+    centre square."""
+    if rng is not None:
+        for _ in range(10):
+            area = w * h * rng.uniform(cfg.crop_scale_min, 1.0)
+            ratio = np.exp(rng.uniform(np.log(3 / 4), np.log(4 / 3)))
+            cw, ch = int(round(np.sqrt(area * ratio))), int(round(np.sqrt(area / ratio)))
+            if 0 < cw <= w and 0 < ch <= h:
+                x, y = int(rng.integers(0, w - cw + 1)), int(rng.integers(0, h - ch + 1))
+                return x, y, x + cw, y + ch
+    s = min(w, h)
+    x, y = (w - s) // 2, (h - s) // 2
+    return x, y, x + s, y + s
+
+
+def _decode(jpeg: bytes, cfg: PreprocessConfig, rng: np.random.Generator | None,
+            flip: bool) -> np.ndarray:
+    """JPEG bytes -> (3, H, W) float32, normalised."""
+    img = Image.open(io.BytesIO(jpeg))
+    img.draft("RGB", (cfg.image_px * 2, cfg.image_px * 2))  # JPEG DCT scaling: decode smaller
+    img = img.convert("RGB")
+    box = _crop_box(img.width, img.height, cfg, rng)
+    img = img.resize((cfg.image_px, cfg.image_px), Image.BICUBIC, box=box)
+    if flip:
+        img = img.transpose(Image.FLIP_LEFT_RIGHT)
+    x = np.asarray(img, dtype=np.float32) / 255.0
+    x = (x - np.asarray(cfg.mean, np.float32)) / np.asarray(cfg.std, np.float32)
+    return x.transpose(2, 0, 1)
+
+
+def _clip_params(cfg: PreprocessConfig, sample_id) -> tuple[np.random.Generator | None, bool]:
+    if not cfg.augment:
+        return None, False
+    rng = _row_rng(cfg.seed, sample_id)
+    return rng, bool(cfg.flip and rng.random() < 0.5)
+
+
+def pad_ids(rows, pad_id: int, max_tokens: int, pad_to_longest: bool) -> tuple[np.ndarray, np.ndarray]:
+    """List of 1-D id arrays -> (B, L) int64 ids and attention mask. Rows longer than max_tokens are
+    cut and keep their last token ([SEP])."""
+    rows = [np.asarray(r, dtype=np.int64) for r in rows]
+    rows = [r if len(r) <= max_tokens else np.concatenate([r[: max_tokens - 1], r[-1:]]) for r in rows]
+    length = max((len(r) for r in rows), default=1) if pad_to_longest else max_tokens
+    ids = np.full((len(rows), length), pad_id, dtype=np.int64)
+    mask = np.zeros((len(rows), length), dtype=np.int64)
+    for i, r in enumerate(rows):
+        ids[i, : len(r)] = r
+        mask[i, : len(r)] = 1
+    return ids, mask
+
+
+def preprocess_batch(batch: dict[str, np.ndarray], cfg: PreprocessConfig) -> dict[str, np.ndarray]:
+    """Curated rows (numpy batch format) -> {"pixels" (B,3,H,W) | "frames" (B,T,3,H,W),
+    "input_ids" (B,L), "attention_mask" (B,L)} plus ``cfg.keep_columns``."""
+    n = len(batch["input_ids"])
+    ids_col = batch.get("sample_id", np.arange(n).astype(str))
+    out: dict[str, np.ndarray] = {}
+    if "image" in batch:
+        pixels = np.empty((n, 3, cfg.image_px, cfg.image_px), np.float32)
+        for i in range(n):
+            rng, flip = _clip_params(cfg, ids_col[i])
+            pixels[i] = _decode(batch["image"][i], cfg, rng, flip)
+        out["pixels"] = pixels
+    elif "frames" in batch:
+        t = cfg.max_frames
+        frames = np.empty((n, t, 3, cfg.image_px, cfg.image_px), np.float32)
+        for i in range(n):
+            clip = batch["frames"][i]
+            if len(clip) == 0:
+                raise ValueError(f"video row {ids_col[i]} has no frames")
+            # Evenly spaced frame indices; a short clip repeats frames rather than padding, so
+            # every frame the model sees is real.
+            idx = np.linspace(0, len(clip) - 1, t).round().astype(int)
+            rng, flip = _clip_params(cfg, ids_col[i])
+            state = rng.bit_generator.state if rng is not None else None
+            for j, k in enumerate(idx):
+                if rng is not None:
+                    rng.bit_generator.state = state  # same crop for every frame of the clip
+                frames[i, j] = _decode(clip[k], cfg, rng, flip)
+        out["frames"] = frames
+    else:
+        raise ValueError("batch has neither an 'image' nor a 'frames' column")
+    out["input_ids"], out["attention_mask"] = pad_ids(batch["input_ids"], cfg.pad_id, cfg.max_tokens,
+                                                      cfg.pad_to_longest)
+    for col in cfg.keep_columns:
+        out[col] = batch[col]
+    return out
+
+
+def trim_padding(batch: dict) -> dict:
+    """Cut (B, L) token tensors to the longest caption in this batch (works for torch and numpy)."""
+    longest = int(batch["attention_mask"].sum(1).max())
+    return {**batch, "input_ids": batch["input_ids"][:, :longest],
+            "attention_mask": batch["attention_mask"][:, :longest]}
+
+
+# -- corpora ---------------------------------------------------------------------------------
+@dataclass(frozen=True)
+class CorpusInfo:
+    path: str
+    modality: str  # "image" | "video"
+    rows: dict[str, int]  # split -> rows
+    manifest: dict
+
+
+def _data_files(corpus_dir: str) -> list[Path]:
+    return sorted((Path(corpus_dir) / "data").glob("*.parquet"))
+
+
+def check_corpus(corpus_dir: str) -> None:
+    """Raise ValueError with one line unless ``corpus_dir`` looks like a curated corpus."""
+    p = Path(corpus_dir)
+    if not p.is_dir():
+        raise ValueError(f"data dir {corpus_dir} does not exist")
+    if not _data_files(corpus_dir):
+        raise ValueError(f"data dir {corpus_dir} has no data/*.parquet (is it a curated corpus?)")
+    if not (p / "tokenizer").is_dir():
+        raise ValueError(f"data dir {corpus_dir} has no tokenizer/ (is it a curated corpus?)")
+
+
+def corpus_info(corpus_dir: str) -> CorpusInfo:
+    import pyarrow.compute as pc
+    import pyarrow.parquet as pq
+
+    check_corpus(corpus_dir)
+    files = _data_files(corpus_dir)
+    names = pq.read_schema(files[0]).names
+    modality = "video" if "frames" in names else "image"
+    rows: dict[str, int] = {}
+    for f in files:
+        counts = pc.value_counts(pq.read_table(f, columns=["split"])["split"])
+        for c in counts.to_pylist():
+            rows[c["values"]] = rows.get(c["values"], 0) + c["counts"]
+    mpath = Path(corpus_dir) / "manifest.json"
+    manifest = json.loads(mpath.read_text()) if mpath.is_file() else {}
+    return CorpusInfo(str(Path(corpus_dir).resolve()), modality, rows, manifest)
+
+
+def load_token_info(tokenizer_dir: str) -> TokenInfo:
+    from transformers import AutoTokenizer
+
+    tok = AutoTokenizer.from_pretrained(tokenizer_dir)
+    ids = {k: getattr(tok, f"{k}_token_id") for k in ("pad", "mask", "cls", "sep")}
+    missing = [k for k, v in ids.items() if v is None]
+    if missing:
+        raise ValueError(f"tokenizer {tokenizer_dir} has no {', '.join(missing)} token")
+    return TokenInfo(vocab_size=len(tok), pad_id=ids["pad"], mask_id=ids["mask"], cls_id=ids["cls"],
+                     sep_id=ids["sep"])
+
+
+def decoded_mb(info: CorpusInfo, split: str | None, pre: PreprocessConfig) -> float:
+    """Size of a decoded split in MiB (float32 pixels, int64 tokens)."""
+    rows = info.rows.get(split, 0) if split else sum(info.rows.values())
+    frames = pre.max_frames if info.modality == "video" else 1
+    return rows * (frames * 3 * pre.image_px ** 2 * 4 + pre.max_tokens * 16) / 2 ** 20
+
+
+def build_dataset(corpus_dir: str, split: str | None, pre: PreprocessConfig, data: DataConfig):
+    """One corpus split as a ``ray.data.Dataset`` of preprocessed numpy batches (``split=None``: all
+    rows); materialised when it fits ``data.cache_max_mb``."""
+    import ray.data
+    from ray.data.expressions import col
+
+    info = corpus_info(corpus_dir)
+    media = "frames" if info.modality == "video" else "image"
+    columns = ["sample_id", media, "input_ids", *[c for c in pre.keep_columns if c != "sample_id"]]
+    # Filter and projection are pushed down into the Parquet reads by Ray Data's optimizer.
+    ds = ray.data.read_parquet(str(Path(corpus_dir) / "data"), num_cpus=data.map_cpus)
+    if split:
+        ds = ds.filter(expr=col("split") == split)
+    ds = ds.select_columns(columns)
+    ds = ds.map_batches(preprocess_batch, fn_kwargs={"cfg": pre}, batch_format="numpy",
+                        batch_size=data.map_batch_rows, num_cpus=data.map_cpus)
+    if decoded_mb(info, split, pre) <= data.cache_max_mb:
+        ds = ds.materialize()
+    return ds
+
+
+__all__ = ["DataConfig", "TokenInfo", "PreprocessConfig", "CorpusInfo", "preprocess_batch", "pad_ids",
+           "trim_padding", "decoded_mb", "check_corpus", "corpus_info", "load_token_info", "build_dataset"]

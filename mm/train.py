@@ -1,0 +1,484 @@
+"""The one training loop, for pretraining and fine-tuning, on Ray Train.
+
+    cfg = load_config(PretrainConfig, "configs/pretrain.yaml", ["train.max_steps=100"])
+    summary = fit(cfg, ["corpus_a", "corpus_b"], "runs/r1")
+
+``fit`` starts a ``TorchTrainer`` (DDP over gloo on CPU, NCCL on GPU; FSDP2 with
+``train.parallel=fsdp`` on GPUs) whose workers read their shard of each corpus from Ray Data
+(JPEG decode and augmentation run in Ray Data map stages; batches prefetched), run the configured
+objectives (mm/objectives.py) and write
+
+    run_dir/metrics.jsonl   one line per logged step (rank 0)
+    run_dir/model/          the final model (mm.checkpoint.save_model)
+    run_dir/manifest.json   inputs, resolved config, code version
+    run_dir/ray/            Ray Train's storage: step checkpoints (safetensors + JSON)
+
+A second ``fit`` on the same ``run_dir`` resumes from the latest step checkpoint, as does Ray
+Train itself after a worker dies (``FailureConfig(max_failures)``). Resume is exact: the
+checkpoint holds model, optimizer and scheduler state, the step, and each corpus stream's
+position (epoch, batches consumed); random draws are reseeded per step from (seed, rank, step),
+and Ray Data runs with ``preserve_order`` so a shard replays the same rows.
+
+Pretraining and fine-tuning differ by objectives and config only: callers pass extra objective
+factories and a ``prepare_model`` hook (freeze, LoRA, ...). Tested in tests/test_train.py.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import json
+import logging
+import math
+import os
+import subprocess
+import tempfile
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Literal
+
+import numpy as np
+import torch
+
+from mm.checkpoint import load_model, load_train_state, model_dir, save_model, save_train_state, write_json
+from mm.config import ModelConfig
+from mm.data import (
+    DataConfig,
+    PreprocessConfig,
+    build_dataset,
+    check_corpus,
+    corpus_info,
+    load_token_info,
+    trim_padding,
+)
+from mm.models import VLModel, build_model
+from mm.objectives import ObjectiveFactory, ObjectivesConfig, ObjectiveSet, build_objectives
+from mm.optim import OptimConfig, build_optimizer, build_scheduler
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class TrainConfig:
+    num_workers: int = 2
+    cpus_per_worker: float | None = None  # default: jobs.runtime.worker_cpus (fractional on small machines)
+    use_gpu: bool = False
+    parallel: Literal["ddp", "fsdp"] = "ddp"  # fsdp: FSDP2 (fully_shard) per block, GPUs only
+    max_steps: int = 200
+    checkpoint_every_steps: int = 50
+    keep_checkpoints: int = 2
+    log_every_steps: int = 10
+    seed: int = 0
+    max_failures: int = 1
+    precision: Literal["auto", "fp32", "bf16", "fp16"] = "auto"  # auto: bf16 on GPU, fp32 on CPU
+    grad_checkpointing: bool = False
+    compile: bool = False
+    accumulate_steps: int = 1
+    grad_clip_norm: float = 1.0  # 0: no clipping (the norm is still computed for non-finite checks)
+    # DDP: needed when some trainable parameter gets no gradient in a step (an extra objective
+    # that uses one tower only, say); costs a graph traversal per step.
+    find_unused_parameters: bool = False
+    tensorboard: bool = False
+    mlflow_tracking_uri: str | None = None
+
+    def __post_init__(self) -> None:
+        for name in ("num_workers", "max_steps", "checkpoint_every_steps", "log_every_steps", "accumulate_steps"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"{name} must be >= 1")
+
+
+@dataclass(frozen=True)
+class PretrainConfig:
+    model: ModelConfig = field(default_factory=ModelConfig)
+    objectives: ObjectivesConfig = field(default_factory=ObjectivesConfig)
+    optim: OptimConfig = field(default_factory=OptimConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+
+
+# -- driver side -------------------------------------------------------------------------------
+def fit(cfg: PretrainConfig, corpora: Sequence[str], run_dir: str, init: str | None = None,
+        objectives: Sequence[ObjectiveFactory] | None = None,
+        prepare_model: Callable[[VLModel], VLModel] | None = None) -> dict:
+    """Train on ``corpora`` (curated dirs) into ``run_dir``; resumes a run already there.
+
+    init: a run or model dir whose weights (and architecture) start the model.
+    objectives: extra objective factories ``(model, tokens) -> Objective`` added to the config's.
+    prepare_model: called on every worker with the built model before wrapping (freeze, LoRA).
+    Returns {"run_dir", "steps", "last": last metrics line, "checkpoint": path}.
+    """
+    import ray
+    import ray.train
+    from ray.train.torch import TorchTrainer
+
+    from jobs.runtime import init_ray, worker_cpus
+
+    if not corpora:
+        raise ValueError("no corpus given")
+    for c in corpora:
+        check_corpus(c)
+    infos = [corpus_info(c) for c in corpora]
+    tokenizer_dir = str(Path(corpora[0]) / "tokenizer")
+    _check_same_tokenizer(corpora)
+    tokens = load_token_info(tokenizer_dir)
+    weights = _mix_weights(cfg.data, infos)
+    if init is not None:
+        _, init_cfg = load_model(init)  # validates the init checkpoint before any work
+        cfg = dataclasses.replace(cfg, model=dataclasses.replace(init_cfg, lock=cfg.model.lock))
+    run = Path(run_dir).resolve()
+    run.mkdir(parents=True, exist_ok=True)
+    write_json(run / "manifest.json", {
+        "inputs": {"corpora": [{"path": i.path, "modality": i.modality, "rows": i.rows, "manifest": i.manifest}
+                               for i in infos],
+                   "init": str(model_dir(init).resolve()) if init else None},
+        "mix_weights": weights, "config": dataclasses.asdict(cfg), "code_version": code_version(),
+        "started_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())})
+
+    if not ray.is_initialized():
+        init_ray()
+    pre = PreprocessConfig.build(cfg.model, cfg.data, tokens.pad_id, train=True, seed=cfg.train.seed)
+    datasets = {f"corpus{i}": build_dataset(c, "train", pre, cfg.data) for i, c in enumerate(corpora)}
+    t = cfg.train
+    # Leave a whole CPU to the Ray Data read/decode tasks (RAY_NOTES.md: starved reads hang).
+    cpus = t.cpus_per_worker or worker_cpus(t.num_workers, reserve_cpus=1.0)
+    ingest = ray.train.DataConfig.default_ingest_options()
+    ingest.preserve_order = True  # a shard replays the same rows: exact resume
+    trainer = TorchTrainer(
+        train_loop,
+        train_loop_config={"cfg": cfg, "tokens": tokens, "weights": weights, "run_dir": str(run),
+                           "tokenizer_dir": tokenizer_dir, "init": str(model_dir(init)) if init else None,
+                           "extra_objectives": list(objectives or ()), "prepare_model": prepare_model,
+                           "streams": list(datasets)},
+        scaling_config=ray.train.ScalingConfig(num_workers=t.num_workers, use_gpu=t.use_gpu,
+                                               resources_per_worker={"CPU": cpus}),
+        run_config=ray.train.RunConfig(
+            name="ray", storage_path=str(run),
+            failure_config=ray.train.FailureConfig(max_failures=t.max_failures),
+            checkpoint_config=ray.train.CheckpointConfig(num_to_keep=t.keep_checkpoints)),
+        datasets=datasets,
+        dataset_config=ray.train.DataConfig(execution_options=ingest),
+    )
+    result = trainer.fit()
+    lines = read_metrics(run / "metrics.jsonl")
+    return {"run_dir": str(run), "steps": lines[-1]["step"] if lines else 0,
+            "last": lines[-1] if lines else {}, "checkpoint": result.checkpoint.path if result.checkpoint else None}
+
+
+def _mix_weights(data: DataConfig, infos) -> list[float]:
+    if data.mix_weights:
+        if len(data.mix_weights) != len(infos):
+            raise ValueError(f"data.mix_weights has {len(data.mix_weights)} entries for {len(infos)} corpora")
+        w = list(data.mix_weights)
+    else:
+        w = [float(i.rows.get("train", 0)) for i in infos]
+    for i, info in enumerate(infos):
+        if w[i] > 0 and info.rows.get("train", 0) == 0:
+            raise ValueError(f"corpus {info.path} has no train rows")
+    if sum(w) <= 0:
+        raise ValueError("no training rows in the given corpora")
+    return [x / sum(w) for x in w]
+
+
+def _check_same_tokenizer(corpora: Sequence[str]) -> None:
+    def vocab(c: str) -> str:
+        p = Path(c) / "tokenizer" / "tokenizer.json"
+        return json.dumps(json.loads(p.read_text())["model"].get("vocab"), sort_keys=True) if p.is_file() else ""
+
+    first = vocab(corpora[0])
+    for c in corpora[1:]:
+        if vocab(c) != first:
+            raise ValueError(f"corpus {c} uses another tokenizer than {corpora[0]}; curate them with one tokenizer")
+
+
+def code_version() -> str:
+    try:
+        out = subprocess.run(["git", "rev-parse", "HEAD"], cwd=Path(__file__).parent, capture_output=True,
+                             text=True, timeout=5)
+        if out.returncode == 0:
+            return out.stdout.strip()
+    except (OSError, subprocess.SubprocessError):
+        pass
+    from importlib.metadata import PackageNotFoundError, version
+
+    try:
+        return version("mm-curate-train")
+    except PackageNotFoundError:
+        return "unknown"
+
+
+def read_metrics(path: str | os.PathLike) -> list[dict]:
+    p = Path(path)
+    if not p.is_file():
+        return []
+    return [json.loads(line) for line in p.read_text().splitlines() if line.strip()]
+
+
+# -- worker side -------------------------------------------------------------------------------
+class Stream:
+    """One corpus shard as an endless batch stream that knows its position (epoch, batches)."""
+
+    def __init__(self, shard, data: DataConfig, seed: int, epoch: int = 0, batches: int = 0) -> None:
+        self.shard, self.data, self.seed = shard, data, seed
+        self.epoch, self.batches = epoch, 0
+        self._start()
+        for _ in range(batches):  # replay to the checkpointed position
+            self.next()
+
+    def _start(self) -> None:
+        self.it = iter(self.shard.iter_torch_batches(
+            batch_size=self.data.batch_size, drop_last=True, prefetch_batches=self.data.prefetch_batches,
+            local_shuffle_buffer_size=self.data.shuffle_buffer_rows or None,
+            local_shuffle_seed=self.seed * 100_003 + self.epoch if self.data.shuffle_buffer_rows else None))
+
+    def next(self) -> dict:
+        for _ in range(2):
+            try:
+                batch = next(self.it)
+                self.batches += 1
+                return batch
+            except StopIteration:
+                self.epoch, self.batches = self.epoch + 1, 0
+                self._start()
+        raise ValueError(f"a corpus has fewer train rows per worker than batch_size {self.data.batch_size}")
+
+    def position(self) -> dict:
+        return {"epoch": self.epoch, "batches": self.batches}
+
+
+def _seed_step(seed: int, rank: int, step: int) -> None:
+    torch.manual_seed(int(np.random.SeedSequence([seed, rank, step]).generate_state(1)[0]))
+
+
+def _wrap(module: torch.nn.Module, t: TrainConfig, device: torch.device) -> torch.nn.Module:
+    """The one place that makes the model distributed: DDP, or FSDP2 per transformer block."""
+    import ray.train.torch
+
+    if t.parallel == "fsdp":
+        if device.type != "cuda":
+            raise ValueError("train.parallel=fsdp needs GPUs (train.use_gpu=true); use ddp on CPU")
+        from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
+
+        module.to(device)
+        mp = MixedPrecisionPolicy(param_dtype=torch.bfloat16, reduce_dtype=torch.float32) \
+            if _amp_dtype(t, device) == torch.bfloat16 else MixedPrecisionPolicy()
+        model = module.model
+        for blk in [*model.vision.blocks, *model.text.blocks, *(model.fusion.layers if model.fusion else [])]:
+            fully_shard(blk, mp_policy=mp)
+        return fully_shard(module, mp_policy=mp)
+    return ray.train.torch.prepare_model(module, parallel_strategy="ddp", parallel_strategy_kwargs={
+        "find_unused_parameters": t.find_unused_parameters})
+
+
+def _amp_dtype(t: TrainConfig, device: torch.device) -> torch.dtype | None:
+    if t.precision == "auto":
+        return torch.bfloat16 if device.type == "cuda" else None
+    return {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}[t.precision]
+
+
+def _no_sync(module: torch.nn.Module, sync: bool):
+    """Skip the gradient all-reduce on accumulation micro-steps."""
+    if sync:
+        return contextlib.nullcontext()
+    if hasattr(module, "no_sync"):
+        return module.no_sync()
+    if hasattr(module, "set_requires_gradient_sync"):  # FSDP2
+        module.set_requires_gradient_sync(False)
+        return contextlib.nullcontext()
+    return contextlib.nullcontext()
+
+
+class MetricsLog:
+    """rank 0: metrics.jsonl, a progress line with ETA, optional TensorBoard / MLflow."""
+
+    def __init__(self, run_dir: str, t: TrainConfig, start_step: int) -> None:
+        self.path = Path(run_dir) / "metrics.jsonl"
+        self.t = t
+        # Lines past the checkpoint we resume from were logged by an attempt that died: the
+        # resumed run writes those steps again.
+        kept = [m for m in read_metrics(self.path) if m["step"] <= start_step]
+        self.path.write_text("".join(json.dumps(m) + "\n" for m in kept))
+        self.start_step, self.t0 = start_step, time.time()
+        self.tb = self.mlflow = None
+        if t.tensorboard:
+            try:
+                from torch.utils.tensorboard import SummaryWriter
+            except ImportError:
+                from tensorboardX import SummaryWriter
+            self.tb = SummaryWriter(str(Path(run_dir) / "tensorboard"))
+        if t.mlflow_tracking_uri:
+            import mlflow
+
+            mlflow.set_tracking_uri(t.mlflow_tracking_uri)
+            mlflow.start_run(run_name=Path(run_dir).name)
+            self.mlflow = mlflow
+
+    def write(self, m: dict) -> None:
+        with self.path.open("a") as f:
+            f.write(json.dumps(m) + "\n")
+        done = m["step"] - self.start_step
+        eta = (time.time() - self.t0) / max(1, done) * (self.t.max_steps - m["step"])
+        parts = " ".join(f"{k.split('/', 1)[1]} {v:.3f}" for k, v in m.items() if k.startswith("loss/"))
+        print(f"step {m['step']}/{self.t.max_steps} loss {m['loss']:.4f} ({parts}) lr {m['lr']:.2e} "
+              f"{m['samples_per_s']:.1f} samples/s data-wait {100 * m['data_wait_frac']:.1f}% "
+              f"eta {int(eta) // 60}m{int(eta) % 60:02d}s", flush=True)
+        scalars = {k: v for k, v in m.items() if isinstance(v, (int, float)) and k != "step"}
+        if self.tb is not None:
+            for k, v in scalars.items():
+                self.tb.add_scalar(k, v, m["step"])
+        if self.mlflow is not None:
+            self.mlflow.log_metrics({k.replace("/", "_"): v for k, v in scalars.items()}, step=m["step"])
+
+    def close(self) -> None:
+        if self.tb is not None:
+            self.tb.close()
+        if self.mlflow is not None:
+            self.mlflow.end_run()
+
+
+def _mean_over_workers(values: dict[str, torch.Tensor]) -> dict[str, float]:
+    import torch.distributed as dist
+
+    keys = sorted(values)
+    v = torch.stack([values[k].float().cpu() for k in keys])
+    if dist.is_initialized() and dist.get_world_size() > 1:
+        # gloo has no AVG: sum then divide. CPU tensor works with gloo; NCCL needs it on GPU.
+        v = v.to("cuda") if dist.get_backend() == "nccl" else v
+        dist.all_reduce(v)
+        v = v.cpu() / dist.get_world_size()
+    return {k: float(x) for k, x in zip(keys, v)}
+
+
+def train_loop(config: dict) -> None:
+    """Runs on every Ray Train worker. Banner sections: build, resume, loop, checkpoint, finish."""
+    import ray.train
+    import ray.train.torch
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, get_state_dict, set_state_dict
+
+    cfg: PretrainConfig = config["cfg"]
+    t = cfg.train
+    ctx = ray.train.get_context()
+    rank, world_size = ctx.get_world_rank(), ctx.get_world_size()
+    device = ray.train.torch.get_device()
+    torch.manual_seed(t.seed)  # identical initial weights on every rank
+
+    # ---- build --------------------------------------------------------------------------------
+    model = build_model(cfg.model, config["tokens"].vocab_size)
+    if config["init"]:
+        init_model, _ = load_model(config["init"])
+        model.load_state_dict(init_model.state_dict())
+    if config["prepare_model"] is not None:
+        model = config["prepare_model"](model)
+    objs = build_objectives(cfg.objectives, model, config["tokens"], config["extra_objectives"])
+    module = ObjectiveSet(model, objs)
+    if t.grad_checkpointing:
+        model.set_grad_checkpointing(True)
+    if t.compile:
+        for blk in [*model.vision.blocks, *model.text.blocks]:
+            blk.compile()
+    module = _wrap(module, t, device)
+    optimizer = build_optimizer(module, cfg.optim)
+    scheduler = build_scheduler(optimizer, cfg.optim, t.max_steps)
+    amp = _amp_dtype(t, device)
+    scaler = torch.amp.GradScaler(device.type, enabled=amp == torch.float16)
+    full = StateDictOptions(full_state_dict=True, cpu_offload=True)
+
+    # ---- resume -------------------------------------------------------------------------------
+    step, nonfinite, positions = 0, 0, {}
+    checkpoint = ray.train.get_checkpoint()
+    if checkpoint is not None:
+        with checkpoint.as_directory() as d:
+            model_state, optim_state, state = load_train_state(d)
+        set_state_dict(module, optimizer, model_state_dict=model_state, optim_state_dict=optim_state,
+                       options=StateDictOptions(full_state_dict=True))
+        scheduler.load_state_dict(state["scheduler"])
+        if state.get("scaler"):
+            scaler.load_state_dict(state["scaler"])
+        step, nonfinite, positions = state["step"], state["nonfinite_steps"], state["streams"]
+        if rank == 0:
+            print(f"resumed from step {step} ({checkpoint.path})", flush=True)
+    streams = [Stream(ray.train.get_dataset_shard(name), cfg.data, t.seed, **positions.get(name, {}))
+               for name in config["streams"]]
+    mlog = MetricsLog(config["run_dir"], t, step) if rank == 0 else None
+    params = [p for p in module.parameters() if p.requires_grad]
+    samples_per_step = cfg.data.batch_size * t.accumulate_steps * world_size
+
+    # ---- loop ---------------------------------------------------------------------------------
+    module.train()
+    window: dict[str, torch.Tensor] = {}
+    window_steps, window_time, window_wait = 0, 0.0, 0.0
+    while step < t.max_steps:
+        t_start = time.perf_counter()
+        wait = 0.0
+        for micro in range(t.accumulate_steps):
+            _seed_step(t.seed, rank, step * t.accumulate_steps + micro)
+            # Same corpus on every rank this micro-step: the contrastive gather mixes one modality.
+            pick = np.random.default_rng([t.seed, step, micro]).choice(len(streams), p=config["weights"])
+            t_wait = time.perf_counter()
+            batch = trim_padding(streams[pick].next())
+            wait += time.perf_counter() - t_wait
+            with _no_sync(module, micro == t.accumulate_steps - 1), \
+                    torch.autocast(device.type, dtype=amp or torch.float32, enabled=amp is not None):
+                loss, metrics = module(batch)
+                scaler.scale(loss / t.accumulate_steps).backward()
+            for k, v in {"loss": loss.detach(), **metrics}.items():
+                window[k] = window.get(k, 0) + v / t.accumulate_steps
+        scaler.unscale_(optimizer)
+        grad_norm = torch.nn.utils.clip_grad_norm_(params, t.grad_clip_norm if t.grad_clip_norm > 0 else math.inf)
+        grad_norm = grad_norm.full_tensor() if hasattr(grad_norm, "full_tensor") else grad_norm
+        # Gradients are all-reduced, so every rank sees the same norm and takes the same branch:
+        # a NaN/inf anywhere skips the update everywhere (fp16 overflow, a bad batch).
+        if torch.isfinite(grad_norm):
+            scaler.step(optimizer)
+        else:
+            nonfinite += 1
+        scaler.update()
+        optimizer.zero_grad(set_to_none=True)
+        scheduler.step()
+        step += 1
+        window_steps += 1
+        window_time += time.perf_counter() - t_start
+        window_wait += wait
+
+        if step % t.log_every_steps == 0 or step == t.max_steps:
+            means = _mean_over_workers({k: v / window_steps for k, v in window.items()})
+            line = {"step": step, **means, "lr": scheduler.get_last_lr()[0],
+                    "samples_per_s": samples_per_step * window_steps / window_time,
+                    "data_wait_frac": window_wait / window_time, "grad_norm": float(grad_norm),
+                    "nonfinite_steps": nonfinite, "epoch": {f"corpus{i}": s.epoch for i, s in enumerate(streams)}}
+            if "contrastive/logit_scale" in line:
+                line["logit_scale"] = line["contrastive/logit_scale"]
+            if mlog is not None:
+                mlog.write(line)
+            window, window_steps, window_time, window_wait = {}, 0, 0.0, 0.0
+
+        # ---- checkpoint -----------------------------------------------------------------------
+        if step % t.checkpoint_every_steps == 0 or step == t.max_steps:
+            model_state, optim_state = get_state_dict(module, optimizer, options=full)  # collective
+            state = {"step": step, "nonfinite_steps": nonfinite, "scheduler": scheduler.state_dict(),
+                     "scaler": scaler.state_dict() if scaler.is_enabled() else None,
+                     "streams": {name: s.position() for name, s in zip(config["streams"], streams)},
+                     "rng": {"scheme": "torch.manual_seed(SeedSequence([seed, rank, micro_step]))",
+                             "seed": t.seed}}
+            with tempfile.TemporaryDirectory() as tmp:
+                ckpt = None
+                if rank == 0:
+                    save_train_state(tmp, model_state, optim_state, state)
+                    if step == t.max_steps:
+                        model_only = {k[len("model."):]: v for k, v in model_state.items() if k.startswith("model.")}
+                        save_model(module_model(module), cfg.model, Path(config["run_dir"]) / "model",
+                                   config["tokenizer_dir"], state=model_only)
+                    ckpt = ray.train.Checkpoint.from_directory(tmp)
+                ray.train.report({"step": step}, checkpoint=ckpt, checkpoint_dir_name=f"step_{step:08d}")
+    if mlog is not None:
+        mlog.close()
+
+
+def module_model(module: torch.nn.Module) -> VLModel:
+    from mm.checkpoint import unwrap
+
+    return unwrap(module).model
+
+
+__all__ = ["TrainConfig", "PretrainConfig", "fit", "train_loop", "read_metrics", "code_version", "Stream"]
