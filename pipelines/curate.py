@@ -1,0 +1,379 @@
+"""Curation: composes the stages into Ray Data plans, from raw sources to tokenised Parquet.
+
+    cfg = load_config(CurateConfig, "configs/curate.yaml", ["images.image_px=128"])
+    stats = run_curate(["shards/{00000..00009}.tar", "folder/"], "out/", cfg)   # Ray initialised
+
+Passes (each a streaming Ray Data plan; memory stays flat as the corpus grows):
+
+1. **process**: read every source (pipelines/sources.py) → download URL rows
+   (pipelines/download.py) → ``process_batch`` (the modality's pure batch function: captions,
+   decode/validate/resize, hashes) → ``DIR/_work/processed/*.parquet``: one *work row* per
+   input (image) or per clip (video), kept candidate or reject.
+2. **dedup**: reads only the small columns of the kept candidates (``WORK_COLUMNS`` minus media)
+   and finds exact and near duplicates across the whole corpus (pipelines/dedup.py) → the drop
+   list ``(row_id, reason, keeper sample_id)``.
+3. **tokenizer**: trained on the kept captions (in ``sample_id`` order) or loaded → ``DIR/tokenizer``.
+4. **write**: kept rows, tokenised and split → ``DIR/data/*.parquet`` (``schema.schema_for``),
+   ``rows_per_file`` rows per shard; every reject → ``DIR/rejects/*.parquet`` (REJECT_SCHEMA).
+5. **stats/manifest**: ``stats.json`` (counts per reason, histograms, the invariant) and
+   ``manifest.json`` (inputs with checksums, resolved config, code version, time).
+
+Work rows (the hook for other modalities): a modality's batch function maps INPUT_SCHEMA
+records to rows carrying ``WORK_COLUMNS`` — ``row_id`` (unique per row), ``sample_id``,
+``source``, ``key``, ``caption``, ``content_hash``, ``hashes`` (list<int64>), ``area``,
+``orig_width``, ``orig_height``, ``label``, ``stage``/``reason``/``detail`` (reason null = kept
+candidate) — plus the columns of its output schema. Images: ``images.process_image_batch``;
+video: ``video.process_video_batch``.
+
+Reruns: a run starts by removing the previous outputs and ``_work/``; ``stats.json`` is written
+last, so a directory with ``stats.json`` is complete. Ids, splits and the keeper rule are
+content-derived, so a rerun gives the same rows, and an interrupted run rerun to completion
+leaves no duplicate and no missing row.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import os
+import subprocess
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal
+
+import pyarrow as pa
+import pyarrow.compute as pc
+import pyarrow.fs as pafs
+
+from jobs.config import to_dict
+from pipelines import stats as stats_mod
+from pipelines.captions import CaptionConfig, check_language_support
+from pipelines.dedup import DROP_SCHEMA, DedupConfig, find_duplicates
+from pipelines.images import ImageConfig, process_image_batch
+from pipelines.schema import REJECT_SCHEMA, assign_split, schema_for
+from pipelines.sources import SourceConfig, SourceFile, expand_sources, has_urls, read_inputs
+from pipelines.tokenize import TokenizerConfig, build_tokenizer, tokenize_batch
+from pipelines.video import VideoConfig
+
+log = logging.getLogger(__name__)
+
+WORK_COLUMNS = ("row_id", "sample_id", "source", "key", "caption", "content_hash", "hashes", "area",
+                "orig_width", "orig_height", "label", "stage", "reason", "detail")
+
+
+@dataclass(frozen=True)
+class OutputConfig:
+    rows_per_file: int = 10_000          # rows per data/ Parquet shard
+    reject_rows_per_file: int = 100_000
+    val_fraction: float = 0.05           # of sample_ids (hash-based, stable across reruns)
+    keep_work: bool = False              # keep DIR/_work (intermediate Parquet) after success
+
+    def __post_init__(self) -> None:
+        if self.rows_per_file <= 0 or self.reject_rows_per_file <= 0:
+            raise ValueError("rows_per_file and reject_rows_per_file must be > 0")
+        if not 0.0 <= self.val_fraction < 1.0:
+            raise ValueError("val_fraction must be in [0, 1)")
+
+
+@dataclass(frozen=True)
+class ExecutionConfig:
+    """Ray Data resources of the curate plans (see ../shared/RAY_NOTES.md for small machines)."""
+
+    batch_rows: int = 32                 # inputs per process task batch (decode-heavy)
+    num_cpus_per_task: float = 1.0       # of the process stage
+    download_num_cpus: float = 0.25      # download tasks mostly wait on the network
+    light_num_cpus: float = 0.5          # dedup/finalise stages
+
+
+@dataclass(frozen=True)
+class CurateConfig:
+    modality: Literal["image", "video"] = "image"
+    sources: SourceConfig = field(default_factory=SourceConfig)
+    images: ImageConfig = field(default_factory=ImageConfig)
+    video: VideoConfig = field(default_factory=VideoConfig)
+    captions: CaptionConfig = field(default_factory=CaptionConfig)
+    dedup: DedupConfig = field(default_factory=DedupConfig)
+    tokenizer: TokenizerConfig = field(default_factory=TokenizerConfig)
+    output: OutputConfig = field(default_factory=OutputConfig)
+    execution: ExecutionConfig = field(default_factory=ExecutionConfig)
+
+
+def process_batch(batch: pa.Table, cfg: CurateConfig) -> pa.Table:
+    """The per-input stage: INPUT_SCHEMA records → work rows, by modality (pure, pyarrow)."""
+    if cfg.modality == "video":
+        from pipelines.video import process_video_batch
+
+        return process_video_batch(batch, cfg.video, cfg.captions)
+    return process_image_batch(batch, cfg.images, cfg.captions)
+
+
+# --------------------------------------------------------------------------- finalise stages
+def finalize_kept(batch: pa.Table, drops: pa.Array, tokenizer_dir: str, max_tokens: int,
+                  val_fraction: float, modality: str) -> pa.Table:
+    """Kept rows → output schema: not rejected, not a duplicate; tokenised; split assigned."""
+    mask = pc.and_(pc.is_null(batch.column("reason")),
+                   pc.invert(pc.is_in(batch.column("row_id"), value_set=drops)))
+    t = batch.filter(mask)
+    t = tokenize_batch(t, tokenizer_dir, max_tokens)
+    split = pa.array([assign_split(s, val_fraction) for s in t.column("sample_id").to_pylist()], pa.string())
+    t = t.append_column("split", split)
+    schema = schema_for(modality)
+    return t.select(schema.names).cast(schema)
+
+
+def finalize_rejects(batch: pa.Table, drops: pa.Table) -> pa.Table:
+    """Reject rows: stage rejects as they are, duplicates with the keeper's sample_id in detail."""
+    idx = pc.index_in(batch.column("row_id"), value_set=drops.column("row_id"))
+    is_dup = pc.is_valid(idx)
+    reason = pc.if_else(is_dup, pc.take(drops.column("reason"), idx), batch.column("reason"))
+    detail = pc.if_else(is_dup, pc.take(drops.column("keeper"), idx), batch.column("detail"))
+    stage = pc.if_else(is_dup, pa.scalar("dedup"), batch.column("stage"))
+    t = pa.table({"source": batch.column("source"), "key": batch.column("key"), "stage": stage,
+                  "reason": reason, "detail": detail})
+    t = t.filter(pc.is_valid(t.column("reason")))
+    return t.cast(REJECT_SCHEMA)
+
+
+def stats_partial(batch: pa.Table, drops: pa.Array, tokenizer_dir: str, max_tokens: int,
+                  val_fraction: float) -> pa.Table:
+    """Histogram partials of the kept rows among the candidates (see stats.histogram_partials)."""
+    t = batch.filter(pc.invert(pc.is_in(batch.column("row_id"), value_set=drops)))
+    t = tokenize_batch(t, tokenizer_dir, max_tokens)
+    split = [assign_split(s, val_fraction) for s in t.column("sample_id").to_pylist()]
+    return stats_mod.histogram_partials(t.append_column("split", pa.array(split, pa.string())))
+
+
+def count_partial(batch: pa.Table) -> pa.Table:
+    """Per-batch counts of (stage, reason) of rejects: rows of (stage, reason, n)."""
+    counts: dict[tuple[str, str], int] = {}
+    for s, r in zip(batch.column("stage").to_pylist(), batch.column("reason").to_pylist()):
+        counts[(s, r)] = counts.get((s, r), 0) + 1
+    return pa.table({"stage": [k[0] for k in counts], "reason": [k[1] for k in counts],
+                     "n": pa.array(list(counts.values()), pa.int64())})
+
+
+# --------------------------------------------------------------------------- the run
+def run_curate(sources: list[str], out: str, cfg: CurateConfig) -> dict:
+    """Curate ``sources`` into ``out`` (Ray already initialised); return stats."""
+    import ray
+
+    t0 = time.time()
+    check_language_support(cfg.captions)
+    files = expand_sources(list(sources))
+    fs, root, uri_prefix = _out_fs(out)
+    work = f"{root}/_work"
+    _clean(fs, root, work)
+    ex = cfg.execution
+    light = {"batch_format": "pyarrow", "num_cpus": ex.light_num_cpus}
+
+    # 1. process -------------------------------------------------------------------------------
+    ds = read_inputs(files, cfg.sources)
+    if has_urls(files):
+        from pipelines.download import download_batch
+
+        ds = ds.map_batches(download_batch, fn_kwargs={"cfg": cfg.sources}, batch_format="pyarrow",
+                            batch_size=max(ex.batch_rows, cfg.sources.download_threads * 2),
+                            num_cpus=ex.download_num_cpus)
+    ds = ds.map_batches(process_batch, fn_kwargs={"cfg": cfg}, batch_format="pyarrow",
+                        batch_size=ex.batch_rows, num_cpus=ex.num_cpus_per_task)
+    ds.write_parquet(uri_prefix + f"{work}/processed", filesystem=None if uri_prefix else fs)
+    t_process = time.time()
+    processed = uri_prefix + f"{work}/processed"
+
+    def read(columns=None):
+        return ray.data.read_parquet(processed, columns=columns, filesystem=None if uri_prefix else fs)
+
+    # 2. dedup (small columns of the kept candidates, held in the object store) ------------------
+    candidates = read(["row_id", "sample_id", "source", "key", "caption", "content_hash", "hashes", "area",
+                       "orig_width", "orig_height", "reason"]).map_batches(_candidates_only, **light).materialize()
+    drops = find_duplicates(candidates.drop_columns(["orig_width", "orig_height"]), cfg.dedup)
+    drop_ids = drops.column("row_id")
+    t_dedup = time.time()
+
+    # 3. tokenizer -----------------------------------------------------------------------------
+    tok_local = _local_tokenizer_dir(root, uri_prefix)
+    build_tokenizer(_kept_captions(candidates, drop_ids, cfg, light), cfg.tokenizer, tok_local)
+    if uri_prefix:
+        pafs.copy_files(str(tok_local), f"{root}/tokenizer", source_filesystem=pafs.LocalFileSystem(),
+                        destination_filesystem=fs)
+    t_tok = time.time()
+
+    # 4. write ---------------------------------------------------------------------------------
+    common = {"drops": drop_ids, "tokenizer_dir": str(tok_local), "max_tokens": cfg.tokenizer.max_tokens,
+              "val_fraction": cfg.output.val_fraction}
+    media_cols = [c for c in schema_for(cfg.modality).names if c not in ("input_ids", "split")]
+    kept = read(sorted(set(media_cols) | {"row_id", "reason"})).map_batches(
+        finalize_kept, fn_kwargs={"modality": cfg.modality, **common}, **light)
+    kept.write_parquet(uri_prefix + f"{root}/data", filesystem=None if uri_prefix else fs,
+                       min_rows_per_file=cfg.output.rows_per_file, max_rows_per_file=cfg.output.rows_per_file)
+    rejects = read(["row_id", "source", "key", "stage", "reason", "detail"]).map_batches(
+        finalize_rejects, fn_kwargs={"drops": drops}, **light).materialize()
+    rejects.write_parquet(uri_prefix + f"{root}/rejects", filesystem=None if uri_prefix else fs,
+                          min_rows_per_file=cfg.output.reject_rows_per_file,
+                          max_rows_per_file=cfg.output.reject_rows_per_file)
+    for sub in ("data", "rejects"):
+        fs.create_dir(f"{root}/{sub}", recursive=True)
+    t_write = time.time()
+
+    # 5. stats + manifest ------------------------------------------------------------------------
+    reject_counts, stage_counts, n_rejected = _reject_counts(rejects, light)
+    partials = _rows(candidates.map_batches(stats_partial, fn_kwargs=common, **light))
+    n_kept = sum(p["train"] + p["val"] for p in partials)
+    n_inputs = _count_inputs(read(["source", "key"]), cfg.modality)
+    timings = {k: round(v, 3) for k, v in (("process", t_process - t0), ("dedup", t_dedup - t_process),
+                                             ("tokenizer", t_tok - t_dedup), ("write", t_write - t_tok))}
+    st = stats_mod.build_stats(modality=cfg.modality, inputs=n_inputs, kept=n_kept, reject_counts=reject_counts,
+                               stage_counts=stage_counts, partials=partials,
+                               extra={"duplicates_dropped": drops.num_rows, "seconds": timings})
+    if st["invariant_ok"] is False:
+        log.error("accounting invariant violated: inputs %d != kept %d + rejected %d",
+                  n_inputs, n_kept, n_rejected)
+    _write_text(fs, f"{root}/manifest.json", json.dumps(build_manifest(files, cfg, sources), indent=2) + "\n")
+    if not cfg.output.keep_work:
+        fs.delete_dir(work)
+    st["seconds"]["total"] = round(time.time() - t0, 3)
+    _write_text(fs, f"{root}/stats.json", stats_mod.dumps(st))
+    log.info("curated %d inputs: %d kept, %d rejected (%s) in %.1f s", n_inputs, n_kept, n_rejected,
+             ", ".join(f"{k}={v}" for k, v in reject_counts.items()), st["seconds"]["total"])
+    return st
+
+
+def _candidates_only(batch: pa.Table) -> pa.Table:
+    return batch.filter(pc.is_null(batch.column("reason"))).drop_columns(["reason"])
+
+
+def _kept_captions(ds, drop_ids: pa.Array, cfg: CurateConfig, light: dict):
+    """Kept captions in sample_id order (deterministic training), at most train_max_captions."""
+    rows = _collect(ds.map_batches(_kept_caption_rows, fn_kwargs={"drops": drop_ids}, **light))
+    if rows is None:
+        return iter(())
+    rows = rows.sort_by("sample_id").slice(0, cfg.tokenizer.train_max_captions)
+    return iter(rows.column("caption").to_pylist())
+
+
+def _kept_caption_rows(batch: pa.Table, drops: pa.Array) -> pa.Table:
+    return batch.filter(pc.invert(pc.is_in(batch.column("row_id"), value_set=drops))).select(["sample_id", "caption"])
+
+
+def _reject_counts(ds, light: dict) -> tuple[dict, dict, int]:
+    reasons: dict[str, int] = {}
+    stages: dict[str, int] = {}
+    for row in _rows(ds.map_batches(count_partial, **light)):
+        reasons[row["reason"]] = reasons.get(row["reason"], 0) + row["n"]
+        stages[row["stage"]] = stages.get(row["stage"], 0) + row["n"]
+    return reasons, stages, sum(reasons.values())
+
+
+def _count_inputs(ds, modality: str) -> int:
+    if modality == "image":
+        return ds.count()
+    keys = set()
+    for b in ds.iter_batches(batch_size=None, batch_format="pyarrow"):
+        keys.update(zip(b.column("source").to_pylist(), b.column("key").to_pylist()))
+    return len(keys)
+
+
+def _collect(ds) -> pa.Table | None:
+    tables = [t for t in ds.iter_batches(batch_size=None, batch_format="pyarrow") if t.num_rows]
+    return pa.concat_tables(tables) if tables else None
+
+
+def _rows(ds) -> list[dict]:
+    t = _collect(ds)
+    return t.to_pylist() if t is not None else []
+
+
+# --------------------------------------------------------------------------- output dir + manifest
+def _out_fs(out: str) -> tuple[Any, str, str]:
+    if "://" in out:
+        fs, path = pafs.FileSystem.from_uri(out)
+        scheme = out.split("://", 1)[0]
+        return fs, path.rstrip("/"), ("" if scheme == "file" else f"{scheme}://")
+    return pafs.LocalFileSystem(), os.path.abspath(out), ""
+
+
+def _clean(fs: Any, root: str, work: str) -> None:
+    """Remove what a previous (possibly interrupted) run left, so a rerun never mixes outputs."""
+    fs.create_dir(root, recursive=True)
+    for name in ("stats.json", "manifest.json"):
+        if fs.get_file_info(f"{root}/{name}").type == pafs.FileType.File:
+            fs.delete_file(f"{root}/{name}")
+    for name in ("data", "rejects", "tokenizer", "_work"):
+        if fs.get_file_info(f"{root}/{name}").type == pafs.FileType.Directory:
+            fs.delete_dir(f"{root}/{name}")
+    fs.create_dir(work, recursive=True)
+
+
+def _local_tokenizer_dir(root: str, uri_prefix: str) -> Path:
+    if not uri_prefix:
+        return Path(root) / "tokenizer"
+    import tempfile
+
+    return Path(tempfile.mkdtemp(prefix="mm-tokenizer-")) / "tokenizer"
+
+
+def _write_text(fs: Any, path: str, text: str) -> None:
+    with fs.open_output_stream(path) as f:
+        f.write(text.encode("utf-8"))
+
+
+def build_manifest(files: list[SourceFile], cfg: CurateConfig, sources: list[str]) -> dict:
+    return {
+        "command": "curate",
+        "sources": list(sources),
+        "inputs": checksum_inputs(files),
+        "config": to_dict(cfg),
+        "code_version": code_version(),
+        "time": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+    }
+
+
+def checksum_inputs(files: list[SourceFile]) -> list[dict]:
+    """uri, size and a BLAKE2b checksum per input file, computed in parallel Ray tasks. A folder's
+    checksum covers its listing (relative path, size, mtime) rather than every file's bytes."""
+    import ray
+
+    items = [{"i": i} for i in range(len(files))]
+    ds = ray.data.from_items(items).map(_checksum_row, fn_kwargs={"files": files}, num_cpus=0.25)
+    rows = sorted(ds.take_all(), key=lambda r: r["i"])
+    return [{k: v for k, v in r.items() if k != "i"} for r in rows]
+
+
+def _checksum_row(row: dict, files: list[SourceFile]) -> dict:
+    f = files[row["i"]]
+    h = hashlib.blake2b(digest_size=32)
+    if f.kind == "folder":
+        infos = f.fs.get_file_info(pafs.FileSelector(f.path, recursive=True))
+        for info in sorted((i for i in infos if i.type == pafs.FileType.File), key=lambda i: i.path):
+            h.update(f"{info.path[len(f.path):]}\0{info.size}\0{info.mtime_ns}\n".encode())
+        kind = "blake2b-256-listing"
+    else:
+        with f.fs.open_input_stream(f.path) as fh:
+            while chunk := fh.read(8 << 20):
+                h.update(chunk)
+        kind = "blake2b-256"
+    return {"i": row["i"], "uri": f.uri, "kind": f.kind, "size": f.size, "checksum": f"{kind}:{h.hexdigest()}"}
+
+
+def code_version() -> str:
+    here = Path(__file__).resolve().parent.parent
+    try:
+        out = subprocess.run(["git", "describe", "--always", "--dirty", "--tags"], cwd=here, capture_output=True,
+                             text=True, timeout=10)
+        if out.returncode == 0 and out.stdout.strip():
+            return out.stdout.strip()
+    except (OSError, subprocess.SubprocessError):
+        pass
+    try:
+        from importlib.metadata import version
+
+        return version("mm-curate-train")
+    except Exception:  # noqa: BLE001
+        return "unknown"
+
+
+__all__ = ["CurateConfig", "OutputConfig", "ExecutionConfig", "WORK_COLUMNS", "run_curate", "process_batch",
+           "finalize_kept", "finalize_rejects", "build_manifest", "checksum_inputs", "code_version",
+           "DROP_SCHEMA"]
