@@ -46,16 +46,16 @@ class Emoji:
     subgroup: str
 
 
-def emoji_available(test_path: str = EMOJI_TEST, font_path: str = EMOJI_FONT) -> bool:
+def emoji_available(test_path: str | None = None, font_path: str | None = None) -> bool:
     """True when the Debian packages ``unicode-data`` and ``fonts-noto-color-emoji`` are installed."""
-    return Path(test_path).is_file() and Path(font_path).is_file()
+    return Path(test_path or EMOJI_TEST).is_file() and Path(font_path or EMOJI_FONT).is_file()
 
 
-def parse_emoji_test(path: str = EMOJI_TEST) -> list[Emoji]:
+def parse_emoji_test(path: str | None = None) -> list[Emoji]:
     """Fully-qualified emoji from ``emoji-test.txt``: ``1F600 ; fully-qualified # 😀 E1.0 grinning face``."""
     out: list[Emoji] = []
     group = subgroup = ""
-    for line in Path(path).read_text(encoding="utf-8").splitlines():
+    for line in Path(path or EMOJI_TEST).read_text(encoding="utf-8").splitlines():
         if line.startswith("# group:"):
             group = line.split(":", 1)[1].strip()
         elif line.startswith("# subgroup:"):
@@ -86,25 +86,28 @@ def _write_sample(root: Path, key: str, image: Image.Image, caption: str, label:
     (root / f"{key}.json").write_text(json.dumps({"caption": caption, "label": label}), encoding="utf-8")
 
 
-def write_digits_source(root: str | Path, image_px: int = 64) -> dict:
-    """Write the 1,797 sklearn digits as ``root/NNNN.png`` + ``.json``; return classes and templates."""
+def write_digits_source(root: str | Path, image_px: int = 64, limit: int | None = None) -> dict:
+    """Write the 1,797 sklearn digits (or the first ``limit``) as ``root/digit_NNNN.png`` + ``.json``."""
     from sklearn.datasets import load_digits
 
     root = Path(root)
     root.mkdir(parents=True, exist_ok=True)
     digits = load_digits()
-    for i, (pixels, target) in enumerate(zip(digits.images, digits.target)):
+    images, targets = digits.images[:limit], digits.target[:limit]
+    for i, (pixels, target) in enumerate(zip(images, targets)):
         grey = np.clip(255.0 - pixels * (255.0 / 16.0), 0, 255).astype(np.uint8)  # ink dark on white
         image = Image.fromarray(grey, mode="L").resize((image_px, image_px), Image.BICUBIC).convert("RGB")
         name = DIGIT_NAMES[int(target)]
         caption = DIGIT_CAPTIONS[i % len(DIGIT_CAPTIONS)].format(c=name)
         _write_sample(root, f"digit_{i:04d}", image, caption, name)
-    return {"n": len(digits.images), "classes": list(DIGIT_NAMES), "templates": list(DIGIT_TEMPLATES)}
+    return {"n": len(images), "classes": list(DIGIT_NAMES), "templates": list(DIGIT_TEMPLATES),
+            "origin": "sklearn.datasets.load_digits (UCI optical recognition of handwritten digits)"}
 
 
-def write_emoji_source(root: str | Path, *, test_path: str = EMOJI_TEST, font_path: str = EMOJI_FONT,
+def write_emoji_source(root: str | Path, *, test_path: str | None = None, font_path: str | None = None,
                        limit: int | None = None) -> dict:
     """Render every fully-qualified emoji as ``root/emoji_NNNN.png`` + ``.json`` (caption = name)."""
+    test_path, font_path = test_path or EMOJI_TEST, font_path or EMOJI_FONT
     if not emoji_available(test_path, font_path):
         raise FileNotFoundError(f"emoji data needs Debian packages unicode-data and fonts-noto-color-emoji "
                                 f"({test_path}, {font_path})")
@@ -115,7 +118,8 @@ def write_emoji_source(root: str | Path, *, test_path: str = EMOJI_TEST, font_pa
     for i, e in enumerate(items):
         _write_sample(root, f"emoji_{i:04d}", render_emoji(e.chars, font), e.name, e.group)
     groups = list(dict.fromkeys(e.group for e in items))
-    return {"n": len(items), "classes": groups, "templates": list(EMOJI_TEMPLATES)}
+    return {"n": len(items), "classes": groups, "templates": list(EMOJI_TEMPLATES),
+            "origin": f"{test_path} rendered with {font_path}"}
 
 
 def write_class_files(corpus_dir: str | Path, classes: list[str], templates: list[str]) -> None:

@@ -61,3 +61,47 @@ def test_digits_source(tmp_path):
     assert img.size == (32, 32) and img.mode == "RGB"
     arr = np.asarray(img)
     assert arr.min() < 60 and arr.max() > 200  # dark ink on a white page
+
+
+def test_converter_config_layers(tmp_path):
+    from jobs.config import ConfigError
+    from jobs.data import load_curate_config
+
+    cfg = load_curate_config("emoji", None, [])
+    assert cfg.dedup.near is False and cfg.output.val_fraction == 0.2 and cfg.captions.min_caption_chars == 1
+    (tmp_path / "c.yaml").write_text("dedup: {near: true}\noutput: {rows_per_file: 100}\n")
+    cfg = load_curate_config("digits", str(tmp_path / "c.yaml"), ["output.val_fraction=0.1"])
+    assert cfg.dedup.near is True and cfg.output.rows_per_file == 100 and cfg.output.val_fraction == 0.1
+    with pytest.raises(ConfigError, match="unknown config key"):
+        load_curate_config("digits", None, ["dedup.nearr=false"])
+
+
+def test_emoji_without_packages_fails_before_work(tmp_path, monkeypatch, capsys):
+    from jobs.data import main
+
+    monkeypatch.setattr(L, "EMOJI_FONT", str(tmp_path / "missing.ttf"))
+    assert main(["emoji", "--out", str(tmp_path / "e")]) == 2
+    assert "fonts-noto-color-emoji" in capsys.readouterr().err
+    assert not (tmp_path / "e").exists()
+
+
+@pytest.mark.slow
+def test_mm_data_digits_through_curate(ray_session, tmp_path):
+    import pyarrow.parquet as pq
+
+    from jobs.data import main
+
+    out = tmp_path / "digits"
+    assert main(["digits", "--out", str(out), "--limit", "40"]) == 0
+    stats = json.loads((out / "stats.json").read_text())
+    assert stats["inputs"] == 40 and stats["invariant_ok"]
+    rows = pq.read_table(out / "data").to_pylist()
+    assert len(rows) == stats["kept"] and len(rows) >= 38  # at most exact duplicates removed
+    from sklearn.datasets import load_digits
+
+    want = {L.DIGIT_NAMES[t] for t in load_digits().target[:40]}
+    assert {r["label"] for r in rows} == want
+    assert all(r["label"] in r["caption"] for r in rows)
+    assert json.loads((out / "classes.json").read_text()) == list(L.DIGIT_NAMES)
+    assert json.loads((out / "manifest.json").read_text())["converter"]["samples_written"] == 40
+    assert not list(tmp_path.glob(".digits-source-*"))  # scratch source removed
