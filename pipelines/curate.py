@@ -177,7 +177,8 @@ def run_curate(sources: list[str], out: str, cfg: CurateConfig) -> dict:
                             batch_size=max(ex.batch_rows, cfg.sources.download_threads * 2),
                             num_cpus=ex.download_num_cpus)
     ds = ds.map_batches(process_batch, fn_kwargs={"cfg": cfg}, batch_format="pyarrow",
-                        batch_size=ex.batch_rows, num_cpus=ex.num_cpus_per_task)
+                        batch_size=cfg.video.videos_per_task if cfg.modality == "video" else ex.batch_rows,
+                        num_cpus=ex.num_cpus_per_task)
     ds.write_parquet(uri_prefix + f"{work}/processed", filesystem=None if uri_prefix else fs)
     t_process = time.time()
     processed = uri_prefix + f"{work}/processed"
@@ -188,7 +189,12 @@ def run_curate(sources: list[str], out: str, cfg: CurateConfig) -> dict:
     # 2. dedup (small columns of the kept candidates, held in the object store) ------------------
     candidates = read(["row_id", "sample_id", "source", "key", "caption", "content_hash", "hashes", "area",
                        "orig_width", "orig_height", "reason"]).map_batches(_candidates_only, **light).materialize()
-    drops = find_duplicates(candidates.drop_columns(["orig_width", "orig_height"]), cfg.dedup)
+    if cfg.modality == "video":  # one candidate per clip; a dropped clip takes all its caption rows
+        from pipelines import video as video_mod
+
+        drops = video_mod.find_clip_duplicates(read, cfg.dedup, light)
+    else:
+        drops = find_duplicates(candidates.drop_columns(["orig_width", "orig_height"]), cfg.dedup)
     drop_ids = drops.column("row_id")
     t_dedup = time.time()
 
@@ -208,8 +214,12 @@ def run_curate(sources: list[str], out: str, cfg: CurateConfig) -> dict:
         finalize_kept, fn_kwargs={"modality": cfg.modality, **common}, **light)
     kept.write_parquet(uri_prefix + f"{root}/data", filesystem=None if uri_prefix else fs,
                        min_rows_per_file=cfg.output.rows_per_file, max_rows_per_file=cfg.output.rows_per_file)
-    rejects = read(["row_id", "source", "key", "stage", "reason", "detail"]).map_batches(
-        finalize_rejects, fn_kwargs={"drops": drops}, **light).materialize()
+    extra: dict = {}
+    if cfg.modality == "video":  # input-level accounting: clip-level drops are stats, not rejects
+        rejects, extra = video_mod.video_rejects(read, drops, light)
+    else:
+        rejects = read(["row_id", "source", "key", "stage", "reason", "detail"]).map_batches(
+            finalize_rejects, fn_kwargs={"drops": drops}, **light).materialize()
     rejects.write_parquet(uri_prefix + f"{root}/rejects", filesystem=None if uri_prefix else fs,
                           min_rows_per_file=cfg.output.reject_rows_per_file,
                           max_rows_per_file=cfg.output.reject_rows_per_file)
@@ -226,7 +236,9 @@ def run_curate(sources: list[str], out: str, cfg: CurateConfig) -> dict:
                                              ("tokenizer", t_tok - t_dedup), ("write", t_write - t_tok))}
     st = stats_mod.build_stats(modality=cfg.modality, inputs=n_inputs, kept=n_kept, reject_counts=reject_counts,
                                stage_counts=stage_counts, partials=partials,
-                               extra={"duplicates_dropped": drops.num_rows, "seconds": timings})
+                               extra={"duplicates_dropped": drops.num_rows, "seconds": timings, **extra})
+    if cfg.modality == "video":
+        st["invariant_ok"] = n_inputs == st["kept_inputs"] + n_rejected
     if st["invariant_ok"] is False:
         log.error("accounting invariant violated: inputs %d != kept %d + rejected %d",
                   n_inputs, n_kept, n_rejected)

@@ -11,6 +11,8 @@ and the video pipelines share these readers. Columns (INPUT_SCHEMA):
     key           tar key (``dir/0001``), folder-relative path without extension, or manifest row
     media         bytes (null when missing, or for a manifest URL not yet downloaded)
     media_name    member/file name, for the extension (never used as a filesystem path)
+    media_uri     a folder's video file, left unread: the video stage opens it and reads only
+                  what its clips need (pipelines/video.py); media is then null
     caption_raw   caption text (decoded with captions.decode_caption), null when missing
     meta          JSON of sidecar extras: label, other JSON fields, subtitles (``.srt``/``.vtt``
                   text under "subtitles" with "subtitles_format"), manifest columns
@@ -47,7 +49,7 @@ import tarfile
 from collections.abc import Iterator
 from dataclasses import dataclass
 from functools import partial
-from typing import Any
+from typing import Any, Literal
 
 import pyarrow as pa
 import pyarrow.fs as pafs
@@ -69,7 +71,7 @@ TAR_SUFFIXES = (".tar", ".tar.gz", ".tgz")
 
 INPUT_SCHEMA = pa.schema([
     pa.field("source", pa.string(), nullable=False), pa.field("key", pa.string(), nullable=False),
-    pa.field("media", pa.binary()), pa.field("media_name", pa.string()),
+    pa.field("media", pa.binary()), pa.field("media_name", pa.string()), pa.field("media_uri", pa.string()),
     pa.field("caption_raw", pa.string()), pa.field("meta", pa.string()), pa.field("url", pa.string()),
     pa.field("error", pa.string()), pa.field("error_detail", pa.string()),
 ])
@@ -93,6 +95,8 @@ class SourceConfig:
     download_total_timeout_s: float = 60.0       # whole response, including retries
     download_retries: int = 2                    # after the first try, for 429/5xx/timeouts/resets
     download_backoff_s: float = 0.5              # doubled after each retry
+    videos_dir: str = ""                         # videos of annotation files; "" = beside the file
+    caption_rule: Literal["all", "first", "longest", "random"] = "all"   # videos with several captions
     download_threads: int = 32                   # concurrent requests per download task
     download_per_host: int = 8                   # concurrent connections per host per process
     download_max_redirects: int = 5
@@ -174,9 +178,14 @@ def expand_sources(srcs: list[str]) -> list[SourceFile]:
                 found += _expand_dir(fs, path, prefix)
             else:
                 kind = _kind_of(path)
+                if kind in (None, "manifest"):
+                    from pipelines.annotations import is_annotation_file
+
+                    kind = "annotations" if is_annotation_file(fs, path) else kind
                 if kind is None:
                     raise ValueError(f"source {pattern}: unknown file type; expected a folder, a .tar "
-                                     f"shard or a manifest (.parquet, .jsonl, .csv)")
+                                     f"shard, a manifest (.parquet, .jsonl, .csv) or video annotations "
+                                     f"(MSR-VTT .json, WebVid .csv)")
                 found.append(SourceFile(prefix + path, path, kind, info.size or 0, fs))
         if not found:
             raise ValueError(f"source {src} holds no inputs (no tar shards, manifests or media files)")
@@ -262,12 +271,14 @@ def _ext(name: str) -> str:
 
 
 def assemble_group(source: str, key: str, files: dict[str, bytes], cfg: SourceConfig,
-                   errors: dict[str, tuple[str, str]] | None = None) -> list[dict]:
+                   errors: dict[str, tuple[str, str]] | None = None,
+                   uris: dict[str, str] | None = None) -> list[dict]:
     """Members sharing a key (``{name: bytes}``) → input records. The first media file by
     extension preference is the input; further media files become inputs ``key.ext`` sharing
     the sidecars. ``errors`` maps member names to reader errors (e.g. too large)."""
     errors = errors or {}
-    media = sorted((n for n in list(files) + list(errors) if _ext(n) not in SIDECAR_EXTS),
+    uris = uris or {}  # media names -> URI, read later (videos)
+    media = sorted((n for n in list(files) + list(errors) + list(uris) if _ext(n) not in SIDECAR_EXTS),
                    key=lambda n: (MEDIA_EXTS.index(_ext(n)) if _ext(n) in MEDIA_EXTS else 99, n))
     caption: str | None = None
     meta: dict[str, Any] = {}
@@ -299,8 +310,10 @@ def assemble_group(source: str, key: str, files: dict[str, bytes], cfg: SourceCo
     out = []
     for i, name in enumerate(media):
         k = key if i == 0 else f"{key}.{_ext(name)}"
-        err = errors.get(name) or caption_error or (None if caption is not None else ("missing_caption", None))
+        has_text = caption is not None or "subtitles" in meta  # subtitles caption a video's clips
+        err = errors.get(name) or caption_error or (None if has_text else ("missing_caption", None))
         out.append(_record(source, k, media=None if err else files.get(name), media_name=posixpath.basename(name),
+                           media_uri=None if err else uris.get(name),
                            caption_raw=caption, meta=meta_json, error=err[0] if err else None,
                            error_detail=err[1] if err else None))
     return out
@@ -609,10 +622,14 @@ def _read_folder_chunk(folder: SourceFile, chunk: list, cfg: SourceConfig) -> It
     for key, members in chunk:
         files: dict[str, bytes] = {}
         errors: dict[str, tuple[str, str]] = {}
+        uris: dict[str, str] = {}
         for path, size in members:
             name = posixpath.basename(path)
             if size < 0:
                 errors[name] = ("unsupported_member", f"{name}: not a regular file (symlink, FIFO or device)")
+                continue
+            if _ext(name) in VIDEO_EXTS:  # not read here: the video stage seeks to its clips
+                uris[name] = folder.uri[: len(folder.uri) - len(folder.path)] + path
                 continue
             if size > cfg.max_media_bytes:
                 errors[name] = ("file_too_large", f"{size} bytes")
@@ -622,7 +639,7 @@ def _read_folder_chunk(folder: SourceFile, chunk: list, cfg: SourceConfig) -> It
                     files[name] = fh.read()
             except OSError as e:
                 errors[name] = ("read_error", str(e)[:160])
-        buf.extend(assemble_group(folder.uri, key, files, cfg, errors))
+        buf.extend(assemble_group(folder.uri, key, files, cfg, errors, uris))
         if len(buf) >= cfg.rows_per_block:
             yield _to_table(buf)
             buf = []
@@ -639,6 +656,10 @@ def read_inputs(files: list[SourceFile], cfg: SourceConfig):
     for f in files:
         if f.kind == "folder":
             parts.append(ray.data.read_datasource(FolderDatasource(f, cfg)))
+        elif f.kind == "annotations":
+            from pipelines.annotations import read_annotations
+
+            parts.append(ray.data.from_arrow(read_annotations(f.uri, cfg.videos_dir or None, cfg.caption_rule)))
         else:
             by_kind.setdefault((f.kind, type(f.fs).__name__), []).append(f)
     for (kind, _), group in sorted(by_kind.items()):
