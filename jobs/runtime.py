@@ -33,6 +33,14 @@ def init_ray(address: str | None = None, *, num_cpus: int | None = None, dashboa
         ray.init(address=address, logging_level=logging.WARNING, log_to_driver=True)
     else:
         os.environ.setdefault("RAY_AUTH_MODE", "disabled")
+        # Ray turns _node_ip_address="127.0.0.1" into the host's routable address
+        # (services.resolve_ip_for_localhost) and then GCS, raylet, workers and agents listen on
+        # all interfaces (seen: "::", "0.0.0.0", 192.0.2.x). Its single-machine mode keeps every
+        # server on loopback; the env var carries it to the processes Ray starts.
+        from ray._private import ray_constants
+
+        os.environ["RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER"] = "0"
+        ray_constants.ENABLE_RAY_CLUSTER = False
         ray.init(
             num_cpus=num_cpus or os.cpu_count() or 1,
             include_dashboard=dashboard,
