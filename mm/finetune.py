@@ -336,28 +336,21 @@ def _tokenize(tok, texts: list[str], max_tokens: int) -> list[list[int]]:
     return [row[:n].tolist() for row, n in zip(ids, mask.sum(1))]
 
 
-class _PromptView:
-    """Ray Data batch function (pyarrow): keep rows of known classes; caption := a class prompt."""
+def prompt_view_batch(table, prompts: dict[str, list[str]], prompt_ids: dict[str, list[list[int]]]):
+    """Ray Data batch function (pyarrow): keep rows of known classes; caption := one of its class prompts."""
+    import hashlib
 
-    def __init__(self, prompts: dict[str, list[str]], prompt_ids: dict[str, list[list[int]]]) -> None:
-        self.prompts, self.prompt_ids = prompts, prompt_ids
+    import pyarrow as pa
 
-    def __call__(self, table):
-        import hashlib
-
-        import pyarrow as pa
-
-        labels = table["label"].to_pylist()
-        table = table.filter(pa.array([lab in self.prompt_ids for lab in labels]))
-        captions, ids = [], []
-        for sid, lab in zip(table["sample_id"].to_pylist(), table["label"].to_pylist()):
-            # one prompt per row, drawn from a hash of the sample id (stable across reruns)
-            j = int.from_bytes(hashlib.blake2b(sid.encode(), digest_size=4).digest(), "little") % len(self.prompts[lab])
-            captions.append(self.prompts[lab][j])
-            ids.append(self.prompt_ids[lab][j])
-        table = table.set_column(table.schema.get_field_index("caption"), "caption", pa.array(captions, pa.string()))
-        return table.set_column(table.schema.get_field_index("input_ids"), "input_ids",
-                                pa.array(ids, pa.list_(pa.int32())))
+    table = table.filter(pa.array([lab in prompt_ids for lab in table["label"].to_pylist()]))
+    captions, ids = [], []
+    for sid, lab in zip(table["sample_id"].to_pylist(), table["label"].to_pylist()):
+        # one prompt per row, drawn from a hash of the sample id (stable across reruns)
+        j = int.from_bytes(hashlib.blake2b(sid.encode(), digest_size=4).digest(), "little") % len(prompts[lab])
+        captions.append(prompts[lab][j])
+        ids.append(prompt_ids[lab][j])
+    table = table.set_column(table.schema.get_field_index("caption"), "caption", pa.array(captions, pa.string()))
+    return table.set_column(table.schema.get_field_index("input_ids"), "input_ids", pa.array(ids, pa.list_(pa.int32())))
 
 
 def write_prompt_view(data: str, out: Path, classes: list[str], prompts: list[list[str]], tok,
@@ -375,8 +368,8 @@ def write_prompt_view(data: str, out: Path, classes: list[str], prompts: list[li
     ids = {c: _tokenize(tok, ps, max_tokens) for c, ps in by_class.items()}
     files = sorted(str(f) for f in (Path(data) / "data").glob("*.parquet"))
     (ray.data.read_parquet(files).filter(expr=col("label").is_in(classes))
-     .map_batches(_PromptView, fn_constructor_kwargs={"prompts": by_class, "prompt_ids": ids},
-                  batch_format="pyarrow", batch_size=256, compute=ray.data.ActorPoolStrategy(size=1), num_cpus=0.5)
+     .map_batches(prompt_view_batch, fn_kwargs={"prompts": by_class, "prompt_ids": ids},
+                  batch_format="pyarrow", batch_size=256, num_cpus=0.5)
      .write_parquet(str(out / "data")))
     shutil.copytree(Path(data) / "tokenizer", out / "tokenizer", dirs_exist_ok=True)
     (out / "classes.json").write_text(json.dumps(classes), encoding="utf-8")
