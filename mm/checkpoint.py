@@ -184,6 +184,21 @@ def save_train_state(directory: str | os.PathLike, model_state: dict[str, torch.
     return d
 
 
+def restore_state(module: torch.nn.Module, optimizer: torch.optim.Optimizer, model_state: dict,
+                  optim_state: dict) -> None:
+    """Load full (unsharded) states into a plain, DDP or FSDP2 module and its optimizer. Model
+    keys must match exactly; a parameter that never had a gradient has no optimizer state."""
+    from torch.distributed.checkpoint.state_dict import (
+        StateDictOptions,
+        set_model_state_dict,
+        set_optimizer_state_dict,
+    )
+
+    set_model_state_dict(module, model_state, options=StateDictOptions(full_state_dict=True, strict=True))
+    set_optimizer_state_dict(module, optimizer, optim_state,
+                             options=StateDictOptions(full_state_dict=True, strict=False))
+
+
 def load_train_state(directory: str | os.PathLike) -> tuple[dict[str, torch.Tensor], dict, dict]:
     d = Path(directory)
     state = read_json(d / "train_state.json")
@@ -195,4 +210,4 @@ def load_train_state(directory: str | os.PathLike) -> tuple[dict[str, torch.Tens
 
 
 __all__ = ["CheckpointError", "save_model", "load_model", "model_dir", "unwrap", "save_train_state",
-           "load_train_state", "write_json", "read_json", "write_tensors", "read_tensors"]
+           "load_train_state", "restore_state", "write_json", "read_json", "write_tensors", "read_tensors"]

@@ -354,7 +354,9 @@ def train_loop(config: dict) -> None:
     """Runs on every Ray Train worker. Banner sections: build, resume, loop, checkpoint, finish."""
     import ray.train
     import ray.train.torch
-    from torch.distributed.checkpoint.state_dict import StateDictOptions, get_state_dict, set_state_dict
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, get_state_dict
+
+    from mm.checkpoint import restore_state
 
     cfg: PretrainConfig = config["cfg"]
     t = cfg.train
@@ -390,8 +392,7 @@ def train_loop(config: dict) -> None:
     if checkpoint is not None:
         with checkpoint.as_directory() as d:
             model_state, optim_state, state = load_train_state(d)
-        set_state_dict(module, optimizer, model_state_dict=model_state, optim_state_dict=optim_state,
-                       options=StateDictOptions(full_state_dict=True))
+        restore_state(module, optimizer, model_state, optim_state)
         scheduler.load_state_dict(state["scheduler"])
         if state.get("scaler"):
             scaler.load_state_dict(state["scaler"])

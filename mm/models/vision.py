@@ -49,16 +49,19 @@ class TemporalAttention(nn.Module):
 
 
 def _build_vit(cfg: VisionConfig) -> nn.Module:
-    kwargs = dict(num_classes=0, img_size=cfg.image_px, drop_path_rate=cfg.drop_path_rate,
-                  global_pool="token" if cfg.pool == "token" else "avg")
+    kwargs = dict(num_classes=0, img_size=cfg.image_px, drop_path_rate=cfg.drop_path_rate)
     if cfg.timm_name:
+        # A timm model keeps its own pooling head (token, or avg with fc_norm), so its pretrained
+        # norms load as trained; ``VisionTower.pool`` applies fc_norm when it exists.
         pretrained = cfg.pretrained_path is not None
         overlay = {"file": cfg.pretrained_path} if pretrained else None
         return timm.create_model(cfg.timm_name, pretrained=pretrained, pretrained_cfg_overlay=overlay, **kwargs)
     from timm.models.vision_transformer import VisionTransformer
 
+    # global_pool="token" keeps the final LayerNorm on every token (fusion, MAE and both poolings
+    # use normed tokens) and makes fc_norm an Identity: no parameter without a gradient.
     return VisionTransformer(patch_size=cfg.patch_px, embed_dim=cfg.width, depth=cfg.depth,
-                             num_heads=cfg.heads, mlp_ratio=cfg.mlp_ratio, **kwargs)
+                             num_heads=cfg.heads, mlp_ratio=cfg.mlp_ratio, global_pool="token", **kwargs)
 
 
 class VisionTower(nn.Module):
@@ -137,7 +140,7 @@ class VisionTower(nn.Module):
 
     def pool(self, tokens: torch.Tensor) -> torch.Tensor:
         """(B, 1+M, D) -> (B, D): the class token, or the mean of patch tokens."""
-        return tokens[:, 0] if self.cfg.pool == "token" else tokens[:, 1:].mean(1)
+        return tokens[:, 0] if self.cfg.pool == "token" else self.vit.fc_norm(tokens[:, 1:].mean(1))
 
     def patchify(self, frames: torch.Tensor) -> torch.Tensor:
         """(B, T, 3, H, W) -> (B, T*N, p*p*3) pixel patches in the order of the patch tokens."""

@@ -1,0 +1,135 @@
+"""The model: shapes, normalisation, image == one-frame video, divided vs joint attention, masked
+encoding, fusion, locking, grad checkpointing, timm and transformers loading paths.
+
+    .venv/bin/pytest tests/test_models.py -x -q
+"""
+
+from __future__ import annotations
+
+import dataclasses
+
+import pytest
+import torch
+
+from mm.config import FusionConfig, LockConfig, ModelConfig, TextConfig, VisionConfig
+from mm.models import build_model
+
+V = VisionConfig(image_px=32, patch_px=8, width=32, depth=2, heads=2, max_frames=4)
+T = TextConfig(width=32, depth=2, heads=2, max_tokens=12)
+CFG = ModelConfig(vision=V, text=T, fusion=FusionConfig(depth=1, heads=2), embed_dim=16)
+
+
+def _inputs(b=3, t=4, length=7):
+    g = torch.Generator().manual_seed(0)
+    ids = torch.randint(5, 40, (b, length), generator=g)
+    mask = torch.ones(b, length, dtype=torch.long)
+    mask[0, 5:] = 0
+    return torch.randn(b, 3, 32, 32, generator=g), torch.randn(b, t, 3, 32, 32, generator=g), ids, mask
+
+
+@pytest.mark.parametrize("attention", ["joint", "divided"])
+def test_encoders_shapes_and_unit_norm(attention):
+    torch.manual_seed(0)
+    model = build_model(dataclasses.replace(CFG, vision=dataclasses.replace(V, attention=attention)), 50).eval()
+    img, vid, ids, mask = _inputs()
+    for emb in (model.encode_image(img), model.encode_video(vid), model.encode_text(ids, mask)):
+        assert emb.shape == (3, 16)
+        assert torch.allclose(emb.norm(dim=-1), torch.ones(3), atol=1e-5)
+    # An image is a one-frame video with shared weights.
+    assert torch.allclose(model.encode_image(img), model.encode_video(img[:, None]), atol=1e-6)
+    assert model.vision_features(img).shape == (3, 32)
+    assert model.vision_tokens(vid).shape == (3, 1 + 4 * 16, 32)
+    # Padding tokens do not change the text embedding.
+    ids2 = ids.clone()
+    ids2[0, 5:] = 1
+    assert torch.allclose(model.encode_text(ids, mask)[0], model.encode_text(ids2, mask)[0], atol=1e-5)
+
+
+def test_temporal_order_matters_for_video():
+    torch.manual_seed(0)
+    model = build_model(CFG, 50).eval()
+    _, vid, _, _ = _inputs()
+    rev = vid.flip(1)
+    assert not torch.allclose(model.encode_video(vid), model.encode_video(rev), atol=1e-4)
+
+
+def test_divided_attention_starts_as_a_per_frame_vit():
+    """Zero-initialised temporal projections (TimeSformer): at init divided == per-frame spatial."""
+    torch.manual_seed(0)
+    model = build_model(dataclasses.replace(CFG, vision=dataclasses.replace(V, attention="divided")), 50).eval()
+    assert all(float(t.fc.weight.abs().sum()) == 0 for t in model.vision.temporal)
+    img = torch.randn(2, 3, 32, 32)
+    assert model.encode_image(img).shape == (2, 16)
+
+
+def test_masked_encoding_keeps_only_visible_tokens_and_fusion_shapes():
+    torch.manual_seed(0)
+    model = build_model(CFG, 50)
+    _, vid, ids, mask = _inputs()
+    keep = torch.stack([torch.cat([torch.tensor([1, 5]) + 16 * f for f in range(4)]) for _ in range(3)])
+    assert model.vision_tokens(vid, keep).shape == (3, 1 + 8, 32)
+    fused = model.fuse(model.text_tokens(ids, mask), mask, model.vision_tokens(vid))
+    assert fused.shape == (3, 7, 32)
+    # Fusion output depends on the image.
+    fused2 = model.fuse(model.text_tokens(ids, mask), mask, model.vision_tokens(vid.flip(0)))
+    assert not torch.allclose(fused, fused2)
+
+
+def test_lock_freezes_towers_but_the_last_blocks():
+    cfg = dataclasses.replace(CFG, lock=LockConfig(vision=True, vision_unlocked_blocks=1, text=True))
+    model = build_model(cfg, 50)
+    trainable = {n for n, p in model.named_parameters() if p.requires_grad}
+    assert not any(n.startswith("text.") for n in trainable)
+    assert any(n.startswith("vision.vit.blocks.1.") for n in trainable)
+    assert not any(n.startswith("vision.vit.blocks.0.") for n in trainable)
+    assert "vision.vit.patch_embed.proj.weight" not in trainable
+    assert {"vision_proj.weight", "text_proj.weight", "logit_scale"} <= trainable
+
+
+def test_grad_checkpointing_gives_the_same_gradients():
+    torch.manual_seed(0)
+    a = build_model(CFG, 50)
+    b = build_model(CFG, 50)
+    b.load_state_dict(a.state_dict())
+    b.set_grad_checkpointing(True)
+    _, vid, ids, mask = _inputs()
+    for m in (a, b):
+        (m.encode_video(vid).sum() + m.encode_text(ids, mask).sum()).backward()
+    ga = a.vision.vit.blocks[0].attn.qkv.weight.grad
+    gb = b.vision.vit.blocks[0].attn.qkv.weight.grad
+    assert torch.allclose(ga, gb, atol=1e-6)
+
+
+def test_logit_scale_clamped_and_siglip_init():
+    model = build_model(CFG, 50)
+    with torch.no_grad():
+        model.logit_scale.fill_(10.0)
+    assert model.scale()[0].item() == pytest.approx(100.0)
+    sig = build_model(dataclasses.replace(CFG, loss="siglip"), 50)
+    scale, bias = sig.scale()
+    assert scale.item() == pytest.approx(10.0) and bias.item() == pytest.approx(-10.0) and bias.requires_grad
+    assert not model.logit_bias.requires_grad
+
+
+def test_pretrained_paths_load_local_weights(tmp_path):
+    """timm name + local weights file, and a local transformers directory, as users load MiniLM."""
+    import timm
+    from safetensors.torch import save_file
+    from transformers import BertConfig, BertModel
+
+    ref = timm.create_model("vit_tiny_patch16_224", pretrained=False, num_classes=0, img_size=32)
+    save_file({k: v.contiguous() for k, v in ref.state_dict().items()}, str(tmp_path / "vit.safetensors"))
+    bert = BertModel(BertConfig(vocab_size=50, hidden_size=32, num_hidden_layers=1, num_attention_heads=2,
+                                intermediate_size=64), add_pooling_layer=False)
+    bert.save_pretrained(tmp_path / "bert")
+    cfg = dataclasses.replace(
+        CFG, vision=VisionConfig(image_px=32, patch_px=16, timm_name="vit_tiny_patch16_224", max_frames=2,
+                                 pretrained_path=str(tmp_path / "vit.safetensors"), pool="token"),
+        text=TextConfig(pretrained_path=str(tmp_path / "bert"), max_tokens=12), fusion=FusionConfig())
+    model = build_model(cfg, 50)
+    assert torch.equal(model.vision.vit.blocks[0].attn.qkv.weight, ref.blocks[0].attn.qkv.weight)
+    assert torch.equal(model.text.bert.encoder.layer[0].attention.self.query.weight,
+                       bert.encoder.layer[0].attention.self.query.weight)
+    assert model.encode_image(torch.randn(1, 3, 32, 32)).shape == (1, 16)
+    with pytest.raises(ValueError, match="vocab"):
+        build_model(cfg, 51)
