@@ -25,8 +25,9 @@ records to rows carrying ``WORK_COLUMNS`` — ``row_id`` (unique per row), ``sam
 candidate) — plus the columns of its output schema. Images: ``images.process_image_batch``;
 video: ``video.process_video_batch``.
 
-Reruns: a run starts by removing the previous outputs and ``_work/``; ``stats.json`` is written
-last, so a directory with ``stats.json`` is complete. Ids, splits and the keeper rule are
+Reruns: a run starts by removing ``_work/``; outputs are written under ``_work/out/`` and renamed
+into place only when complete, then ``stats.json`` is written last, so a directory with
+``stats.json`` is complete and a failed run leaves the previous outputs whole. Ids, splits and the keeper rule are
 content-derived, so a rerun gives the same rows, and an interrupted run rerun to completion
 leaves no duplicate and no missing row.
 """
@@ -85,6 +86,7 @@ class ExecutionConfig:
     num_cpus_per_task: float = 1.0       # of the process stage
     download_num_cpus: float = 0.25      # download tasks mostly wait on the network
     light_num_cpus: float = 0.5          # dedup/finalise stages
+    work_rows_per_file: int = 2048       # rows per intermediate Parquet file (fewer, larger reads)
 
 
 @dataclass(frozen=True)
@@ -164,6 +166,7 @@ def run_curate(sources: list[str], out: str, cfg: CurateConfig) -> dict:
     files = expand_sources(list(sources))
     fs, root, uri_prefix = _out_fs(out)
     work = f"{root}/_work"
+    stage = f"{work}/out"  # outputs are staged here and swapped in at the end (_commit)
     _clean(fs, root, work)
     ex = cfg.execution
     light = {"batch_format": "pyarrow", "num_cpus": ex.light_num_cpus}
@@ -179,16 +182,18 @@ def run_curate(sources: list[str], out: str, cfg: CurateConfig) -> dict:
     ds = ds.map_batches(process_batch, fn_kwargs={"cfg": cfg}, batch_format="pyarrow",
                         batch_size=cfg.video.videos_per_task if cfg.modality == "video" else ex.batch_rows,
                         num_cpus=ex.num_cpus_per_task)
-    ds.write_parquet(uri_prefix + f"{work}/processed", filesystem=None if uri_prefix else fs)
+    ds.write_parquet(uri_prefix + f"{work}/processed", filesystem=None if uri_prefix else fs,
+                     min_rows_per_file=ex.work_rows_per_file)
     t_process = time.time()
     processed = uri_prefix + f"{work}/processed"
 
     def read(columns=None):
         return ray.data.read_parquet(processed, columns=columns, filesystem=None if uri_prefix else fs)
 
-    # 2. dedup (small columns of the kept candidates, held in the object store) ------------------
-    candidates = read(["row_id", "sample_id", "source", "key", "caption", "content_hash", "hashes", "area",
-                       "orig_width", "orig_height", "reason"]).map_batches(_candidates_only, **light).materialize()
+    # 2. dedup (small columns, read once and held in the object store) ----------------------------
+    small = read(["row_id", "sample_id", "source", "key", "caption", "content_hash", "hashes", "area",
+                  "orig_width", "orig_height", "stage", "reason", "detail"]).materialize()
+    candidates = small.map_batches(_candidates_only, **light).materialize()
     if cfg.modality == "video":  # one candidate per clip; a dropped clip takes all its caption rows
         from pipelines import video as video_mod
 
@@ -199,10 +204,10 @@ def run_curate(sources: list[str], out: str, cfg: CurateConfig) -> dict:
     t_dedup = time.time()
 
     # 3. tokenizer -----------------------------------------------------------------------------
-    tok_local = _local_tokenizer_dir(root, uri_prefix)
+    tok_local = _local_tokenizer_dir(stage, uri_prefix)
     build_tokenizer(_kept_captions(candidates, drop_ids, cfg, light), cfg.tokenizer, tok_local)
     if uri_prefix:
-        pafs.copy_files(str(tok_local), f"{root}/tokenizer", source_filesystem=pafs.LocalFileSystem(),
+        pafs.copy_files(str(tok_local), f"{stage}/tokenizer", source_filesystem=pafs.LocalFileSystem(),
                         destination_filesystem=fs)
     t_tok = time.time()
 
@@ -212,19 +217,19 @@ def run_curate(sources: list[str], out: str, cfg: CurateConfig) -> dict:
     media_cols = [c for c in schema_for(cfg.modality).names if c not in ("input_ids", "split")]
     kept = read(sorted(set(media_cols) | {"row_id", "reason"})).map_batches(
         finalize_kept, fn_kwargs={"modality": cfg.modality, **common}, **light)
-    kept.write_parquet(uri_prefix + f"{root}/data", filesystem=None if uri_prefix else fs,
+    kept.write_parquet(uri_prefix + f"{stage}/data", filesystem=None if uri_prefix else fs,
                        min_rows_per_file=cfg.output.rows_per_file, max_rows_per_file=cfg.output.rows_per_file)
     extra: dict = {}
     if cfg.modality == "video":  # input-level accounting: clip-level drops are stats, not rejects
         rejects, extra = video_mod.video_rejects(read, drops, light)
     else:
-        rejects = read(["row_id", "source", "key", "stage", "reason", "detail"]).map_batches(
+        rejects = small.select_columns(["row_id", "source", "key", "stage", "reason", "detail"]).map_batches(
             finalize_rejects, fn_kwargs={"drops": drops}, **light).materialize()
-    rejects.write_parquet(uri_prefix + f"{root}/rejects", filesystem=None if uri_prefix else fs,
+    rejects.write_parquet(uri_prefix + f"{stage}/rejects", filesystem=None if uri_prefix else fs,
                           min_rows_per_file=cfg.output.reject_rows_per_file,
                           max_rows_per_file=cfg.output.reject_rows_per_file)
     for sub in ("data", "rejects"):
-        fs.create_dir(f"{root}/{sub}", recursive=True)
+        fs.create_dir(f"{stage}/{sub}", recursive=True)
     t_write = time.time()
 
     # 5. stats + manifest ------------------------------------------------------------------------
@@ -242,18 +247,20 @@ def run_curate(sources: list[str], out: str, cfg: CurateConfig) -> dict:
     if st["invariant_ok"] is False:
         log.error("accounting invariant violated: inputs %d != kept %d + rejected %d",
                   n_inputs, n_kept, n_rejected)
-    _write_text(fs, f"{root}/manifest.json", json.dumps(build_manifest(files, cfg, sources), indent=2) + "\n")
+    _write_text(fs, f"{stage}/manifest.json", json.dumps(build_manifest(files, cfg, sources), indent=2) + "\n")
+    _commit(fs, root, stage)
+    st["seconds"]["total"] = round(time.time() - t0, 3)
+    _write_text(fs, f"{work}/stats.json", stats_mod.dumps(st))
+    fs.move(f"{work}/stats.json", f"{root}/stats.json")  # last: the directory is complete from here
     if not cfg.output.keep_work:
         fs.delete_dir(work)
-    st["seconds"]["total"] = round(time.time() - t0, 3)
-    _write_text(fs, f"{root}/stats.json", stats_mod.dumps(st))
     log.info("curated %d inputs: %d kept, %d rejected (%s) in %.1f s", n_inputs, n_kept, n_rejected,
              ", ".join(f"{k}={v}" for k, v in reject_counts.items()), st["seconds"]["total"])
     return st
 
 
 def _candidates_only(batch: pa.Table) -> pa.Table:
-    return batch.filter(pc.is_null(batch.column("reason"))).drop_columns(["reason"])
+    return batch.filter(pc.is_null(batch.column("reason"))).drop_columns(["stage", "reason", "detail"])
 
 
 def _kept_captions(ds, drop_ids: pa.Array, cfg: CurateConfig, light: dict):
@@ -307,15 +314,27 @@ def _out_fs(out: str) -> tuple[Any, str, str]:
 
 
 def _clean(fs: Any, root: str, work: str) -> None:
-    """Remove what a previous (possibly interrupted) run left, so a rerun never mixes outputs."""
+    """Remove the scratch of a previous (possibly interrupted) run. The previous outputs stay whole
+    until this run's outputs are complete (_commit): a run that dies (killed, disk full) never
+    leaves partial files in data/ and never destroys a finished corpus."""
     fs.create_dir(root, recursive=True)
-    for name in ("stats.json", "manifest.json"):
-        if fs.get_file_info(f"{root}/{name}").type == pafs.FileType.File:
-            fs.delete_file(f"{root}/{name}")
-    for name in ("data", "rejects", "tokenizer", "_work"):
-        if fs.get_file_info(f"{root}/{name}").type == pafs.FileType.Directory:
-            fs.delete_dir(f"{root}/{name}")
+    if fs.get_file_info(work).type == pafs.FileType.Directory:
+        fs.delete_dir(work)
     fs.create_dir(work, recursive=True)
+
+
+def _commit(fs: Any, root: str, stage: str) -> None:
+    """Swap the staged outputs in: the old stats.json goes first (from here the directory is
+    incomplete), then each output is replaced by a rename of its staged copy."""
+    if fs.get_file_info(f"{root}/stats.json").type == pafs.FileType.File:
+        fs.delete_file(f"{root}/stats.json")
+    for name in ("data", "rejects", "tokenizer", "manifest.json"):
+        info = fs.get_file_info(f"{root}/{name}")
+        if info.type == pafs.FileType.Directory:
+            fs.delete_dir(f"{root}/{name}")
+        elif info.type == pafs.FileType.File:
+            fs.delete_file(f"{root}/{name}")
+        fs.move(f"{stage}/{name}", f"{root}/{name}")
 
 
 def _local_tokenizer_dir(root: str, uri_prefix: str) -> Path:
