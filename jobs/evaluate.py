@@ -1,6 +1,6 @@
 """`mm evaluate`: metrics of a saved model on a curated corpus split, eval.json and report.html.
 
-    mm evaluate --model RUN --data DIR --out RUN/eval.json [--task zeroshot|retrieval|classify|linear_probe]
+    mm evaluate --model RUN --data DIR --out RUN/eval.json [--task zeroshot|retrieval|classify|linear_probe|masked]
                 [--config configs/evaluate.yaml] [--set split=val --set batch_rows=128 ...]
 
 ``--model`` is a run dir (with ``model/``, and ``classifier/`` after a classification fine-tune)
@@ -23,7 +23,7 @@ from jobs.cli import UsageError, add_common, run
 from jobs.config import load_config
 
 log = logging.getLogger("mm.evaluate")
-TASKS = ("zeroshot", "retrieval", "classify", "linear_probe")
+TASKS = ("zeroshot", "retrieval", "classify", "linear_probe", "masked")
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -191,3 +191,51 @@ def test_cli_bad_paths_fail_before_work(tmp_path, capsys):
     assert err.count("\n") == 1 and "nodata" in err
     (tmp_path / "dir.json").mkdir()
     assert main(["--model", str(tmp_path / "r"), "--data", str(corpus), "--out", str(tmp_path / "dir.json")]) == 2
+
+
+@pytest.mark.slow
+def test_masked_modelling_uses_the_runs_heads(ray_session, corpus_and_run, tmp_path):
+    """MLM accuracy/loss and MIM loss with heads read from the run's step checkpoint."""
+    import math
+    import shutil
+
+    import torch
+
+    from mm.checkpoint import save_train_state, write_json
+    from mm.data import load_token_info
+    from mm.evaluate import EvalConfig, evaluate_run
+    from mm.objectives import MIMConfig, MLMConfig, ObjectivesConfig, ObjectiveSet, build_objectives
+    from mm.train import PretrainConfig
+
+    corpus, run0 = corpus_and_run
+    run = tmp_path / "run"
+    shutil.copytree(run0, run)
+    import mm
+
+    model = mm.load(str(run))
+    tokens = load_token_info(str(corpus / "tokenizer"))
+    pcfg = PretrainConfig(model=model.cfg, objectives=ObjectivesConfig(mlm=MLMConfig(weight=1.0),
+                                                                       mim=MIMConfig(weight=1.0)))
+    module = ObjectiveSet(model, build_objectives(pcfg.objectives, model, tokens))
+    with torch.no_grad():  # an MLM head whose logits are its bias: 10 at token id 7, 0 elsewhere
+        head = module.objectives[1].head
+        for p in head.parameters():
+            p.zero_()
+        head.predictions.bias[7] = 10.0
+    save_train_state(run / "ray" / "step_00000001", {k: v.clone() for k, v in module.state_dict().items()},
+                     {"state": {}, "param_groups": []},
+                     {"step": 1})
+    import dataclasses
+
+    write_json(run / "manifest.json", {"config": dataclasses.asdict(pcfg)})
+    res = evaluate_run(run, corpus, EvalConfig(batch_rows=8), tasks=("masked",))
+    m, c = res["metrics"]["masked"], res["chance"]["masked"]
+    assert set(m) == {"mlm_accuracy", "mlm_loss", "mim_loss"}
+    assert c["mlm_accuracy"] == pytest.approx(1 / tokens.vocab_size) and c["mlm_loss"] == pytest.approx(
+        math.log(tokens.vocab_size))
+    # the constant head's loss is exactly computable: -log softmax(10 at id 7, 0 elsewhere) for non-7 labels
+    # logits = bias: loss per masked token = log(e^10 + V - 1) - 10 * [label == 7], linear in accuracy
+    v = tokens.vocab_size
+    assert m["mlm_loss"] == pytest.approx(math.log(math.exp(10) + v - 1) - 10 * m["mlm_accuracy"], rel=1e-4)
+    assert 0.0 <= m["mlm_accuracy"] < 0.5
+    assert math.isfinite(m["mim_loss"]) and m["mim_loss"] > 0
