@@ -514,7 +514,8 @@ def evaluate_finetune(run: Path, init_dir: Path, data: str, task: str, cfg: Fine
     from mm.evaluate import _load_model_and_tokenizer, evaluate_models, zeroshot_weights
 
     s = cfg.finetune
-    tasks = ("classify", "zeroshot") if task == "classify" else ("retrieval", "zeroshot")
+    # retrieval on the fine-tune data's own captions gives the report its sample retrievals
+    tasks = ("classify", "zeroshot", "retrieval") if task == "classify" else ("retrieval", "zeroshot")
     theta0 = read_tensors(init_dir / "model.safetensors")
     theta1 = read_tensors(run / "model" / "model.safetensors")
     alphas = sorted(set(s.wise_ft_alphas) | {0.0, 1.0})

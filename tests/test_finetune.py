@@ -172,7 +172,7 @@ def test_finetune_end_to_end(ray_session, tmp_path, strategy):
     assert main(["--init", str(tmp_path / "pre"), "--data", str(corpus), "--out", str(out), "--task", "classify",
                  "--set", f"finetune.strategy={strategy}", *FAST]) == 0
     ev = json.loads((out / "eval.json").read_text())
-    assert set(ev["metrics"]) == {"classify", "zeroshot"}
+    assert set(ev["metrics"]) == {"classify", "zeroshot", "retrieval"}
     assert [p["alpha"] for p in ev["wise_ft"]] == [0.0, 0.5, 1.0]
     assert "zeroshot/acc1/pretrained" in ev["retention"] and "classify/acc1/finetuned" in ev["retention"]
     assert ev["metrics"]["classify"]["acc1"] == ev["retention"]["classify/acc1/finetuned"]
