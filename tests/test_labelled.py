@@ -50,8 +50,9 @@ def test_real_emoji_list_and_rendering():
 
 
 def test_digits_source(tmp_path):
-    info = L.write_digits_source(tmp_path / "src", image_px=32)
-    assert info["n"] == 1797 and info["classes"][7] == "seven"
+    info = L.write_digits_source(tmp_path / "src", image_px=32, limit=50)
+    assert info["n"] == 50 and info["classes"][7] == "seven"
+    assert len(list((tmp_path / "src").glob("*.png"))) == 50
     sidecar = json.loads((tmp_path / "src" / "digit_0007.json").read_text())
     from sklearn.datasets import load_digits
 
