@@ -72,6 +72,7 @@ class TrainConfig:
     log_every_steps: int = 10
     seed: int = 0
     max_failures: int = 1
+    collective_timeout_s: int = 600  # a rank stuck in all-reduce/barrier fails the run instead of hanging (Ray: 1800)
     precision: Literal["auto", "fp32", "bf16", "fp16"] = "auto"  # auto: bf16 on GPU, fp32 on CPU
     grad_checkpointing: bool = False
     compile: bool = False
@@ -151,6 +152,7 @@ def fit(cfg: PretrainConfig, corpora: Sequence[str], run_dir: str, init: str | N
                            "tokenizer_dir": tokenizer_dir, "init": str(model_dir(init)) if init else None,
                            "extra_objectives": list(objectives or ()), "prepare_model": prepare_model,
                            "streams": list(datasets)},
+        torch_config=ray.train.torch.TorchConfig(timeout_s=t.collective_timeout_s),
         scaling_config=ray.train.ScalingConfig(num_workers=t.num_workers, use_gpu=t.use_gpu,
                                                resources_per_worker={"CPU": cpus}),
         run_config=ray.train.RunConfig(
@@ -350,6 +352,35 @@ def _mean_over_workers(values: dict[str, torch.Tensor]) -> dict[str, float]:
     return {k: float(x) for k, x in zip(keys, v)}
 
 
+def train_step(module: torch.nn.Module, optimizer: torch.optim.Optimizer, scaler: torch.amp.GradScaler,
+               batches: Sequence[dict], t: TrainConfig, amp: torch.dtype | None,
+               params: Sequence[torch.Tensor]) -> tuple[dict[str, torch.Tensor], torch.Tensor, bool]:
+    """One optimizer step over ``batches`` (accumulation micro-batches): forward/backward under
+    autocast, unscale, clip, and a step unless the gradient norm is not finite.
+    Returns (metrics averaged over micro-batches, grad norm, whether the step was taken)."""
+    n = len(batches)
+    device_type = params[0].device.type if params else "cpu"
+    window: dict[str, torch.Tensor] = {}
+    for i, batch in enumerate(batches):
+        with _no_sync(module, i == n - 1), \
+                torch.autocast(device_type, dtype=amp or torch.float32, enabled=amp is not None):
+            loss, metrics = module(batch)
+            scaler.scale(loss / n).backward()
+        for k, v in {"loss": loss.detach(), **metrics}.items():
+            window[k] = window.get(k, 0) + v / n
+    scaler.unscale_(optimizer)
+    grad_norm = torch.nn.utils.clip_grad_norm_(params, t.grad_clip_norm if t.grad_clip_norm > 0 else math.inf)
+    grad_norm = grad_norm.full_tensor() if hasattr(grad_norm, "full_tensor") else grad_norm
+    # Gradients are all-reduced, so every rank sees the same norm and takes the same branch: a
+    # NaN/inf anywhere (fp16 overflow, a bad batch) skips the update everywhere, and is counted.
+    finite = bool(torch.isfinite(grad_norm))
+    if finite:
+        scaler.step(optimizer)
+    scaler.update()
+    optimizer.zero_grad(set_to_none=True)
+    return window, grad_norm, finite
+
+
 def train_loop(config: dict) -> None:
     """Runs on every Ray Train worker. Banner sections: build, resume, loop, checkpoint, finish."""
     import ray.train
@@ -411,31 +442,18 @@ def train_loop(config: dict) -> None:
     window_steps, window_time, window_wait = 0, 0.0, 0.0
     while step < t.max_steps:
         t_start = time.perf_counter()
-        wait = 0.0
+        _seed_step(t.seed, rank, step)
+        batches, wait = [], 0.0
         for micro in range(t.accumulate_steps):
-            _seed_step(t.seed, rank, step * t.accumulate_steps + micro)
             # Same corpus on every rank this micro-step: the contrastive gather mixes one modality.
             pick = np.random.default_rng([t.seed, step, micro]).choice(len(streams), p=config["weights"])
             t_wait = time.perf_counter()
-            batch = trim_padding(streams[pick].next())
+            batches.append(trim_padding(streams[pick].next()))
             wait += time.perf_counter() - t_wait
-            with _no_sync(module, micro == t.accumulate_steps - 1), \
-                    torch.autocast(device.type, dtype=amp or torch.float32, enabled=amp is not None):
-                loss, metrics = module(batch)
-                scaler.scale(loss / t.accumulate_steps).backward()
-            for k, v in {"loss": loss.detach(), **metrics}.items():
-                window[k] = window.get(k, 0) + v / t.accumulate_steps
-        scaler.unscale_(optimizer)
-        grad_norm = torch.nn.utils.clip_grad_norm_(params, t.grad_clip_norm if t.grad_clip_norm > 0 else math.inf)
-        grad_norm = grad_norm.full_tensor() if hasattr(grad_norm, "full_tensor") else grad_norm
-        # Gradients are all-reduced, so every rank sees the same norm and takes the same branch:
-        # a NaN/inf anywhere skips the update everywhere (fp16 overflow, a bad batch).
-        if torch.isfinite(grad_norm):
-            scaler.step(optimizer)
-        else:
-            nonfinite += 1
-        scaler.update()
-        optimizer.zero_grad(set_to_none=True)
+        metrics, grad_norm, finite = train_step(module, optimizer, scaler, batches, t, amp, params)
+        nonfinite += 0 if finite else 1
+        for k, v in metrics.items():
+            window[k] = window.get(k, 0) + v
         scheduler.step()
         step += 1
         window_steps += 1
@@ -482,4 +500,4 @@ def module_model(module: torch.nn.Module) -> VLModel:
     return unwrap(module).model
 
 
-__all__ = ["TrainConfig", "PretrainConfig", "fit", "train_loop", "read_metrics", "code_version", "Stream"]
+__all__ = ["TrainConfig", "PretrainConfig", "fit", "train_loop", "train_step", "read_metrics", "code_version", "Stream"]

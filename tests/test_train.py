@@ -161,3 +161,31 @@ def test_killed_worker_resumes_from_step_checkpoint_with_the_same_trajectory(ray
     for step in ref:
         assert math.isclose(got[step]["loss"], ref[step]["loss"], rel_tol=1e-4, abs_tol=1e-5), \
             (step, got[step]["loss"], ref[step]["loss"])
+
+
+def test_train_step_skips_and_counts_a_non_finite_step():
+    from mm.config import ModelConfig, TextConfig, VisionConfig
+    from mm.data import TokenInfo
+    from mm.models import build_model
+    from mm.objectives import ObjectivesConfig, ObjectiveSet, build_objectives
+    from mm.train import TrainConfig, train_step
+
+    cfg = ModelConfig(vision=VisionConfig(image_px=32, patch_px=8, width=32, depth=1, heads=2),
+                      text=TextConfig(width=32, depth=1, heads=2, max_tokens=8), embed_dim=16)
+    tok = TokenInfo(vocab_size=30, pad_id=0, mask_id=4, cls_id=2, sep_id=3)
+    model = build_model(cfg, tok.vocab_size)
+    module = ObjectiveSet(model, build_objectives(ObjectivesConfig(), model, tok))
+    opt = build_optimizer(module, OptimConfig())
+    scaler = torch.amp.GradScaler("cpu", enabled=False)
+    params = [p for p in module.parameters() if p.requires_grad]
+    ids = torch.randint(5, 30, (4, 6))
+    good = {"pixels": torch.randn(4, 3, 32, 32), "input_ids": ids, "attention_mask": torch.ones_like(ids)}
+    bad = {**good, "pixels": torch.full((4, 3, 32, 32), float("nan"))}
+    before = [p.detach().clone() for p in params]
+    _, norm, finite = train_step(module, opt, scaler, [good, bad], TrainConfig(accumulate_steps=2), None, params)
+    assert not finite and not torch.isfinite(norm)
+    assert all(torch.equal(a, b) for a, b in zip(before, params))
+    assert all(p.grad is None for p in params)
+    metrics, _, finite = train_step(module, opt, scaler, [good], TrainConfig(), None, params)
+    assert finite and not all(torch.equal(a, b) for a, b in zip(before, params))
+    assert torch.isfinite(metrics["loss"])
