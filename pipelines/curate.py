@@ -195,7 +195,7 @@ def run_curate(sources: list[str], out: str, cfg: CurateConfig) -> dict:
                   "orig_width", "orig_height", "stage", "reason", "detail"]).materialize()
     candidates = small.map_batches(_candidates_only, **light).materialize()
     if cfg.modality == "video":  # one candidate per clip; a dropped clip takes all its caption rows
-        from pipelines import video as video_mod
+        from pipelines import video_accounting as video_mod
 
         drops = video_mod.find_clip_duplicates(read, cfg.dedup, light)
     else:

@@ -311,8 +311,8 @@ def test_process_video_batch_shots_subtitles_and_rejects(tmp_path):
 def test_input_accounting_after_dedup():
     """Clip-level drops are stats; an input left without clips by dedup is one reject."""
     from pipelines.dedup import DROP_SCHEMA
-    from pipelines.video import (
-        VIDEO_WORK_SCHEMA,
+    from pipelines.video import VIDEO_WORK_SCHEMA
+    from pipelines.video_accounting import (
         account_partial,
         clip_candidates,
         reject_rows,
