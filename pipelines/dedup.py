@@ -20,9 +20,11 @@ lexicographic order, then smallest ``sample_id``.
    from LSH banding (bit sampling, Indyk-Motwani): each of ``lsh_bands`` bands reads
    ``lsh_band_bits`` fixed pseudo-random bit positions of every hash; rows sharing a band value
    are candidates, verified exactly, and joined into connected components with union-find.
-   One keeper per component. Reason ``near_duplicate``. A pair at distance d is missed with
-   probability (1 - C(64-d, b)/C(64, b))^bands; the defaults (16 bands x 16 bits) find d <= 4
-   with p > 0.997 and d = 8 with p ~ 0.8 (bench/dedup_quality.py measures it on real photos).
+   Within a component, members are visited in keeper-rule order and a member is dropped only
+   when it has a verified edge to a keeper (no chaining: every dropped row is within
+   ``max_hamming`` of the keeper named in its ``detail``). Reason ``near_duplicate``. A pair at distance d is missed with
+   probability (1 - C(64-d, b)/C(64, b))^bands; the defaults (24 bands x 16 bits) find d <= 5
+   with p > 0.99 and d = 8 with p ~ 0.9 (bench/dedup_quality.py measures it on real photos).
 3. *Near-duplicate captions* (off by default for image-text): MinHash over character shingles,
    LSH bands of ``caption_band_rows`` rows, candidates verified by estimated Jaccard.
 
@@ -57,7 +59,7 @@ class DedupConfig:
     exact: Literal["media", "pair", "off"] = "media"
     near: bool = True
     max_hamming: int = 8                 # bits, per hash (64-bit pHash)
-    lsh_bands: int = 16
+    lsh_bands: int = 24
     lsh_band_bits: int = 16
     lsh_seed: int = 0
     lsh_shards: int = 64                 # groupby groups the band rows are spread over
@@ -201,12 +203,13 @@ def within_hamming(m: np.ndarray, lengths: np.ndarray, a: np.ndarray, b: np.ndar
     return (lengths[a] == lengths[b]) & (dist <= max_hamming)
 
 
-def spanning_edges(a: np.ndarray, b: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-    """Union-find over edges (node ids any ints): a spanning forest, at most one edge per node."""
-    uf = UnionFind()
-    keep = [uf.union(int(x), int(y)) for x, y in zip(a, b)]
-    mask = np.array(keep, dtype=bool)
-    return a[mask], b[mask]
+def unique_edges(a: np.ndarray, b: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Verified pairs as unique undirected edges (lo, hi); a pair found by several bands once."""
+    if len(a) == 0:
+        return a, b
+    lo, hi = np.minimum(a, b), np.maximum(a, b)
+    pairs = np.unique(np.stack([lo, hi], axis=1), axis=0)
+    return pairs[:, 0], pairs[:, 1]
 
 
 class UnionFind:
@@ -260,7 +263,7 @@ def make_hash_bands(batch: pa.Table, cfg: DedupConfig) -> pa.Table:
 
 
 def hash_shard_edges(t: pa.Table, cfg: DedupConfig) -> pa.Table:
-    """One shard of band rows → verified near-duplicate edges (spanning forest of the shard)."""
+    """One shard of band rows → its verified near-duplicate edges (unique pairs of row hashes)."""
     if t.num_rows < 2:
         return _EDGE_SCHEMA.empty_table()
     m, lengths = hash_matrix(t.column("vec"))
@@ -268,7 +271,7 @@ def hash_shard_edges(t: pa.Table, cfg: DedupConfig) -> pa.Table:
     a, b = candidate_pairs(t.column("band").to_numpy(), cfg.max_bucket_rows, cfg.bucket_window_rows,
                            order_by=m[:, 0].view(np.int64))
     keep = within_hamming(m, lengths, a, b, cfg.max_hamming) & (rid[a] != rid[b])
-    ea, eb = spanning_edges(rid[a[keep]], rid[b[keep]])
+    ea, eb = unique_edges(rid[a[keep]], rid[b[keep]])
     return pa.table({"a": ea, "b": eb}, schema=_EDGE_SCHEMA)
 
 
@@ -316,7 +319,7 @@ def caption_shard_edges(t: pa.Table, cfg: DedupConfig) -> pa.Table:
     rid = t.column("rid").to_numpy()
     a, b = candidate_pairs(t.column("band").to_numpy(), cfg.max_bucket_rows, cfg.bucket_window_rows)
     keep = ((sig[a] == sig[b]).mean(axis=1) >= cfg.caption_min_jaccard) & (rid[a] != rid[b])
-    ea, eb = spanning_edges(rid[a[keep]], rid[b[keep]])
+    ea, eb = unique_edges(rid[a[keep]], rid[b[keep]])
     return pa.table({"a": ea, "b": eb}, schema=_EDGE_SCHEMA)
 
 
@@ -352,10 +355,10 @@ def find_duplicates(rows, cfg: DedupConfig) -> pa.Table:
                          .groupby("shard", num_partitions=cfg.num_partitions)
                          .map_groups(edges_fn, fn_kwargs={"cfg": cfg}, batch_format="pyarrow", num_cpus=0.5),
                          _EDGE_SCHEMA)
-        uf = _union(edges)
-        members = _collect(survivors.map_batches(_rows_with_rid, fn_kwargs={"rids": pa.array(list(uf.parent), pa.int64())},
+        graph = _union(edges)
+        members = _collect(survivors.map_batches(_rows_with_rid, fn_kwargs={"rids": pa.array(list(graph[1]), pa.int64())},
                                                  batch_format="pyarrow", num_cpus=0.5), None)
-        near = component_drops(members, uf)
+        near = component_drops(members, graph)
         drops.append(near)
         if near.num_rows:
             survivors = survivors.map_batches(_without, fn_kwargs={"ids": near.column("row_id")},
@@ -373,8 +376,8 @@ def find_duplicates_local(table: pa.Table, cfg: DedupConfig) -> pa.Table:
         drops.append(exact)
         table = _without(table, exact.column("row_id"))
     for make, edges_fn in _near_stages(cfg):
-        uf = _union(edges_fn(make(table, cfg), cfg))
-        near = component_drops(_rows_with_rid(table, pa.array(list(uf.parent), pa.int64())), uf)
+        graph = _union(edges_fn(make(table, cfg), cfg))
+        near = component_drops(_rows_with_rid(table, pa.array(list(graph[1]), pa.int64())), graph)
         drops.append(near)
         table = _without(table, near.column("row_id"))
     return pa.concat_tables(drops) if drops else DROP_SCHEMA.empty_table()
@@ -389,29 +392,39 @@ def _near_stages(cfg: DedupConfig) -> list:
         ([(make_caption_bands, caption_shard_edges)] if cfg.near_captions else [])
 
 
-def _union(edges: pa.Table) -> UnionFind:
+def _union(edges: pa.Table) -> tuple[UnionFind, dict[int, set[int]]]:
+    """Union-find components and the adjacency of the verified edges."""
     uf = UnionFind()
-    for x, y in zip(edges.column("a").to_numpy(), edges.column("b").to_numpy()):
-        uf.union(int(x), int(y))
-    return uf
+    adjacent: dict[int, set[int]] = {}
+    for x, y in zip(edges.column("a").to_numpy().tolist(), edges.column("b").to_numpy().tolist()):
+        uf.union(x, y)
+        adjacent.setdefault(x, set()).add(y)
+        adjacent.setdefault(y, set()).add(x)
+    return uf, adjacent
 
 
-def component_drops(members: pa.Table | None, uf: UnionFind) -> pa.Table:
-    """One keeper per connected component (the keeper rule); every other member is dropped."""
+def component_drops(members: pa.Table | None, graph: tuple[UnionFind, dict[int, set[int]]]) -> pa.Table:
+    """Keepers per connected component, without chaining: members are visited in keeper-rule
+    order; one with a verified edge to a keeper of its component is dropped in favour of the
+    best such keeper, any other becomes a keeper itself. So every dropped row is within
+    ``max_hamming`` of its keeper (A~B~C with A far from C keeps A and C, drops B)."""
     if members is None or members.num_rows == 0:
         return DROP_SCHEMA.empty_table()
+    uf, adjacent = graph
     members = members.take(pa.array(keeper_order(members)))
-    rid = row_hash64(members.column("row_id"))
+    rid = row_hash64(members.column("row_id")).tolist()
     ids, sids = members.column("row_id").to_pylist(), members.column("sample_id").to_pylist()
-    keeper_of: dict[int, str] = {}
+    rank = {r: i for i, r in enumerate(rid)}
+    keepers: set[int] = set()
     out_rows, out_keepers = [], []
     for i, r in enumerate(rid):
-        root = uf.find(int(r))
-        if root in keeper_of:
-            out_rows.append(ids[i])
-            out_keepers.append(keeper_of[root])
+        best = min((rank[n] for n in adjacent.get(r, ()) if n in keepers and uf.find(n) == uf.find(r)),
+                   default=None)
+        if best is None:
+            keepers.add(r)
         else:
-            keeper_of[root] = sids[i]
+            out_rows.append(ids[i])
+            out_keepers.append(sids[best])
     return pa.table({"row_id": out_rows, "reason": ["near_duplicate"] * len(out_rows), "keeper": out_keepers},
                     schema=DROP_SCHEMA)
 
@@ -441,5 +454,5 @@ def _collect(ds, schema: pa.Schema | None) -> pa.Table | None:
 
 
 __all__ = ["DedupConfig", "DROP_SCHEMA", "find_duplicates", "keeper_order", "exact_groups", "band_positions",
-           "band_keys", "hash_matrix", "candidate_pairs", "within_hamming", "UnionFind", "make_hash_bands",
+           "band_keys", "hash_matrix", "candidate_pairs", "within_hamming", "UnionFind", "unique_edges", "make_hash_bands",
            "hash_shard_edges", "minhash_signatures", "component_drops", "row_hash64"]

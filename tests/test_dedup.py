@@ -125,12 +125,17 @@ def test_near_duplicates_found_with_keeper_in_detail():
     assert all(v[0] == "near_duplicate" for v in d.values())
 
 
-def test_near_chain_is_one_component():
+def test_near_chain_does_not_drop_far_members():
     h = 0x0F0F0F0F0F0F0F0F
+    cfg = DedupConfig(max_hamming=3, lsh_bands=32, lsh_band_bits=8)
+    # a ~ b ~ c (3 bits each) but a and c are 6 bits apart: keep a (largest) and c, drop b
+    t = rows_table([{"key": "a", "hashes": [h], "area": 30}, {"key": "b", "hashes": [flip(h, [1, 2, 3])], "area": 20},
+                    {"key": "c", "hashes": [flip(h, [1, 2, 3, 40, 41, 42])], "area": 10}])
+    assert by_key(t, find_duplicates_local(t, cfg)) == {"b": ("near_duplicate", "a")}
+    # with b the largest, both neighbours go to b
     t = rows_table([{"key": "a", "hashes": [h], "area": 10}, {"key": "b", "hashes": [flip(h, [1, 2, 3])], "area": 30},
                     {"key": "c", "hashes": [flip(h, [1, 2, 3, 40, 41, 42])], "area": 20}])
-    d = by_key(t, find_duplicates_local(t, DedupConfig(max_hamming=3, lsh_bands=32, lsh_band_bits=8)))
-    assert d == {"a": ("near_duplicate", "b"), "c": ("near_duplicate", "b")}
+    assert by_key(t, find_duplicates_local(t, cfg)) == {"a": ("near_duplicate", "b"), "c": ("near_duplicate", "b")}
 
 
 def test_caption_minhash_near_duplicates():

@@ -1,0 +1,288 @@
+"""Benchmark: near-duplicate quality on real photos, and dedup scaling (10k -> 100k -> 1M hashes).
+
+    .venv/bin/python bench/dedup_quality.py [--emoji 1000] [--scale 10000,100000,1000000]
+
+Quality. Distinct images: 2x2 tiles of the real photos shipped by scikit-learn
+(``load_sample_images``) and scikit-image (``skimage.data``: astronaut, coffee, chelsea, rocket,
+...), the 200 LFW faces bundled with scikit-image (enlarged to 100 px), and Noto colour emoji
+(Debian ``fonts-noto-color-emoji``) — faces and emoji are deliberately hard negatives: many
+look alike at low frequencies. Planted copies of every photo tile, face and every 4th emoji:
+JPEG re-encode at quality 30, resize x0.8 and x1.2, crop of up to 5% per side, brightness
++-10%, and one combination. Every image goes through ``images.process_image`` (the curate
+defaults), then ``dedup.find_duplicates_local`` with the default config; pairs are scored:
+  recall    = planted (copy, original) pairs that end with the same keeper / planted pairs
+  precision = predicted same-keeper pairs whose members share an origin / predicted pairs
+  removal_recall = redundant rows removed (per origin: all but one) / redundant rows
+  drop_precision = dropped rows whose keeper shares their origin / dropped rows
+Targets: recall >= 0.95 at precision >= 0.99. A sweep over ``max_hamming`` shows the trade-off.
+
+Scaling. Random 64-bit hashes plus 5% planted copies 1-6 bits away, deduplicated through the
+Ray Data path (``local_max_rows=0``: band rows grouped with groupby + map_groups) on a local
+Ray; prints seconds per size and the ratio time(10n)/time(n) (target <= 12).
+"""
+
+from __future__ import annotations
+
+import argparse
+import io
+import json
+import os
+import sys
+import time
+from itertools import combinations
+from pathlib import Path
+
+import numpy as np
+import pyarrow as pa
+from PIL import Image, ImageDraw, ImageEnhance, ImageFont
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+from pipelines.dedup import DedupConfig, find_duplicates, find_duplicates_local  # noqa: E402
+from pipelines.images import ImageConfig, ImageReject, process_image  # noqa: E402
+from pipelines.schema import make_sample_id  # noqa: E402
+
+SKIMAGE_PHOTOS = ("astronaut", "coffee", "chelsea", "rocket", "camera", "hubble_deep_field", "retina", "horse",
+                  "coins", "moon", "motorcycle_left", "immunohistochemistry", "brick", "grass", "gravel", "cell",
+                  "microaneurysms", "page", "text", "clock")
+EMOJI_FONT = "/usr/share/fonts/truetype/noto/NotoColorEmoji.ttf"
+EMOJI_LIST = "/usr/share/unicode/emoji/emoji-test.txt"
+
+
+def real_photos() -> list[np.ndarray]:
+    from sklearn.datasets import load_sample_images
+
+    photos = list(load_sample_images().images)
+    try:
+        import skimage.data as sd
+
+        for name in SKIMAGE_PHOTOS:
+            try:
+                a = getattr(sd, name)()
+            except Exception:  # noqa: BLE001 - an image that needs a download is skipped
+                continue
+            if a.ndim == 2:
+                a = np.stack([a] * 3, -1)
+            photos.append(np.asarray(a[..., :3], np.uint8))
+    except ImportError:
+        pass
+    return photos
+
+
+def tiles(arr: np.ndarray) -> list[np.ndarray]:
+    h, w = arr.shape[:2]
+    return [arr[y * h // 2:(y + 1) * h // 2, x * w // 2:(x + 1) * w // 2] for y in range(2) for x in range(2)]
+
+
+def faces() -> list[np.ndarray]:
+    try:
+        import skimage.data as sd
+
+        lfw = sd.lfw_subset()
+    except Exception:  # noqa: BLE001
+        return []
+    return [np.stack([np.asarray(Image.fromarray((f * 255).astype(np.uint8)).resize((100, 100), Image.BICUBIC))] * 3, -1)
+            for f in lfw]
+
+
+def emoji(n: int) -> list[np.ndarray]:
+    if n <= 0 or not (os.path.exists(EMOJI_FONT) and os.path.exists(EMOJI_LIST)):
+        return []
+    chars = []
+    for line in open(EMOJI_LIST, encoding="utf-8"):
+        if "; fully-qualified" not in line:
+            continue
+        cps = [int(c, 16) for c in line.split(";")[0].split()]
+        # one picture per emoji: skin-tone and ZWJ variants are the same drawing in grey
+        if any(0x1F3FB <= c <= 0x1F3FF or c == 0x200D for c in cps):
+            continue
+        chars.append("".join(chr(c) for c in cps))
+    font = ImageFont.truetype(EMOJI_FONT, 109)
+    out = []
+    for ch in chars:
+        im = Image.new("RGBA", (136, 128), (255, 255, 255, 255))
+        ImageDraw.Draw(im).text((0, 0), ch, font=font, embedded_color=True)
+        arr = np.asarray(im.convert("RGB"))
+        if arr.min() < 250:  # glyph rendered
+            out.append(arr)
+        if len(out) >= n:
+            break
+    return out
+
+
+def jpeg(im: Image.Image, q: int = 92) -> bytes:
+    buf = io.BytesIO()
+    im.convert("RGB").save(buf, "JPEG", quality=q)
+    return buf.getvalue()
+
+
+def variants(arr: np.ndarray, rng: np.random.Generator) -> list[tuple[str, bytes]]:
+    im = Image.fromarray(arr)
+    w, h = im.size
+
+    def crop(x: Image.Image) -> Image.Image:
+        cw, ch = x.size
+        f = rng.uniform(0.0, 0.05, 4)
+        return x.crop((int(f[0] * cw), int(f[1] * ch), cw - int(f[2] * cw), ch - int(f[3] * ch)))
+
+    def bright(x: Image.Image) -> Image.Image:
+        return ImageEnhance.Brightness(x).enhance(float(rng.choice([0.9, 1.1])))
+
+    return [
+        ("jpeg_q30", jpeg(im, 30)),
+        ("resize_0.8", jpeg(im.resize((round(w * 0.8), round(h * 0.8)), Image.BICUBIC))),
+        ("resize_1.2", jpeg(im.resize((round(w * 1.2), round(h * 1.2)), Image.BICUBIC))),
+        ("crop_5pct", jpeg(crop(im))),
+        ("brightness_10pct", jpeg(bright(im))),
+        ("combo", jpeg(bright(crop(im.resize((round(w * 0.85), round(h * 0.85)), Image.BICUBIC))), 50)),
+    ]
+
+
+def build_rows(seed: int, n_emoji: int) -> tuple[pa.Table, dict]:
+    rng = np.random.default_rng(seed)
+    cfg = ImageConfig()
+    bases = [("photo", t) for p in real_photos() for t in tiles(p)] + [("face", f) for f in faces()] \
+        + [("emoji", e) for e in emoji(n_emoji)]
+    rows, origin, kinds = [], {}, {}
+    for b, (kind, arr) in enumerate(bases):
+        items = [("original", jpeg(Image.fromarray(arr)))]
+        if kind != "emoji" or b % 4 == 0:
+            items += variants(arr, rng)
+        for v, data in items:
+            try:
+                r = process_image(data, "x.jpg", cfg)
+            except ImageReject:
+                continue
+            key = f"{kind}{b:05d}_{v}"
+            rows.append({"row_id": make_sample_id("bench", key), "sample_id": make_sample_id("sid", key),
+                         "source": "bench", "key": key, "caption": key,
+                         "content_hash": r["pixel_hash"].hex(), "hashes": [r["phash"]],
+                         "area": r["orig_width"] * r["orig_height"]})
+            origin[key], kinds[key] = b, kind
+    return pa.Table.from_pylist(rows), {"origin": origin, "kinds": kinds, "bases": len(bases)}
+
+
+def score(table: pa.Table, drops: pa.Table, origin: dict) -> dict:
+    sid_key = dict(zip(table.column("sample_id").to_pylist(), table.column("key").to_pylist()))
+    id_key = dict(zip(table.column("row_id").to_pylist(), table.column("key").to_pylist()))
+    comps: dict[str, set] = {}
+    for rid, keeper in zip(drops.column("row_id").to_pylist(), drops.column("keeper").to_pylist()):
+        comps.setdefault(sid_key[keeper], {sid_key[keeper]}).add(id_key[rid])
+    comp_of = {k: c for c, members in comps.items() for k in members}
+    pred = {tuple(sorted(p)) for members in comps.values() for p in combinations(members, 2)}
+    true_pred = sum(origin[a] == origin[b] for a, b in pred)
+    planted = [(k, f"{k.split('_', 1)[0]}_original") for k in origin if not k.endswith("_original")]
+    planted = [(c, o) for c, o in planted if o in origin]
+    found = sum(comp_of.get(c) is not None and comp_of.get(c) == comp_of.get(o) for c, o in planted)
+    pairs = list(zip(drops.column("row_id").to_pylist(), drops.column("keeper").to_pylist()))
+    drops_ok = sum(origin[id_key[r]] == origin[sid_key[k]] for r, k in pairs)
+    group: dict[int, int] = {}
+    for k in origin:
+        group[origin[k]] = group.get(origin[k], 0) + 1
+    removed: dict[int, int] = {}
+    false_by_kind: dict[str, int] = {}
+    for r, k in pairs:
+        if origin[id_key[r]] == origin[sid_key[k]]:
+            removed[origin[id_key[r]]] = removed.get(origin[id_key[r]], 0) + 1
+        else:
+            kind = id_key[r].split("_", 1)[0].rstrip("0123456789")
+            false_by_kind[kind] = false_by_kind.get(kind, 0) + 1
+    redundant = sum(n - 1 for n in group.values())
+    removal = sum(min(removed.get(g, 0), n - 1) for g, n in group.items())
+    return {"planted_pairs": len(planted), "found": found, "recall": round(found / max(1, len(planted)), 4),
+            "predicted_pairs": len(pred), "true_predicted_pairs": true_pred,
+            "precision": round(true_pred / max(1, len(pred)), 4),
+            "dropped": drops.num_rows, "dropped_with_true_keeper": drops_ok,
+            "drop_precision": round(drops_ok / max(1, drops.num_rows), 4),
+            "redundant_copies": redundant, "removal_recall": round(removal / max(1, redundant), 4),
+            "false_drops_by_kind": false_by_kind}
+
+
+def per_transform_recall(table: pa.Table, drops: pa.Table, origin: dict) -> dict:
+    """Recall of each planted transform separately."""
+    sid_key = dict(zip(table.column("sample_id").to_pylist(), table.column("key").to_pylist()))
+    id_key = dict(zip(table.column("row_id").to_pylist(), table.column("key").to_pylist()))
+    comp = {id_key[r]: sid_key[k] for r, k in zip(drops.column("row_id").to_pylist(), drops.column("keeper").to_pylist())}
+    out: dict[str, list[int]] = {}
+    for key in origin:
+        base, v = key.split("_", 1)
+        orig = f"{base}_original"
+        if v == "original" or orig not in origin:
+            continue
+        s = out.setdefault(v, [0, 0])
+        s[0] += comp.get(key, key) == comp.get(orig, orig)
+        s[1] += 1
+    return {k: round(a / b, 4) for k, (a, b) in sorted(out.items())}
+
+
+def scaling(sizes: list[int], seed: int) -> list[dict]:
+    import ray
+
+    from jobs.runtime import init_ray
+
+    init_ray(None)
+    results = []
+    cfg = DedupConfig(local_max_rows=0)
+    for n in sizes:
+        rng = np.random.default_rng(seed)
+        base = rng.integers(-(1 << 63), (1 << 63) - 1, n, dtype=np.int64)
+        n_copy = n // 20
+        idx = rng.integers(0, n, n_copy)
+        flips = np.zeros(n_copy, np.uint64)
+        for j in range(n_copy):
+            for b in rng.choice(64, int(rng.integers(1, 7)), replace=False):
+                flips[j] |= np.uint64(1) << np.uint64(int(b))
+        copies = (base[idx].view(np.uint64) ^ flips).view(np.int64)
+        hashes = np.concatenate([base, copies])
+        keys = [f"{i:09d}" for i in range(len(hashes))]
+        ids = [make_sample_id("scale", k) for k in keys]
+        t = pa.table({"row_id": ids, "sample_id": ids, "source": ["s"] * len(ids), "key": keys,
+                      "caption": [""] * len(ids), "content_hash": ids,
+                      "hashes": pa.array([[int(h)] for h in hashes], pa.list_(pa.int64())),
+                      "area": pa.array(np.full(len(ids), 100), pa.int64())})
+        ds = ray.data.from_arrow(t).repartition(max(2, len(ids) // 50_000)).materialize()
+        t0 = time.perf_counter()
+        drops = find_duplicates(ds, cfg)
+        dt = time.perf_counter() - t0
+        results.append({"hashes": len(ids), "seconds": round(dt, 2), "dropped": drops.num_rows,
+                        "planted_copies": int(n_copy)})
+        print(json.dumps(results[-1]), file=sys.stderr)
+    for prev, cur in zip(results, results[1:]):
+        cur["time_ratio_vs_prev"] = round(cur["seconds"] / prev["seconds"], 2)
+    return results
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--emoji", type=int, default=1000)
+    ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--scale", default="10000,100000,1000000", help="comma-separated sizes; empty to skip")
+    args = ap.parse_args()
+    t0 = time.time()
+    table, info = build_rows(args.seed, args.emoji)
+    kinds = info["kinds"]
+    build_s = time.time() - t0
+    default = DedupConfig()
+    drops = find_duplicates_local(table, default)
+    result = {"bench": "dedup_quality", "images": table.num_rows, "distinct_bases": info["bases"],
+              "by_kind": {k: sum(1 for v in kinds.values() if v == k) for k in sorted(set(kinds.values()))},
+              "build_s": round(build_s, 1),
+              "default": {"max_hamming": default.max_hamming, "lsh_bands": default.lsh_bands,
+                          "lsh_band_bits": default.lsh_band_bits, **score(table, drops, info["origin"])},
+              "recall_by_transform": per_transform_recall(table, drops, info["origin"]),
+              "sweep": []}
+    for mh in (4, 6, 8, 10, 12, 14):
+        d = find_duplicates_local(table, DedupConfig(max_hamming=mh))
+        result["sweep"].append({"max_hamming": mh, **score(table, d, info["origin"])})
+    exact = DedupConfig(lsh_bands=64, lsh_band_bits=4)  # near-exhaustive candidates: LSH recall loss
+    d = find_duplicates_local(table, exact)
+    result["lsh_loss_check"] = {"bands": 64, "band_bits": 4, **score(table, d, info["origin"])}
+    result["targets"] = {"recall": 0.95, "precision": 0.99}
+    sizes = [int(s) for s in args.scale.split(",") if s.strip()]
+    if sizes:
+        result["scaling"] = scaling(sizes, args.seed)
+    print(json.dumps(result, indent=2))
+
+
+if __name__ == "__main__":
+    main()
