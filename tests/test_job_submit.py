@@ -133,10 +133,11 @@ class LocalCluster:
         shutil.rmtree(self.temp_dir, ignore_errors=True)
 
 
-def submit(cluster: LocalCluster, submission_id: str, entrypoint: list[str]) -> subprocess.CompletedProcess:
+def submit(cluster: LocalCluster, submission_id: str, entrypoint: list[str],
+           options: list[str] = ()) -> subprocess.CompletedProcess:
     """``ray job submit`` with the CLI, from the repository root, as a user would type it."""
     cmd = [RAY, "job", "submit", "--address", cluster.dashboard_url, "--working-dir", ".",
-           "--submission-id", submission_id, "--no-wait", "--", *entrypoint]
+           "--submission-id", submission_id, "--no-wait", *options, "--", *entrypoint]
     return subprocess.run(cmd, cwd=ROOT, env=cluster.env, capture_output=True, text=True, timeout=120)
 
 

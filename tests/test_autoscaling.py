@@ -1,0 +1,153 @@
+"""Autoscaling on one machine: cluster.yaml's node types under Ray's ``fake_multinode`` provider.
+
+``fake_config()`` derives the config from cluster.yaml itself (the same head, ``cpu_curate`` and
+``gpu_train`` types with their custom resources and labels, scaled to 1 CPU per node, no cloud
+fields, a short idle timeout) and the test starts it with
+``RAY_FAKE_CLUSTER=1 ray start --head --autoscaling-config=...``. The head advertises no CPU, as in
+cluster.yaml, so the curation job asks for more CPUs than the head has. It is submitted as a
+curation job is meant to be on that cluster,
+``ray job submit --entrypoint-resources '{"curation": 1}' -- python -m jobs.curate ...``: its
+driver needs a ``curation`` slot, which only ``cpu_curate`` nodes have, and its Ray Data tasks
+need CPUs, which only workers have. So a ``cpu_curate`` worker must appear (and no ``gpu_train``
+node), the job must succeed with its tasks on that worker, and once idle the worker must go away.
+Both are asserted through ``ray.nodes()``. Stops only its own cluster (tests/test_job_submit.py).
+
+Why the driver's resource and not Ray Data's demand: Ray Data 2.60 submits no task while the
+cluster has no free CPU (it warns "Cluster resources are not enough to run any task ... unless the
+cluster scales up") and its rate-based autoscaler only scales from observed throughput, so a plan
+alone never wakes an idle autoscaling cluster from zero workers (seen here).
+
+Run: ``.venv/bin/pytest -m cluster tests/test_autoscaling.py`` (CI runs the ``cluster`` marker).
+"""
+
+from __future__ import annotations
+
+import copy
+import json
+import time
+from pathlib import Path
+
+import pytest
+import yaml
+from test_job_submit import LocalCluster, submit
+
+ROOT = Path(__file__).resolve().parents[1]
+IDLE_TIMEOUT_MIN = 0.1  # 6 s: scale-down within the test's time budget
+WORKER_OBJECT_STORE_BYTES = 100 * 2**20
+
+
+def fake_config(gcs_address: str, cluster_yaml: Path = ROOT / "cluster.yaml", max_cpu_workers: int = 2) -> dict:
+    """cluster.yaml with the ``fake_multinode`` provider: every node a local raylet. Fake workers
+    join ``gcs_address`` (without it they would try port 6379, where another Ray may listen)."""
+    real = yaml.safe_load(cluster_yaml.read_text())
+    cfg = copy.deepcopy(real)
+    cfg["provider"] = {"type": "fake_multinode", "gcs_address": gcs_address, "use_node_id_as_ip": True,
+                       "disable_node_updaters": True, "disable_launch_config_check": True}
+    cfg["idle_timeout_minutes"] = IDLE_TIMEOUT_MIN
+    cfg["docker"], cfg["auth"], cfg["file_mounts"] = {}, {}, {}
+    for k in ("initialization_commands", "setup_commands", "head_setup_commands", "worker_setup_commands",
+              "head_start_ray_commands", "worker_start_ray_commands", "rsync_exclude", "rsync_filter"):
+        cfg[k] = []
+    types = cfg["available_node_types"]
+    assert cfg["head_node_type"] == "ray.head.default", "fake_multinode names its head ray.head.default"
+    for name, t in types.items():
+        t["node_config"] = {}
+        t.pop("docker", None)
+        if name == cfg["head_node_type"]:
+            continue
+        # Same resource *kinds* as the real type (custom resources included), 1 unit of each.
+        t["resources"] = {k: 1 for k in t["resources"]} | {"object_store_memory": WORKER_OBJECT_STORE_BYTES}
+    types["cpu_curate"]["max_workers"] = max_cpu_workers
+    types["gpu_train"]["max_workers"] = 1
+    cfg["max_workers"] = max_cpu_workers + 1
+    return cfg
+
+
+def test_fake_config_keeps_the_node_types_and_validates():
+    from ray.autoscaler._private.util import validate_config
+
+    real = yaml.safe_load((ROOT / "cluster.yaml").read_text())
+    cfg = fake_config("127.0.0.1:6399")
+    # prepare_config would merge fake_multinode's defaults file, which the wheel lacks: the config
+    # is complete on its own, so it goes to the validator as it is.
+    validate_config(copy.deepcopy(cfg))
+    assert set(cfg["available_node_types"]) == set(real["available_node_types"])
+    for name, t in cfg["available_node_types"].items():
+        assert set(t["resources"]) - {"object_store_memory"} == set(real["available_node_types"][name]["resources"])
+        assert t.get("labels") == real["available_node_types"][name].get("labels")
+
+
+def _nodes(address: str) -> list[dict]:
+    """Alive nodes as (type, resources), read through ray.nodes() from a short-lived driver."""
+    import subprocess
+    import sys
+
+    code = (f"import json, ray; ray.init(address={address!r}, logging_level='ERROR', log_to_driver=False);"
+            "print(json.dumps([{'id': n['NodeID'], 'res': n['Resources'], 'labels': n.get('Labels', {})}"
+            " for n in ray.nodes() if n['Alive']]))")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60,
+                         env={**__import__("os").environ, "RAY_AUTH_MODE": "disabled"})
+    assert out.returncode == 0, out.stderr[-2000:]
+    return json.loads(out.stdout.strip().splitlines()[-1])
+
+
+def _kind(node: dict) -> str:
+    res = node["res"]
+    if "node:__internal_head__" in res:
+        return "head"
+    return "gpu_train" if "GPU" in res else "cpu_curate" if "curation" in res else "?"
+
+
+@pytest.mark.cluster
+@pytest.mark.timeout(600)  # ~1.5 min on an idle 2-core machine; generous for loaded CI runners
+def test_curation_job_scales_cpu_workers_up_then_down(tmp_path):
+    from pipelines.demo_corpus import generate_demo_corpus
+
+    demo = generate_demo_corpus(tmp_path / "demo", n_images=24, n_videos=2, seed=5)
+    head_cpus = yaml.safe_load((ROOT / "cluster.yaml").read_text())["available_node_types"]["ray.head.default"][
+        "resources"]["CPU"]
+    cluster = LocalCluster(num_cpus=head_cpus, env={"RAY_FAKE_CLUSTER": "1", "AUTOSCALER_UPDATE_INTERVAL_S": "1"})
+    cluster.autoscaling_config = fake_config(cluster.gcs_address)
+    cluster.start()
+    try:
+        assert [_kind(n) for n in _nodes(cluster.gcs_address)] == ["head"]
+        t0 = time.time()
+        out = tmp_path / "corpus"
+        sub = submit(cluster, "autoscale-curate", ["python", "-m", "jobs.curate", demo["image_sources"][0],
+                                                   "--out", str(out)],
+                     ["--entrypoint-resources", json.dumps({"curation": 1})])
+        assert sub.returncode == 0, sub.stdout + sub.stderr
+        seen: set[str] = set()
+        peak = 0
+        from ray.job_submission import JobStatus
+
+        client = cluster.client()
+        while time.time() - t0 < 420:
+            kinds = [_kind(n) for n in _nodes(cluster.gcs_address)]
+            if set(kinds) - seen:
+                print(f"{time.time() - t0:6.1f} s: nodes {kinds}", flush=True)
+            seen.update(kinds)
+            peak = max(peak, kinds.count("cpu_curate"))
+            if client.get_job_status("autoscale-curate") in (JobStatus.SUCCEEDED, JobStatus.FAILED,
+                                                              JobStatus.STOPPED):
+                break
+            time.sleep(2)
+        scaled_up_s = time.time() - t0
+        status = cluster.wait_job("autoscale-curate", timeout_s=30)
+        assert status == "SUCCEEDED", cluster.logs("autoscale-curate")[-3000:]
+        assert json.loads((out / "stats.json").read_text())["kept"] > 0
+        assert peak >= 1, f"no cpu_curate worker appeared (saw {seen})"
+        assert "gpu_train" not in seen, "curation must never bring up a GPU node"
+
+        t1 = time.time()
+        while time.time() - t1 < 120:
+            kinds = [_kind(n) for n in _nodes(cluster.gcs_address)]
+            if kinds == ["head"]:
+                break
+            time.sleep(2)
+        assert kinds == ["head"], f"idle workers were not removed: {kinds}"
+        print(json.dumps({"peak_cpu_workers": peak, "job_s": round(scaled_up_s, 1),
+                          "scale_down_s": round(time.time() - t1, 1)}))
+    finally:
+        cluster.stop()
+    assert not cluster.processes()
