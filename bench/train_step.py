@@ -3,6 +3,7 @@
 
     .venv/bin/python bench/train_step.py                  # CPU, prints JSON
     .venv/bin/python bench/train_step.py --ray-feed       # also: data-wait fraction with Ray Data feeding
+    .venv/bin/python bench/train_step.py --curves docs/pretrain_objectives.png   # loss curves per objective
 
 Both sides: a ViT (64 px, patch 8, width 128, depth 3, 4 heads) and a 2-layer width-128 text
 transformer into a 128-d space, CLIP loss, AdamW, cosine schedule, grad clipping at 1.0, fp32 on
@@ -185,6 +186,105 @@ def ray_feed(steps: int) -> dict:
             "final_loss": round(lines[-1]["loss"], 4)}
 
 
+# -- loss curves with each objective on/off ----------------------------------------------------------
+CURVES = {
+    "contrastive": {},
+    "+mlm": {"mlm": 0.5},
+    "+fusion_mlm": {"fusion_mlm": 0.5},
+    "+mim": {"mim": 1.0},
+    "+itm": {"itm": 1.0},
+    "all": {"mlm": 0.5, "fusion_mlm": 0.5, "mim": 1.0, "itm": 1.0},
+}
+
+
+def curves(out_png: str, steps: int, batch: int) -> dict:
+    """Single-process pretraining (train_step on preprocessed synthetic image + video batches,
+    mixed 0.7/0.3 as configs/pretrain_full.yaml) with each objective added to ITC; plots each
+    run's ITC loss and the all-objectives run's per-objective losses."""
+    import dataclasses
+
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    import numpy as np
+    import pyarrow.parquet as pq
+
+    sys.path.insert(0, str(ROOT / "tests"))
+    from test_data import make_corpus
+
+    from jobs.config import load_config
+    from mm.data import PreprocessConfig, load_token_info, preprocess_batch, trim_padding
+    from mm.models import build_model
+    from mm.objectives import ObjectiveSet, build_objectives
+    from mm.optim import build_optimizer, build_scheduler
+    from mm.train import PretrainConfig, train_step
+
+    base = load_config(PretrainConfig, str(ROOT / "configs" / "pretrain_full.yaml"),
+                       ["model.vision.depth=2", f"data.batch_size={batch}", "data.augment=false",
+                        "optim.warmup_steps=10"])
+    with tempfile.TemporaryDirectory() as tmp:
+        img = make_corpus(Path(tmp) / "img", n=256, seed=0)
+        vid = make_corpus(Path(tmp) / "vid", modality="video", n=96, seed=1)
+        tok = load_token_info(str(img / "tokenizer"))
+        pre = PreprocessConfig.build(base.model, base.data, tok.pad_id, train=False)
+        pools = []
+        for d, media in ((img, "image"), (vid, "frames")):
+            tab = pq.read_table(d / "data")
+            cols = {k: tab[k].to_numpy(zero_copy_only=False) for k in ("sample_id", media, "input_ids")}
+            pools.append({k: torch.as_tensor(v) for k, v in preprocess_batch(cols, pre).items()})
+    history: dict[str, dict[str, list[float]]] = {}
+    for name, weights in CURVES.items():
+        obj = base.objectives
+        obj = dataclasses.replace(
+            obj, mlm=dataclasses.replace(obj.mlm, weight=weights.get("mlm", 0.0)),
+            fusion_mlm=dataclasses.replace(obj.fusion_mlm, weight=weights.get("fusion_mlm", 0.0)),
+            mim=dataclasses.replace(obj.mim, weight=weights.get("mim", 0.0)),
+            itm=dataclasses.replace(obj.itm, weight=weights.get("itm", 0.0)))
+        torch.manual_seed(0)
+        model = build_model(base.model, tok.vocab_size)
+        module = ObjectiveSet(model, build_objectives(obj, model, tok))
+        opt = build_optimizer(module, base.optim)
+        sched = build_scheduler(opt, base.optim, steps)
+        params = [p for p in module.parameters() if p.requires_grad]
+        scaler = torch.amp.GradScaler("cpu", enabled=False)
+        rng = np.random.default_rng(0)
+        hist: dict[str, list[float]] = {}
+        for step in range(steps):
+            pool = pools[0] if rng.random() < 0.7 else pools[1]
+            idx = torch.as_tensor(rng.choice(len(pool["input_ids"]), batch, replace=False))
+            torch.manual_seed(step)
+            m, _, _ = train_step(module, opt, scaler, [trim_padding({k: v[idx] for k, v in pool.items()})],
+                                 base.train, None, params)
+            sched.step()
+            for k, v in m.items():
+                if k.startswith("loss/"):
+                    hist.setdefault(k[5:], []).append(float(v))
+        history[name] = hist
+        print(f"curves: {name} done", file=sys.stderr, flush=True)
+
+    def smooth(x, k=10):
+        return np.convolve(x, np.ones(k) / k, mode="valid")
+
+    fig, axes = plt.subplots(1, 2, figsize=(12, 4.2))
+    for name, hist in history.items():
+        axes[0].plot(smooth(hist["contrastive"]), label=name)
+    axes[0].set(title="ITC/VTC loss, objectives added to contrastive", xlabel="step", ylabel="loss (10-step mean)")
+    axes[0].legend()
+    for k, v in history["all"].items():
+        axes[1].plot(smooth(v) / v[0], label=k)
+    axes[1].set(title="all objectives: each loss / its first value", xlabel="step")
+    axes[1].legend()
+    fig.tight_layout()
+    fig.savefig(out_png, dpi=90)
+
+    def first_last(v):
+        return [round(float(np.mean(v[:10])), 3), round(float(np.mean(v[-10:])), 3)]
+
+    return {"curves_png": out_png, "curves_steps": steps,
+            "curves_first10_last10_mean": {n: {k: first_last(v) for k, v in h.items()} for n, h in history.items()}}
+
+
 # -- MFU (GPU) ---------------------------------------------------------------------------------------
 def mfu(peak_tflops: float, batch: int, steps: int) -> dict:
     from torch.utils.flop_counter import FlopCounterMode
@@ -224,21 +324,7 @@ def mfu(peak_tflops: float, batch: int, steps: int) -> dict:
             "mfu": round(flops / dt / (peak_tflops * 1e12), 4)}
 
 
-def main() -> None:
-    ap = argparse.ArgumentParser()
-    ap.add_argument("--steps", type=int, default=15)
-    ap.add_argument("--batch", type=int, default=32)
-    ap.add_argument("--image-px", type=int, default=64)
-    ap.add_argument("--repeats", type=int, default=3)
-    ap.add_argument("--threads", type=int, default=2)
-    ap.add_argument("--ray-feed", action="store_true")
-    ap.add_argument("--ray-steps", type=int, default=120)
-    ap.add_argument("--mfu", action="store_true")
-    ap.add_argument("--peak-tflops", type=float, default=989.0, help="dense bf16 peak (H100/H200 SXM: 989)")
-    a = ap.parse_args()
-    torch.set_num_threads(a.threads)
-    device = "cuda" if torch.cuda.is_available() else "cpu"
-    amp = torch.bfloat16 if device == "cuda" else None
+def throughput(a, device: str, amp) -> dict:
     batches = make_batches(a.steps, a.batch, a.image_px)
     if device == "cuda":
         batches = [{k: v.cuda() for k, v in b.items()} for b in batches]
@@ -258,15 +344,39 @@ def main() -> None:
                                                      ("openclip", t_theirs))}
     import open_clip
 
-    out = {"device": device, "threads": a.threads, "steps": a.steps, "batch": a.batch, "image_px": a.image_px,
-           "repeats": a.repeats, "open_clip_version": open_clip.__version__, "torch": torch.__version__,
+    return {"steps": a.steps, "batch": a.batch, "image_px": a.image_px,
+           "repeats": a.repeats, "open_clip_version": open_clip.__version__,
            "samples_per_s": {k: round(v, 1) for k, v in sps.items()},
            "ratio_ours_over_openclip": round(sps["ours"] / sps["openclip"], 3),
            "ratio_ours_full_context_over_openclip": round(sps["ours_full_context"] / sps["openclip"], 3),
            "params": {"ours": sum(p.numel() for p in ours[0].model.parameters()),
                       "openclip": sum(p.numel() for p in theirs[0].parameters())}}
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--steps", type=int, default=15)
+    ap.add_argument("--batch", type=int, default=32)
+    ap.add_argument("--image-px", type=int, default=64)
+    ap.add_argument("--repeats", type=int, default=3)
+    ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--ray-feed", action="store_true")
+    ap.add_argument("--ray-steps", type=int, default=120)
+    ap.add_argument("--curves", metavar="PNG", help="also train with each objective on/off and plot")
+    ap.add_argument("--curve-steps", type=int, default=150)
+    ap.add_argument("--mfu", action="store_true")
+    ap.add_argument("--peak-tflops", type=float, default=989.0, help="dense bf16 peak (H100/H200 SXM: 989)")
+    a = ap.parse_args()
+    torch.set_num_threads(a.threads)
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    amp = torch.bfloat16 if device == "cuda" else None
+    out: dict = {"device": device, "threads": a.threads, "torch": torch.__version__}
+    if a.steps > 0:  # --steps 0: skip the OpenCLIP comparison
+        out.update(throughput(a, device, amp))
     if a.ray_feed:
         out.update(ray_feed(a.ray_steps))
+    if a.curves:
+        out.update(curves(a.curves, a.curve_steps, batch=16))
     if a.mfu:
         out.update(mfu(a.peak_tflops, batch=128, steps=10) if device == "cuda" else {"mfu": "no GPU here"})
     print(json.dumps(out, indent=2))
