@@ -1,7 +1,8 @@
 """Hostile and broken input: no crash, no hang, every input accounted for, nothing written outside --out.
 
-    .venv/bin/pytest tests/test_hostile_inputs.py -q            # property tests + one hostile curate run
-    .venv/bin/pytest tests/test_hostile_inputs.py -q -m slow    # the long fuzz runs (more examples, video)
+    .venv/bin/pytest tests/test_hostile_inputs.py -q            # property tests (no Ray), ~25 s
+    .venv/bin/pytest tests/test_hostile_inputs.py -q -m slow    # one `mm curate` over every hostile class,
+                                                                # the long MP4 fuzz run
 
 Base media are real (demo-corpus pictures through Pillow, demo videos through PyAV); the
 damage is generated in tests/hostile.py. Property tests (hypothesis, derandomized so CI is
@@ -312,6 +313,7 @@ def _outcomes(out: Path) -> dict[tuple[str, str], str]:
     return got
 
 
+@pytest.mark.slow  # one full `mm curate` on Ray: ~45-180 s on the shared 2-core machine
 def test_hostile_corpus_curates_with_every_input_accounted_and_nothing_outside_out(ray_session, tmp_path, monkeypatch):
     from jobs.curate import main
 
