@@ -77,7 +77,7 @@ class VideoConfig:
     max_side_px: int = 8192
     max_aspect_ratio: float = 6.0
     max_duration_s: float = 6 * 3600.0
-    seek_gap_s: float = 2.0  # seek when the next sample is further ahead than this; else decode on
+    seek_gap_s: float = 5.0  # seek only past this gap (and past the GOP seen so far); else decode on
     decode_threads: int = 1  # FFmpeg threads per decode; Ray gives each task one CPU
     videos_per_task: int = 1  # inputs per process batch: videos are slow, spread them over the cores
 
@@ -224,12 +224,14 @@ def iter_frames_at(container, stream, times_s: list[float], probe: VideoProbe, s
     either decodes forward or seeks to the key frame before the next target: with the key frame
     times known (``keyframes_s``, seen by ``detect_shots``) it seeks exactly when that key frame
     lies past the current position; otherwise when the target is more than ``seek_gap_s``
-    ahead. One decoded frame is held at a time. Raises ``VideoReject("truncated")`` when the
+    ahead and further than the current group of pictures is long already (no key frame was
+    seen since ``last_kf``, so a seek would most likely land behind the current position). One decoded frame is held at a time. Raises ``VideoReject("truncated")`` when the
     stream ends before a target inside the declared duration.
     """
     half_frame = 0.5 / probe.fps if probe.fps else 0.02
     frames = None
     cur: tuple[float, av.VideoFrame] | None = None
+    last_kf = 0.0
     for t in times_s:
         if frames is None or cur is None:
             jump = True
@@ -237,9 +239,11 @@ def iter_frames_at(container, stream, times_s: list[float], probe: VideoProbe, s
             i = bisect.bisect_right(keyframes_s, t + half_frame) - 1
             jump = i >= 0 and keyframes_s[i] > cur[0] + half_frame
         else:
-            jump = t - cur[0] > seek_gap_s
+            jump = t - cur[0] > max(seek_gap_s, cur[0] - last_kf)
         if jump:
             frames, cur = _seek_near(container, stream, t, probe, half_frame)
+            if cur is not None and cur[1].key_frame:
+                last_kf = cur[0]
         while cur is None or cur[0] < t - half_frame:
             nxt, error = _pull(frames, cur, half_frame, probe.start_s, t)
             if nxt is None:
@@ -250,6 +254,8 @@ def iter_frames_at(container, stream, times_s: list[float], probe: VideoProbe, s
                 raise VideoReject("truncated", f"stream ends before {t:.2f} s (last frame {last} s, "
                                                f"declared {probe.duration_s:.2f} s){error}")
             cur = nxt
+            if cur[1].key_frame:
+                last_kf = cur[0]
         yield cur
 
 
