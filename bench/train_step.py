@@ -285,6 +285,27 @@ def curves(out_png: str, steps: int, batch: int) -> dict:
             "curves_first10_last10_mean": {n: {k: first_last(v) for k, v in h.items()} for n, h in history.items()}}
 
 
+def plot_metrics(metrics_path: str, out_png: str) -> dict:
+    """Per-objective loss curves of a run's metrics.jsonl (e.g. a configs/pretrain_full.yaml run)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    from mm.train import read_metrics
+
+    lines = read_metrics(metrics_path)
+    keys = sorted({k for m in lines for k in m if k.startswith("loss/")})
+    fig, ax = plt.subplots(figsize=(7, 4))
+    for k in keys:
+        ax.plot([m["step"] for m in lines], [m[k] for m in lines], marker="o", label=k[5:])
+    ax.set(xlabel="step", ylabel="loss (mean of 2 workers, per log window)", title=Path(metrics_path).parent.name)
+    ax.legend()
+    fig.tight_layout()
+    fig.savefig(out_png, dpi=90)
+    return {"plot": out_png, "first_last": {k[5:]: [round(lines[0][k], 3), round(lines[-1][k], 3)] for k in keys}}
+
+
 # -- MFU (GPU) ---------------------------------------------------------------------------------------
 def mfu(peak_tflops: float, batch: int, steps: int) -> dict:
     from torch.utils.flop_counter import FlopCounterMode
@@ -364,6 +385,8 @@ def main() -> None:
     ap.add_argument("--ray-steps", type=int, default=120)
     ap.add_argument("--curves", metavar="PNG", help="also train with each objective on/off and plot")
     ap.add_argument("--curve-steps", type=int, default=150)
+    ap.add_argument("--plot-metrics", nargs=2, metavar=("METRICS_JSONL", "PNG"),
+                    help="plot a run's per-objective losses")
     ap.add_argument("--mfu", action="store_true")
     ap.add_argument("--peak-tflops", type=float, default=989.0, help="dense bf16 peak (H100/H200 SXM: 989)")
     a = ap.parse_args()
@@ -375,6 +398,8 @@ def main() -> None:
         out.update(throughput(a, device, amp))
     if a.ray_feed:
         out.update(ray_feed(a.ray_steps))
+    if a.plot_metrics:
+        out.update(plot_metrics(*a.plot_metrics))
     if a.curves:
         out.update(curves(a.curves, a.curve_steps, batch=16))
     if a.mfu:
