@@ -139,6 +139,11 @@ def _coerce(tp: Any, value: Any, key: str) -> Any:
             raise ConfigError(f"bad value {value!r} for '{key}'; expected an integer")
         return value
     if tp is float:
+        if isinstance(value, str):  # YAML 1.1 reads 2e-3 (no dot in the mantissa) as a string
+            try:
+                return float(value)
+            except ValueError:
+                pass
         if isinstance(value, bool) or not isinstance(value, (int, float)):
             raise ConfigError(f"bad value {value!r} for '{key}'; expected a number")
         return float(value)
