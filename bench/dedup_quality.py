@@ -16,9 +16,11 @@ defaults), then ``dedup.find_duplicates_local`` with the default config; pairs a
   drop_precision = dropped rows whose keeper shares their origin / dropped rows
 Targets: recall >= 0.95 at precision >= 0.99. A sweep over ``max_hamming`` shows the trade-off.
 
-Scaling. Random 64-bit hashes plus 5% planted copies 1-6 bits away, deduplicated through the
-Ray Data path (``local_max_rows=0``: band rows grouped with groupby + map_groups) on a local
-Ray; prints seconds per size and the ratio time(10n)/time(n) (target <= 12).
+Scaling. Random 64-bit hashes plus 5% planted copies 1-6 bits away, deduplicated by the same
+shard functions in one process (``--scale-mode local``, the algorithm's cost) or through the Ray
+Data path (``--scale-mode ray``: band rows grouped with groupby + map_groups on a local Ray);
+prints seconds per size and the ratio time(10n)/time(n) (target <= 12).
+``--skip-quality`` runs the scaling part only.
 """
 
 from __future__ import annotations
@@ -215,12 +217,15 @@ def per_transform_recall(table: pa.Table, drops: pa.Table, origin: dict) -> dict
     return {k: round(a / b, 4) for k, (a, b) in sorted(out.items())}
 
 
-def scaling(sizes: list[int], seed: int) -> list[dict]:
-    import ray
+def scaling(sizes: list[int], seed: int, mode: str) -> list[dict]:
+    """Dedup time for random hashes + 5% planted copies; ``mode`` "local" runs the shard
+    functions in this process (the algorithm's cost), "ray" the Ray Data groupby path."""
+    if mode == "ray":
+        import ray
 
-    from jobs.runtime import init_ray
+        from jobs.runtime import init_ray
 
-    init_ray(None)
+        init_ray(None)
     results = []
     cfg = DedupConfig(local_max_rows=0)
     for n in sizes:
@@ -238,14 +243,18 @@ def scaling(sizes: list[int], seed: int) -> list[dict]:
         ids = [make_sample_id("scale", k) for k in keys]
         t = pa.table({"row_id": ids, "sample_id": ids, "source": ["s"] * len(ids), "key": keys,
                       "caption": [""] * len(ids), "content_hash": ids,
-                      "hashes": pa.array([[int(h)] for h in hashes], pa.list_(pa.int64())),
+                      "hashes": pa.array(hashes.reshape(-1, 1).tolist(), pa.list_(pa.int64())),
                       "area": pa.array(np.full(len(ids), 100), pa.int64())})
-        ds = ray.data.from_arrow(t).repartition(max(2, len(ids) // 50_000)).materialize()
-        t0 = time.perf_counter()
-        drops = find_duplicates(ds, cfg)
+        if mode == "ray":
+            ds = ray.data.from_arrow(t).repartition(max(2, len(ids) // 50_000)).materialize()
+            t0 = time.perf_counter()
+            drops = find_duplicates(ds, cfg)
+        else:
+            t0 = time.perf_counter()
+            drops = find_duplicates_local(t, cfg)
         dt = time.perf_counter() - t0
-        results.append({"hashes": len(ids), "seconds": round(dt, 2), "dropped": drops.num_rows,
-                        "planted_copies": int(n_copy)})
+        results.append({"mode": mode, "hashes": len(ids), "seconds": round(dt, 2), "dropped": drops.num_rows,
+                        "planted_copies": int(n_copy), "load_avg_1m": round(os.getloadavg()[0], 1)})
         print(json.dumps(results[-1]), file=sys.stderr)
     for prev, cur in zip(results, results[1:]):
         cur["time_ratio_vs_prev"] = round(cur["seconds"] / prev["seconds"], 2)
@@ -257,7 +266,13 @@ def main() -> None:
     ap.add_argument("--emoji", type=int, default=1000)
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--scale", default="10000,100000,1000000", help="comma-separated sizes; empty to skip")
+    ap.add_argument("--scale-mode", choices=("local", "ray"), default="local")
+    ap.add_argument("--skip-quality", action="store_true")
     args = ap.parse_args()
+    sizes = [int(x) for x in args.scale.split(",") if x.strip()]
+    if args.skip_quality:
+        print(json.dumps({"bench": "dedup_scaling", "scaling": scaling(sizes, args.seed, args.scale_mode)}, indent=2))
+        return
     t0 = time.time()
     table, info = build_rows(args.seed, args.emoji)
     kinds = info["kinds"]
@@ -278,9 +293,8 @@ def main() -> None:
     d = find_duplicates_local(table, exact)
     result["lsh_loss_check"] = {"bands": 64, "band_bits": 4, **score(table, d, info["origin"])}
     result["targets"] = {"recall": 0.95, "precision": 0.99}
-    sizes = [int(s) for s in args.scale.split(",") if s.strip()]
     if sizes:
-        result["scaling"] = scaling(sizes, args.seed)
+        result["scaling"] = scaling(sizes, args.seed, args.scale_mode)
     print(json.dumps(result, indent=2))
 
 

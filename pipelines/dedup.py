@@ -85,37 +85,55 @@ class DedupConfig:
 
 
 # --------------------------------------------------------------------------- keeper rule
-def keeper_order(t: pa.Table) -> np.ndarray:
-    """Row indices of ``t`` sorted best-first by the keeper rule."""
-    prio = t.column("priority").to_numpy() if "priority" in t.column_names else np.zeros(t.num_rows)
-    area = t.column("area").to_numpy(zero_copy_only=False).astype(np.int64)
-    order = pc.binary_join_element_wise(t.column("source"), t.column("key"), "\x00").to_pylist()
-    sid = t.column("sample_id").to_pylist()
-    return np.array(sorted(range(t.num_rows), key=lambda i: (prio[i], -area[i], order[i], sid[i])), dtype=np.int64)
+def keeper_order(t: pa.Table, first: str | None = None) -> np.ndarray:
+    """Row indices of ``t`` sorted best-first by the keeper rule (after column ``first``, if given)."""
+    prio = t.column("priority") if "priority" in t.column_names else pa.nulls(t.num_rows, pa.int64()).fill_null(0)
+    keys = pa.table({
+        "first": t.column(first) if first else pa.nulls(t.num_rows, pa.int8()).fill_null(0),
+        "prio": prio, "neg_area": pc.negate(t.column("area").cast(pa.int64())),
+        "order": pc.binary_join_element_wise(t.column("source"), t.column("key"), "\x00"),
+        "sample_id": t.column("sample_id")})
+    return pc.sort_indices(keys, sort_keys=[(c, "ascending") for c in keys.column_names]).to_numpy()
 
 
-def row_hash64(row_ids: pa.Array | list[str]) -> np.ndarray:
+def row_hash64(row_ids: pa.Array | pa.ChunkedArray | list[str]) -> np.ndarray:
     """A 64-bit int per row id (row ids are hex BLAKE2b digests: their first 16 hex digits)."""
-    ids = row_ids.to_pylist() if hasattr(row_ids, "to_pylist") else row_ids
-    return np.array([int(r[:16], 16) for r in ids], dtype=np.uint64).view(np.int64)
+    if isinstance(row_ids, list):
+        row_ids = pa.array(row_ids, pa.string())
+    if isinstance(row_ids, pa.ChunkedArray):
+        row_ids = row_ids.combine_chunks()
+    if len(row_ids) == 0:
+        return np.zeros(0, np.int64)
+    head = pc.utf8_slice_codeunits(row_ids.cast(pa.string()), 0, 16)
+    offsets = np.frombuffer(head.buffers()[1], np.int32)[head.offset:head.offset + len(head) + 1]
+    if not (np.diff(offsets) == 16).all():  # not all hex digests: decode one by one
+        return np.array([int(r[:16], 16) for r in row_ids.to_pylist()], dtype=np.uint64).view(np.int64)
+    raw = np.frombuffer(head.buffers()[2], np.uint8)[offsets[0]:offsets[-1]].reshape(-1, 16)
+    digits = _HEX[raw].astype(np.uint64)
+    value = np.zeros(len(raw), np.uint64)
+    for k in range(16):
+        value = (value << np.uint64(4)) | digits[:, k]
+    return value.view(np.int64)
 
 
-# --------------------------------------------------------------------------- exact
+_HEX = np.zeros(256, np.uint8)
+_HEX[np.frombuffer(b"0123456789", np.uint8)] = np.arange(10)
+_HEX[np.frombuffer(b"abcdef", np.uint8)] = np.arange(10, 16)
+_HEX[np.frombuffer(b"ABCDEF", np.uint8)] = np.arange(10, 16)
+
+
 def exact_groups(t: pa.Table, key: str) -> pa.Table:
     """Within one shard: every row of a ``key`` group but the keeper → (row_id, duplicate, keeper)."""
     if t.num_rows == 0:
         return DROP_SCHEMA.empty_table()
-    t = t.take(pa.array(keeper_order(t)))
-    keys = t.column(key).to_pylist()
-    first: dict[str, int] = {}
-    rows, keepers = [], []
-    ids, sids = t.column("row_id").to_pylist(), t.column("sample_id").to_pylist()
-    for i, k in enumerate(keys):
-        j = first.setdefault(k, i)
-        if j != i:
-            rows.append(ids[i])
-            keepers.append(sids[j])
-    return pa.table({"row_id": rows, "reason": ["duplicate"] * len(rows), "keeper": keepers}, schema=DROP_SCHEMA)
+    t = t.take(pa.array(keeper_order(t, first=key)))
+    codes = pc.dictionary_encode(t.column(key)).combine_chunks().indices.to_numpy(zero_copy_only=False)
+    starts = np.r_[True, codes[1:] != codes[:-1]]
+    run_start = np.maximum.accumulate(np.where(starts, np.arange(len(codes)), 0))
+    dup = np.flatnonzero(~starts)
+    return pa.table({"row_id": t.column("row_id").take(pa.array(dup)),
+                     "reason": pa.array(["duplicate"] * len(dup), pa.string()),
+                     "keeper": t.column("sample_id").take(pa.array(run_start[dup]))}, schema=DROP_SCHEMA)
 
 
 # --------------------------------------------------------------------------- LSH banding
@@ -143,17 +161,20 @@ def band_keys(m: np.ndarray, lengths: np.ndarray, positions: np.ndarray) -> tupl
     length, the position in the list, the band number and the band's bit values."""
     n, width = m.shape
     bands, bits = positions.shape
+    one = np.uint64(1)
     out_rows, out_keys = [], []
-    weights = (np.uint64(1) << np.arange(bits, dtype=np.uint64))
     for p in range(width):
         valid = np.nonzero(lengths > p)[0]
         if len(valid) == 0:
             continue
         h = m[valid, p]
-        bitsel = (h[:, None, None] >> positions[None].astype(np.uint64)) & np.uint64(1)  # (n, bands, bits)
-        values = (bitsel * weights).sum(axis=2, dtype=np.uint64)                          # (n, bands)
         head = (lengths[valid].astype(np.uint64) << np.uint64(56)) | (np.uint64(p) << np.uint64(48))
-        keys = head[:, None] | (np.arange(bands, dtype=np.uint64)[None] << np.uint64(40)) | values
+        keys = np.empty((len(valid), bands), dtype=np.uint64)
+        for j in range(bands):  # bands x bits vector ops over n rows: no (n, bands, bits) tensor
+            v = head | (np.uint64(j) << np.uint64(40))
+            for k, pos in enumerate(positions[j]):
+                v |= ((h >> np.uint64(pos)) & one) << np.uint64(k)
+            keys[:, j] = v
         out_rows.append(np.repeat(valid, bands))
         out_keys.append(keys.ravel().view(np.int64))
     if not out_rows:
@@ -376,7 +397,12 @@ def find_duplicates_local(table: pa.Table, cfg: DedupConfig) -> pa.Table:
         drops.append(exact)
         table = _without(table, exact.column("row_id"))
     for make, edges_fn in _near_stages(cfg):
-        graph = _union(edges_fn(make(table, cfg), cfg))
+        bands = make(table, cfg)
+        bands = bands.take(pc.sort_indices(bands, [("shard", "ascending")]))
+        shard = bands.column("shard").to_numpy()
+        bounds = np.flatnonzero(np.r_[True, shard[1:] != shard[:-1], True])
+        edges = [edges_fn(bands.slice(lo, hi - lo), cfg) for lo, hi in zip(bounds[:-1], bounds[1:])]
+        graph = _union(pa.concat_tables(edges) if edges else _EDGE_SCHEMA.empty_table())
         near = component_drops(_rows_with_rid(table, pa.array(list(graph[1]), pa.int64())), graph)
         drops.append(near)
         table = _without(table, near.column("row_id"))

@@ -234,3 +234,58 @@ def test_demo_corpus_planted_faults(ray_session, tmp_path):
     near = [r for r in rej.values() if r["reason"] == "near_duplicate"]
     planted_near = {k for kind in ("near_duplicates", "exact_duplicates") for p in planted[kind] for k in p}
     assert all(r["key"] in planted_near for r in near), "a clean distinct sample was dropped as a near duplicate"
+
+
+class _ImageServer:
+    """Serves good, 404, opted-out, truncated and redirecting images on 127.0.0.1."""
+
+    def __init__(self):
+        import http.server
+        import threading
+
+        images = {f"/img{i}.jpg": encode(photo(900 + i)) for i in range(5)}
+
+        class Handler(http.server.BaseHTTPRequestHandler):
+            def log_message(self, *args):
+                pass
+
+            def do_GET(self):  # noqa: N802
+                body, code, headers = images.get(self.path, b""), 200, {}
+                if self.path == "/missing.jpg":
+                    code = 404
+                elif self.path == "/noai.jpg":
+                    body, headers = images["/img0.jpg"], {"X-Robots-Tag": "noimageai"}
+                elif self.path == "/redirect.jpg":
+                    code, headers = 301, {"Location": "/img1.jpg"}
+                elif self.path == "/truncated.jpg":
+                    body, headers = images["/img2.jpg"][:200], {"Content-Length": str(len(images["/img2.jpg"]))}
+                self.send_response(code)
+                headers.setdefault("Content-Length", str(len(body)))
+                for k, v in headers.items():
+                    self.send_header(k, v)
+                self.end_headers()
+                self.wfile.write(body)
+                self.close_connection = True
+
+        self.server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        threading.Thread(target=self.server.serve_forever, daemon=True).start()
+        self.url = f"http://127.0.0.1:{self.server.server_address[1]}"
+
+
+def test_url_manifest_downloaded_in_the_plan(ray_session, tmp_path):
+    srv = _ImageServer()
+    names = ["img0", "img3", "img4", "missing", "noai", "redirect", "truncated"]
+    lines = ["url,caption"] + [f"{srv.url}/{n}.jpg,a downloaded picture called {n}" for n in names]
+    (tmp_path / "urls.csv").write_text("\n".join(lines) + "\n")
+    out = tmp_path / "out"
+    try:
+        assert main([str(tmp_path / "urls.csv"), "--out", str(out), "--set", "sources.download_timeout_s=5",
+                     "--set", "sources.download_retries=0", "--set", "tokenizer.vocab_size=100"]) == 0
+    finally:
+        srv.server.shutdown()
+    data, rejects, stats = read_out(out)
+    kept = {int(k) for k in data.column("key").to_pylist()}
+    reasons = {int(r["key"]): r["reason"] for r in rejects.to_pylist()}
+    assert kept == {0, 1, 2, 5}
+    assert reasons == {3: "http_error", 4: "opt_out", 6: "download_truncated"}
+    assert stats["invariant_ok"] is True
