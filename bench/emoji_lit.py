@@ -160,12 +160,12 @@ def main(argv=None) -> int:
     from mm import metrics as M
 
     t0 = time.time()
-    init_ray()
+    init_ray(no_progress_timeout_s=3600)  # one CNN batch can take minutes on a busy CPU
     cache = Path(args.features_cache) if args.features_cache else None
     if cache is not None and cache.is_file():
         f = dict(np.load(cache))
     else:
-        f = frozen_features(args.data, args.image_px, 64)
+        f = frozen_features(args.data, args.image_px, 16)
         if cache is not None:
             np.savez(cache, **f)
     t_feat = time.time() - t0
