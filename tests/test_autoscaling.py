@@ -83,12 +83,13 @@ def _nodes(address: str) -> list[dict]:
     import sys
 
     code = (f"import json, ray; ray.init(address={address!r}, logging_level='ERROR', log_to_driver=False);"
-            "print(json.dumps([{'id': n['NodeID'], 'res': n['Resources'], 'labels': n.get('Labels', {})}"
+            "print('NODES=' + json.dumps([{'id': n['NodeID'], 'res': n['Resources'], 'labels': n.get('Labels', {})}"
             " for n in ray.nodes() if n['Alive']]))")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60,
                          env={**__import__("os").environ, "RAY_AUTH_MODE": "disabled"})
     assert out.returncode == 0, out.stderr[-2000:]
-    return json.loads(out.stdout.strip().splitlines()[-1])
+    # Ray may print autoscaler events to the driver's stdout too: take the marked line.
+    return json.loads(next(line for line in out.stdout.splitlines() if line.startswith("NODES="))[6:])
 
 
 def _kind(node: dict) -> str:
@@ -107,7 +108,9 @@ def test_curation_job_scales_cpu_workers_up_then_down(tmp_path):
     head_cpus = yaml.safe_load((ROOT / "cluster.yaml").read_text())["available_node_types"]["ray.head.default"][
         "resources"]["CPU"]
     cluster = LocalCluster(num_cpus=head_cpus, env={"RAY_FAKE_CLUSTER": "1", "AUTOSCALER_UPDATE_INTERVAL_S": "1"})
-    cluster.autoscaling_config = fake_config(cluster.gcs_address)
+    # Two CPU workers: with one, the job's tasks outgrow it and the autoscaler brings up gpu_train
+    # for their CPUs (seen), which is why curation tasks should also carry the curation resource.
+    cluster.autoscaling_config = fake_config(cluster.gcs_address, max_cpu_workers=2)
     cluster.start()
     try:
         assert [_kind(n) for n in _nodes(cluster.gcs_address)] == ["head"]
