@@ -267,8 +267,10 @@ def _main(args: argparse.Namespace) -> int:
         return 1
     for name, s in summary["stages"].items():
         print(f"{name:9s} {s['action']:7s} {s['out']}" + (f"  ({s['seconds']} s)" if "seconds" in s else ""))
-    print(json.dumps({"out_root": summary["out_root"], "eval": os.path.join(summary["out_root"], "evaluate",
-                                                                            "eval.json")}))
+    result = {"out_root": summary["out_root"]}
+    if "evaluate" in summary["stages"]:
+        result["eval"] = os.path.join(summary["out_root"], "evaluate", "eval.json")
+    print(json.dumps(result))
     return 0
 
 

@@ -122,3 +122,35 @@ def test_chain_lineage_skip_force_and_resume(tmp_path, ray_session, capsys):
     assert P.main([*base, "--force", "evaluate"]) == 0
     summary = json.loads((out / "pipeline.json").read_text())["stages"]
     assert [summary[s]["action"] for s in P.STAGES] == ["skip", "skip", "skip", "fresh"]
+
+
+@pytest.mark.cluster
+@pytest.mark.timeout(600)
+def test_jobs_mode_runs_each_stage_as_a_ray_job(tmp_path):
+    """mode: jobs against a real `ray start` cluster: the curate stage becomes a Ray job, its output
+    is stamped, and a rerun skips it without submitting anything."""
+    from ray.job_submission import JobStatus
+    from test_job_submit import LocalCluster
+
+    from pipelines.demo_corpus import generate_demo_corpus
+
+    demo = generate_demo_corpus(tmp_path / "demo", n_images=20, n_videos=2, seed=6)
+    cluster = LocalCluster(num_cpus=2).start()
+    try:
+        argv = ["--config", str(ROOT / "configs" / "pipeline.yaml"), "--set", f"out_root={tmp_path / 'out'}",
+                "--set", f"curate.sources=[{demo['image_sources'][0]}]", "--set", "stages=[curate]",
+                "--set", "mode=jobs", "--set", f"jobs.address={cluster.dashboard_url}",
+                "--set", f"jobs.working_dir={ROOT}", "--set", "jobs.poll_interval_s=1"]
+        assert P.main(argv) == 0
+        summary = json.loads((tmp_path / "out" / "pipeline.json").read_text())["stages"]["curate"]
+        client = cluster.client()
+        assert client.get_job_status(summary["job_id"]) == JobStatus.SUCCEEDED
+        assert client.get_job_info(summary["job_id"]).entrypoint.startswith("python -m jobs.curate ")
+        lin = L.read_manifest(tmp_path / "out" / "corpus")["lineage"]
+        assert lin["stage"] == "curate" and json.loads((tmp_path / "out" / "corpus" / "stats.json").read_text())["kept"]
+        jobs_before = len(client.list_jobs())
+        assert P.main(argv) == 0
+        assert json.loads((tmp_path / "out" / "pipeline.json").read_text())["stages"]["curate"]["action"] == "skip"
+        assert len(client.list_jobs()) == jobs_before
+    finally:
+        cluster.stop()
