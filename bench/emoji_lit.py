@@ -104,6 +104,19 @@ def frozen_features(data: str, image_px: int, batch_rows: int) -> dict[str, np.n
     return {k: v[order] for k, v in cols.items()}
 
 
+def load_cache(path: Path, data: str) -> dict[str, np.ndarray]:
+    """Cached features (sorted by sample_id); ids and splits re-read from the corpus, never unpickled."""
+    import pyarrow.parquet as pq
+
+    z = np.load(path, allow_pickle=False)
+    t = pq.read_table(Path(data) / "data", columns=["sample_id", "split"]).sort_by("sample_id")
+    f = {"image_feat": z["image_feat"], "text_feat": z["text_feat"],
+         "sample_id": np.asarray(t["sample_id"].to_pylist()), "split": np.asarray(t["split"].to_pylist())}
+    if len(f["sample_id"]) != len(f["image_feat"]):
+        raise SystemExit(f"{path} does not match {data}; delete it to recompute")
+    return f
+
+
 def train_heads(img: np.ndarray, txt: np.ndarray, dim: int, steps: int, batch: int, lr: float, seed: int,
                 weight_decay: float = 0.05):
     """Two linear projections + temperature on locked features, CLIP loss (mm.losses.clip_loss)."""
@@ -163,11 +176,11 @@ def main(argv=None) -> int:
     init_ray(no_progress_timeout_s=3600)  # one CNN batch can take minutes on a busy CPU
     cache = Path(args.features_cache) if args.features_cache else None
     if cache is not None and cache.is_file():
-        f = dict(np.load(cache))
+        f = load_cache(cache, args.data)
     else:
         f = frozen_features(args.data, args.image_px, 16)
-        if cache is not None:
-            np.savez(cache, **f)
+        if cache is not None:  # string columns as unicode arrays: the cache never needs unpickling
+            np.savez(cache, **{k: v.astype(str) if v.dtype == object else v for k, v in f.items()})
     t_feat = time.time() - t0
     train, val = f["split"] == "train", f["split"] == "val"
     embed, losses = train_heads(f["image_feat"][train], f["text_feat"][train], args.dim, args.steps, args.batch,
