@@ -217,7 +217,7 @@ def per_transform_recall(table: pa.Table, drops: pa.Table, origin: dict) -> dict
     return {k: round(a / b, 4) for k, (a, b) in sorted(out.items())}
 
 
-def scaling(sizes: list[int], seed: int, mode: str) -> list[dict]:
+def scaling(sizes: list[int], seed: int, mode: str, bands: int | None = None, band_bits: int | None = None) -> list[dict]:
     """Dedup time for random hashes + 5% planted copies; ``mode`` "local" runs the shard
     functions in this process (the algorithm's cost), "ray" the Ray Data groupby path."""
     if mode == "ray":
@@ -228,6 +228,8 @@ def scaling(sizes: list[int], seed: int, mode: str) -> list[dict]:
         init_ray(None)
     results = []
     cfg = DedupConfig(local_max_rows=0)
+    if bands or band_bits:
+        cfg = DedupConfig(local_max_rows=0, lsh_bands=bands or cfg.lsh_bands, lsh_band_bits=band_bits or cfg.lsh_band_bits)
     for n in sizes:
         rng = np.random.default_rng(seed)
         base = rng.integers(-(1 << 63), (1 << 63) - 1, n, dtype=np.int64)
@@ -253,7 +255,7 @@ def scaling(sizes: list[int], seed: int, mode: str) -> list[dict]:
             t0 = time.perf_counter()
             drops = find_duplicates_local(t, cfg)
         dt = time.perf_counter() - t0
-        results.append({"mode": mode, "hashes": len(ids), "seconds": round(dt, 2), "dropped": drops.num_rows,
+        results.append({"mode": mode, "lsh_bands": cfg.lsh_bands, "lsh_band_bits": cfg.lsh_band_bits, "hashes": len(ids), "seconds": round(dt, 2), "dropped": drops.num_rows,
                         "planted_copies": int(n_copy), "load_avg_1m": round(os.getloadavg()[0], 1)})
         print(json.dumps(results[-1]), file=sys.stderr)
     for prev, cur in zip(results, results[1:]):
@@ -268,10 +270,13 @@ def main() -> None:
     ap.add_argument("--scale", default="10000,100000,1000000", help="comma-separated sizes; empty to skip")
     ap.add_argument("--scale-mode", choices=("local", "ray"), default="local")
     ap.add_argument("--skip-quality", action="store_true")
+    ap.add_argument("--lsh-bands", type=int, default=None, help="scaling only: override dedup.lsh_bands")
+    ap.add_argument("--lsh-band-bits", type=int, default=None, help="scaling only: override dedup.lsh_band_bits")
     args = ap.parse_args()
     sizes = [int(x) for x in args.scale.split(",") if x.strip()]
     if args.skip_quality:
-        print(json.dumps({"bench": "dedup_scaling", "scaling": scaling(sizes, args.seed, args.scale_mode)}, indent=2))
+        print(json.dumps({"bench": "dedup_scaling", "scaling": scaling(sizes, args.seed, args.scale_mode,
+                                                                       args.lsh_bands, args.lsh_band_bits)}, indent=2))
         return
     t0 = time.time()
     table, info = build_rows(args.seed, args.emoji)
@@ -294,7 +299,7 @@ def main() -> None:
     result["lsh_loss_check"] = {"bands": 64, "band_bits": 4, **score(table, d, info["origin"])}
     result["targets"] = {"recall": 0.95, "precision": 0.99}
     if sizes:
-        result["scaling"] = scaling(sizes, args.seed, args.scale_mode)
+        result["scaling"] = scaling(sizes, args.seed, args.scale_mode, args.lsh_bands, args.lsh_band_bits)
     print(json.dumps(result, indent=2))
 
 
