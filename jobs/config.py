@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import dataclasses
 import types
-
 from pathlib import Path
 from typing import Any, Literal, Union, get_args, get_origin, get_type_hints
 

@@ -45,7 +45,7 @@ class DemoConfig:
     pretrain_config: str = str(REPO / "configs" / "pretrain.yaml")
     pretrain_overrides: tuple[str, ...] = ()
     finetune_config: str = str(REPO / "configs" / "finetune.yaml")
-    finetune_overrides: tuple[str, ...] = ()
+    finetune_overrides: tuple[str, ...] = ("finetune.strategy=head_only",)  # a linear probe: seconds, no Ray Train
     evaluate_config: str = str(REPO / "configs" / "evaluate.yaml")
     evaluate_overrides: tuple[str, ...] = ()
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass, field
 from typing import Literal
 
@@ -37,7 +38,7 @@ def test_yaml_and_overrides(tmp_path):
     cfg = load_config(Outer, str(p), ["inner.lr=0.5", "inner.names=x,y,z", "inner.path=/tmp/a"])
     assert cfg.inner.image_px == 32 and cfg.inner.mode == "divided" and cfg.seed == 3
     assert cfg.inner.lr == 0.5 and cfg.inner.names == ("x", "y", "z") and cfg.inner.path == "/tmp/a"
-    with pytest.raises(Exception):
+    with pytest.raises(dataclasses.FrozenInstanceError):
         cfg.seed = 4  # frozen
 
 
