@@ -113,7 +113,7 @@ def raw_loop(shards: list[str], limit: int, tok_dir: str, image_px: int) -> dict
 
 
 class RssSampler(threading.Thread):
-    """Peak summed RSS of the Ray processes and the driver (children of the command)."""
+    """Peak summed RSS of the command and its descendants (driver, GCS, raylet, Ray workers)."""
 
     def __init__(self, pid: int):
         super().__init__(daemon=True)
@@ -122,15 +122,20 @@ class RssSampler(threading.Thread):
     def run(self):
         import psutil
 
+        try:
+            root = psutil.Process(self.pid)
+        except psutil.Error:
+            return
         while not self.stop:
             total = 0
-            for p in psutil.process_iter(["name", "cmdline", "memory_info"]):
+            try:
+                procs = [root, *root.children(recursive=True)]
+            except psutil.Error:
+                break
+            for p in procs:
                 try:
-                    cmd = " ".join(p.info["cmdline"] or [])
-                    if p.pid == self.pid or "ray::" in (p.info["name"] or "") or "ray/core" in cmd \
-                            or "raylet" in cmd or "gcs_server" in cmd or "default_worker.py" in cmd:
-                        total += p.info["memory_info"].rss
-                except (psutil.Error, TypeError):
+                    total += p.memory_info().rss
+                except psutil.Error:
                     continue
             self.peak = max(self.peak, total)
             time.sleep(0.5)
