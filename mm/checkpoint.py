@@ -56,7 +56,16 @@ def write_json(path: Path, data: Any) -> None:
 
 
 def write_tensors(path: Path, tensors: dict[str, torch.Tensor], metadata: dict[str, str] | None = None) -> None:
-    tensors = {k: v.detach().cpu().contiguous() for k, v in tensors.items()}
+    # safetensors refuses tensors sharing storage (transformers ties the MLM head's decoder.bias
+    # to its bias): later aliases are written as copies; loading re-ties them by name.
+    out, seen = {}, set()
+    for k, v in tensors.items():
+        v = v.detach().cpu().contiguous()
+        ptr = (v.untyped_storage().data_ptr(), v.storage_offset()) if v.numel() else None
+        out[k] = v.clone() if ptr in seen else v
+        if ptr is not None:
+            seen.add(ptr)
+    tensors = out
     _atomic_write(Path(path), lambda t: save_file(tensors, t, metadata=metadata))
 
 

@@ -116,3 +116,21 @@ def test_train_state_round_trip_restores_optimizer_exactly(tmp_path):
         o.step()
     for (n, a), (_, b) in zip(model.named_parameters(), other.named_parameters()):
         assert torch.equal(a, b), n
+
+
+def test_train_state_with_tied_mlm_head_tensors_saves(tmp_path):
+    """transformers ties the MLM head's decoder.bias to its bias; safetensors refuses shared storage."""
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, get_state_dict
+
+    from mm.data import TokenInfo
+    from mm.objectives import MLMConfig, ObjectivesConfig, ObjectiveSet, build_objectives
+
+    model = build_model(CFG, 40)
+    tok = TokenInfo(vocab_size=40, pad_id=0, mask_id=4, cls_id=2, sep_id=3)
+    module = ObjectiveSet(model, build_objectives(ObjectivesConfig(mlm=MLMConfig(weight=1.0)), model, tok))
+    opt = build_optimizer(module, OptimConfig())
+    msd, osd = get_state_dict(module, opt, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
+    save_train_state(tmp_path / "ck", msd, osd, {"step": 1})
+    msd2, _, _ = load_train_state(tmp_path / "ck")
+    assert set(msd2) == set(msd)
+    assert all(torch.equal(msd[k], msd2[k]) for k in msd)
