@@ -44,6 +44,9 @@ def test_yaml_and_overrides(tmp_path):
 
 def test_int_is_accepted_for_float_and_not_reverse():
     assert load_config(Outer, None, ["inner.lr=1"]).inner.lr == 1.0
+    assert load_config(Outer, None, ["inner.lr=2e-3"]).inner.lr == 2e-3  # YAML 1.1 reads this as a string
+    with pytest.raises(ConfigError, match="expected a number"):
+        load_config(Outer, None, ["inner.lr=fast"])
     with pytest.raises(ConfigError, match="inner.image_px"):
         load_config(Outer, None, ["inner.image_px=1.5"])
 
