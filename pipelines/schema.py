@@ -56,6 +56,15 @@ REJECT_SCHEMA = pa.schema(
 SPLITS = ("train", "val")
 
 
+class Reject(Exception):
+    """An input (or clip) that cannot be used: ``reason`` and ``detail`` become its REJECT_SCHEMA row."""
+
+    def __init__(self, reason: str, detail: str = ""):
+        super().__init__(f"{reason}: {detail}" if detail else reason)
+        self.reason = reason
+        self.detail = detail
+
+
 def schema_for(modality: str) -> pa.Schema:
     if modality == "image":
         return IMAGE_SCHEMA

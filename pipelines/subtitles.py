@@ -25,6 +25,7 @@ from collections import Counter
 from dataclasses import dataclass
 
 from pipelines.captions import decode_caption
+from pipelines.schema import Reject
 
 SUBTITLE_EXTS = ("srt", "vtt")
 
@@ -35,13 +36,8 @@ _TAG = re.compile(r"<[^>]*>")
 _SPACE = re.compile(r"\s+")
 
 
-class SubtitleError(ValueError):
+class SubtitleError(Reject, ValueError):
     """A subtitle file that cannot be read at all; ``reason`` is the reject reason."""
-
-    def __init__(self, reason: str, detail: str = ""):
-        super().__init__(f"{reason}: {detail}" if detail else reason)
-        self.reason = reason
-        self.detail = detail
 
 
 @dataclass(frozen=True)

@@ -47,7 +47,7 @@ import pyarrow as pa
 
 from pipelines.captions import CaptionConfig, normalize_for_dedup, process_caption
 from pipelines.images import compute_phash, hamming
-from pipelines.schema import make_sample_id
+from pipelines.schema import Reject, make_sample_id
 from pipelines.subtitles import Segment, SubtitleError, merge_segments, parse_subtitles
 
 VIDEO_EXTS = ("mp4", "webm", "mkv", "mov", "avi", "mpg", "mpeg", "m4v")
@@ -92,13 +92,8 @@ class VideoConfig:
             raise ValueError("jpeg_quality must be in [1, 100]")
 
 
-class VideoReject(Exception):
+class VideoReject(Reject):
     """An input or clip that cannot be used; ``reason`` is the reject reason."""
-
-    def __init__(self, reason: str, detail: str = ""):
-        super().__init__(f"{reason}: {detail}" if detail else reason)
-        self.reason = reason
-        self.detail = detail
 
 
 @dataclass(frozen=True)
