@@ -54,6 +54,23 @@ def base_mp4(seed: int = 0, px: int = 64, n_frames: int = 24, fps: int = 12) -> 
 
 
 # -- damage ------------------------------------------------------------------------------------
+def audio_only_mp4(n_frames: int = 30) -> bytes:
+    """An MP4 with one AAC audio stream and no video stream (a reject: no_video_stream)."""
+    import av
+
+    buf = io.BytesIO()
+    c = av.open(buf, "w", format="mp4")
+    a = c.add_stream("aac", rate=16000)
+    a.layout = "mono"
+    for j in range(n_frames):
+        fr = av.AudioFrame.from_ndarray(np.zeros((1, 1024), np.float32), format="fltp", layout="mono")
+        fr.sample_rate, fr.pts = 16000, j * 1024
+        for p in a.encode(fr):
+            c.mux(p)
+    c.close()
+    return buf.getvalue()
+
+
 def flip_bytes(data: bytes, rng: np.random.Generator, n: int) -> bytes:
     """``n`` random bytes replaced by random values (the first bytes too: magic numbers break)."""
     b = bytearray(data)

@@ -10,14 +10,17 @@ import io
 import json
 import os
 import shutil
+import sys
 import tarfile
 from pathlib import Path
 
 import av
-import numpy as np
 import pyarrow.parquet as pq
 import pytest
 from PIL import Image
+
+sys.path.insert(0, str(Path(__file__).parent))
+import hostile  # noqa: E402
 from test_video import video_bytes, write_video
 
 from jobs.config import load_config
@@ -42,15 +45,7 @@ def reencode(src: str, dst: str, size=(256, 144), bit_rate=150_000) -> None:
 
 
 def audio_only(path: Path) -> None:
-    c = av.open(str(path), "w")
-    a = c.add_stream("aac", rate=16000)
-    a.layout = "mono"
-    for j in range(30):
-        fr = av.AudioFrame.from_ndarray(np.zeros((1, 1024), np.float32), format="fltp", layout="mono")
-        fr.sample_rate, fr.pts = 16000, j * 1024
-        for p in a.encode(fr):
-            c.mux(p)
-    c.close()
+    path.write_bytes(hostile.audio_only_mp4())
 
 
 def build_corpus(root: Path) -> tuple[list[str], dict]:

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import io
 import json
+import sys
 from fractions import Fraction
 from pathlib import Path
 
@@ -16,6 +17,9 @@ import av
 import numpy as np
 import pyarrow as pa
 import pytest
+
+sys.path.insert(0, str(Path(__file__).parent))
+import hostile  # noqa: E402
 
 from pipelines.captions import CaptionConfig
 from pipelines.video import (
@@ -138,17 +142,7 @@ def test_rejects_with_reasons(tmp_path):
     assert _reject(video_bytes(seconds=1.0, size=(640, 64))) == "bad_resolution"  # 10:1
     assert _reject(video_bytes(seconds=0.5)) == "too_short"
     # audio only
-    buf = io.BytesIO()
-    c = av.open(buf, "w", format="mp4")
-    a = c.add_stream("aac", rate=16000)
-    a.layout = "mono"
-    for j in range(20):
-        fr = av.AudioFrame.from_ndarray(np.zeros((1, 1024), np.float32), format="fltp", layout="mono")
-        fr.sample_rate, fr.pts = 16000, j * 1024
-        for p in a.encode(fr):
-            c.mux(p)
-    c.close()
-    assert _reject(buf.getvalue()) == "no_video_stream"
+    assert _reject(hostile.audio_only_mp4(n_frames=20)) == "no_video_stream"
     assert _reject(b"") == "undecodable"
 
 
