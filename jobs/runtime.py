@@ -50,7 +50,25 @@ def init_ray(address: str | None = None, *, num_cpus: int | None = None, dashboa
             configure_logging=True,
         )
     _configure_data_context(no_progress_timeout_s)
+    _size_parquet_footer_readers()
     return ray.cluster_resources()
+
+
+def _size_parquet_footer_readers() -> None:
+    """At most one Parquet footer-reader actor per CPU the cluster has now.
+
+    Ray Data 2.60 reads Parquet through Datasource V2: every ``read_parquet`` starts
+    ``RAY_DATA_PARQUET_FOOTER_NUM_ACTORS`` (default 32) ``FooterReader`` actors, each scheduled
+    with 1 CPU, even for a single file. On an autoscaling cluster that is a demand for 32 CPUs
+    just to read footers: the autoscaler adds nodes for it and, once ``cpu_curate`` is at its
+    ``max_workers``, adds ``gpu_train`` nodes for their CPUs (seen in tests/test_autoscaling.py:
+    "{'CPU': 1.0}: 31+ pending tasks/actors" while reading 1 file). The variable is read when the
+    plan is built, in the driver; an explicit value is kept.
+    """
+    import ray
+
+    cpus = int(ray.cluster_resources().get("CPU", 0))
+    os.environ.setdefault("RAY_DATA_PARQUET_FOOTER_NUM_ACTORS", str(min(32, max(1, cpus))))
 
 
 def _configure_data_context(no_progress_timeout_s: float) -> None:

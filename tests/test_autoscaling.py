@@ -99,10 +99,18 @@ def _kind(node: dict) -> str:
     return "gpu_train" if "GPU" in res else "cpu_curate" if "curation" in res else "?"
 
 
-# Behind `slow`, not in CI: on this machine the curate job's driver, placed on a fake_multinode
-# worker, dies importing torch ("Intel oneMKL FATAL ERROR: Cannot load libtorch_cpu.so") after
-# the worker node has come up, so scale-down is never reached. Run: pytest -m slow -k scales.
-@pytest.mark.slow
+# The job's working_dir is `local://` (the repository, in place), not an uploaded package. Every
+# fake_multinode node shares this machine's session dir, so each node's runtime-env agent unpacks
+# the uploaded package into the *same* runtime_resources/working_dir_files/_ray_pkg_* directory,
+# and it unpacks with overwrite: it deletes that directory and extracts it again (the job's
+# runtime_env_setup log: "Removing .../_ray_pkg_..." once per node that joins). The driver's cwd
+# is that directory, so from then on getcwd() fails with ENOENT, and the first `import torch`
+# (transformers, when the tokenizer is built) aborts: oneMKL's loader in libtorch_cpu.so calls
+# getcwd() and reports its failure as "Intel oneMKL FATAL ERROR: Cannot load libtorch_cpu.so"
+# (`cd $(mktemp -d) && rmdir $PWD && python -c 'import torch'` prints the same). On a real
+# cluster every node has its own disk and unpacks once; cluster.yaml puts the repository on
+# every node (file_mounts), which is what `local://` says. tests/test_job_submit.py covers the
+# uploaded `--working-dir .`.
 @pytest.mark.cluster
 @pytest.mark.timeout(600)  # ~1.5 min on an idle 2-core machine; generous for loaded CI runners
 def test_curation_job_scales_cpu_workers_up_then_down(tmp_path):
@@ -112,17 +120,20 @@ def test_curation_job_scales_cpu_workers_up_then_down(tmp_path):
     head_cpus = yaml.safe_load((ROOT / "cluster.yaml").read_text())["available_node_types"]["ray.head.default"][
         "resources"]["CPU"]
     cluster = LocalCluster(num_cpus=head_cpus, env={"RAY_FAKE_CLUSTER": "1", "AUTOSCALER_UPDATE_INTERVAL_S": "1"})
-    # Two CPU workers: with one, the job's tasks outgrow it and the autoscaler brings up gpu_train
-    # for their CPUs (seen), which is why curation tasks should also carry the curation resource.
+    # Two CPU workers at most. Ray Data's Parquet reader used to ask for 32 CPUs of footer-reader
+    # actors per read_parquet, which outgrew them and brought up gpu_train for its CPUs (seen);
+    # jobs/runtime.py now sizes that pool to the cluster's CPUs. Curation tasks ask only for CPUs,
+    # so a curation demand larger than every cpu_curate node can still spill onto gpu_train.
     cluster.autoscaling_config = fake_config(cluster.gcs_address, max_cpu_workers=2)
     cluster.start()
     try:
         assert [_kind(n) for n in _nodes(cluster.gcs_address)] == ["head"]
         t0 = time.time()
         out = tmp_path / "corpus"
+        # local://: see the comment above the test (an uploaded package is deleted under the driver).
         sub = submit(cluster, "autoscale-curate", ["python", "-m", "jobs.curate", demo["image_sources"][0],
                                                    "--out", str(out)],
-                     ["--entrypoint-resources", json.dumps({"curation": 1})])
+                     ["--entrypoint-resources", json.dumps({"curation": 1})], working_dir=f"local://{ROOT}")
         assert sub.returncode == 0, sub.stdout + sub.stderr
         seen: set[str] = set()
         peak = 0

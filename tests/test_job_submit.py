@@ -134,9 +134,9 @@ class LocalCluster:
 
 
 def submit(cluster: LocalCluster, submission_id: str, entrypoint: list[str],
-           options: list[str] = ()) -> subprocess.CompletedProcess:
+           options: list[str] = (), working_dir: str = ".") -> subprocess.CompletedProcess:
     """``ray job submit`` with the CLI, from the repository root, as a user would type it."""
-    cmd = [RAY, "job", "submit", "--address", cluster.dashboard_url, "--working-dir", ".",
+    cmd = [RAY, "job", "submit", "--address", cluster.dashboard_url, "--working-dir", working_dir,
            "--submission-id", submission_id, "--no-wait", *options, "--", *entrypoint]
     return subprocess.run(cmd, cwd=ROOT, env=cluster.env, capture_output=True, text=True, timeout=120)
 
