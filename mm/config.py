@@ -36,7 +36,13 @@ class VisionConfig:
     attention: Literal["joint", "divided"] = "joint"
     # avg (mean of patch tokens) learns much faster from scratch than the class token (seen on
     # the synthetic corpus: 24 steps to leave chance vs >100); use "token" for CLIP-style weights.
-    pool: Literal["token", "avg"] = "avg"
+    # max (elementwise max over patch tokens) detects a part anywhere in the frame: on the demo's
+    # shapes it learnt shape where avg and token pooling stayed near chance (docs/BENCHMARKS.md).
+    pool: Literal["token", "avg", "max"] = "avg"
+    # patch: the ViT's linear patch embedding. conv: a stride-2 3x3 conv stack (timm ConvStem,
+    # BatchNorm + GELU) with the same total stride as patch_px, as in "Early convolutions help
+    # transformers see better" (Xiao et al. 2021): far faster to learn from scratch on small data.
+    stem: Literal["patch", "conv"] = "patch"
     drop_path_rate: float = 0.0
     # A timm model name (e.g. "vit_base_patch16_224") builds that architecture instead of the
     # width/depth/heads fields above; pretrained_path is a local weights file for it.
@@ -50,6 +56,8 @@ class VisionConfig:
             raise ValueError(f"image_px {self.image_px} is not a multiple of patch_px {self.patch_px}")
         if self.max_frames < 1:
             raise ValueError("max_frames must be >= 1")
+        if self.stem == "conv" and (self.timm_name is not None or self.patch_px & (self.patch_px - 1)):
+            raise ValueError("stem=conv needs a power-of-two patch_px and no timm_name")
         if self.timm_name is None and self.width % self.heads:
             raise ValueError(f"width {self.width} is not divisible by heads {self.heads}")
 

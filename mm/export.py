@@ -13,11 +13,12 @@ Layout (a Hugging Face user needs nothing of this project):
     EXPORT/export_config.json       pooling per tower, image size, mean/std, max_tokens, usage
 
 An embedding is ``normalize(projection @ pool(last_hidden_state))`` with ``pool`` = the [CLS]
-state or the mean of the patch states (vision) / the masked mean of the tokens (text), as written
-in export_config.json. The timm ViT maps onto ``ViTModel`` exactly: fused ``qkv`` splits into
-query/key/value, and the image's frame-0 temporal embedding is folded into the patch position
-embeddings (an image is a one-frame video). Joint space-time attention only (``divided``
-attention adds temporal blocks a ViTModel cannot hold); videos are not exported.
+state, the mean or the elementwise max of the patch states (vision) / the masked mean of the
+tokens (text), as written in export_config.json. The timm ViT maps onto ``ViTModel`` exactly:
+fused ``qkv`` splits into query/key/value, and the image's frame-0 temporal embedding is folded
+into the patch position embeddings (an image is a one-frame video). Joint space-time attention
+and the linear patch stem only (``divided`` attention adds temporal blocks and ``stem=conv`` a
+conv stack that a ViTModel cannot hold); videos are not exported.
 
 Chosen over OpenCLIP: OpenCLIP builds timm towers by registered model name only, so the custom
 widths/depths trained here would not load; ``transformers`` takes any size through its config.
@@ -73,6 +74,9 @@ def export_hf(model_path: str | Path, out_dir: str | Path) -> Path:
     vit = model.vision.vit
     if model.vision.temporal is not None:
         raise ValueError("export supports vision.attention=joint only (divided attention has temporal blocks)")
+    if cfg.vision.stem != "patch":
+        raise ValueError(f"export supports vision.stem=patch only (a {cfg.vision.stem} stem has no transformers "
+                         "ViTModel equivalent)")
     if not getattr(vit.blocks[0].attn, "qkv", None) or vit.blocks[0].attn.qkv.bias is None:
         raise ValueError("export expects timm ViT blocks with a fused, biased qkv projection")
     out = Path(out_dir)
@@ -96,7 +100,7 @@ def export_hf(model_path: str | Path, out_dir: str | Path) -> Path:
                "logit_scale": model.logit_scale.detach().reshape(1).contiguous()},
               str(out / "projection.safetensors"))
     meta = {"format": FORMAT, "source": str(src.resolve()), "embed_dim": cfg.embed_dim,
-            "vision_pool": "cls" if cfg.vision.pool == "token" else "mean", "text_pool": cfg.text.pool,
+            "vision_pool": {"token": "cls", "avg": "mean", "max": "max"}[cfg.vision.pool], "text_pool": cfg.text.pool,
             "image_size": cfg.vision.image_px, "mean": list(cfg.vision.mean), "std": list(cfg.vision.std),
             "max_tokens": cfg.text.max_tokens,
             "usage": "embedding = normalize(projection @ pool(last_hidden_state)); see mm/export.py"}
@@ -127,7 +131,8 @@ class HFDualEncoder:
     @torch.no_grad()
     def encode_image(self, pixel_values: torch.Tensor) -> torch.Tensor:
         h = self.vision(pixel_values=pixel_values).last_hidden_state  # (B, 1+N, Wv)
-        pooled = h[:, 0] if self.config["vision_pool"] == "cls" else h[:, 1:].mean(1)
+        pool = self.config["vision_pool"]
+        pooled = h[:, 0] if pool == "cls" else h[:, 1:].amax(1) if pool == "max" else h[:, 1:].mean(1)
         return F.normalize(pooled @ self.visual_projection.T, dim=-1)
 
     @torch.no_grad()

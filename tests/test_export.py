@@ -28,7 +28,7 @@ def _saved(tmp_path, cfg: ModelConfig):
     return tmp_path / "run", tok
 
 
-@pytest.mark.parametrize("vpool,tpool", [("token", "cls"), ("avg", "mean")])
+@pytest.mark.parametrize("vpool,tpool", [("token", "cls"), ("avg", "mean"), ("max", "mean")])
 def test_hf_export_round_trip(tmp_path, vpool, tpool):
     import mm
     from mm.export import export_hf, load_hf_export
@@ -50,17 +50,20 @@ def test_hf_export_round_trip(tmp_path, vpool, tpool):
     assert torch.allclose(got_t, want_t, atol=1e-5)
     assert enc.logit_scale == pytest.approx(float(ours.logit_scale.exp()), rel=1e-6)
     cfg_json = json.loads((out / "export_config.json").read_text())
-    assert cfg_json["image_size"] == 32 and cfg_json["vision_pool"] == ("cls" if vpool == "token" else "mean")
+    assert cfg_json["image_size"] == 32 and cfg_json["vision_pool"] == {"token": "cls", "avg": "mean", "max": "max"}[vpool]
 
 
-def test_divided_attention_is_refused(tmp_path):
+@pytest.mark.parametrize("vision,match", [({"attention": "divided"}, "joint"), ({"stem": "conv"}, "stem=patch")])
+def test_unmappable_towers_are_refused(tmp_path, vision, match):
+    """Divided attention (temporal blocks) and a conv stem have no ViTModel equivalent."""
     from mm.export import export_hf
 
-    cfg = ModelConfig(vision=VisionConfig(image_px=16, patch_px=8, width=16, depth=1, heads=2, attention="divided"),
+    cfg = ModelConfig(vision=VisionConfig(image_px=16, patch_px=8, width=16, depth=1, heads=2, **vision),
                       text=TextConfig(width=16, depth=1, heads=2), embed_dim=8)
     run, _ = _saved(tmp_path, cfg)
-    with pytest.raises(ValueError, match="joint"):
+    with pytest.raises(ValueError, match=match):
         export_hf(run, tmp_path / "x")
+    assert not (tmp_path / "x").exists()
 
 
 def test_cli(tmp_path, capsys):

@@ -86,6 +86,29 @@ def test_lock_freezes_towers_but_the_last_blocks():
     assert {"vision_proj.weight", "text_proj.weight", "logit_scale"} <= trainable
 
 
+def test_conv_stem_and_max_pool():
+    """stem=conv: a conv stack with the patch size's stride, so tokens, positions and MAE pixel
+    targets line up as with the linear stem; a locked stem's BatchNorm statistics do not move."""
+    conv = dataclasses.replace(V, stem="conv", pool="max")
+    torch.manual_seed(0)
+    model = build_model(dataclasses.replace(CFG, vision=conv), 50).train()
+    img, vid, _, _ = _inputs()
+    assert model.vision_tokens(vid).shape == (3, 1 + 4 * 16, 32)
+    assert model.vision.patchify(vid).shape == (3, 4 * 16, 8 * 8 * 3)
+    tokens = model.vision_tokens(img[:, None])
+    assert torch.equal(model.vision.pool(tokens), tokens[:, 1:].amax(1))
+    with pytest.raises(ValueError, match="power-of-two"):
+        dataclasses.replace(conv, image_px=36, patch_px=6)
+
+    locked = build_model(dataclasses.replace(CFG, vision=conv, lock=LockConfig(vision=True)), 50).train()
+    bn = locked.vision._stem_norms[0]
+    before = bn.running_mean.clone()
+    locked.encode_image(img * 3 + 1)
+    assert torch.equal(bn.running_mean, before), "a frozen stem must not update its BatchNorm statistics"
+    model.encode_image(img * 3 + 1)  # a trainable stem does
+    assert not torch.equal(model.vision._stem_norms[0].running_mean, torch.zeros_like(before))
+
+
 def test_grad_checkpointing_gives_the_same_gradients():
     torch.manual_seed(0)
     a = build_model(CFG, 50)

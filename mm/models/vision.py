@@ -60,8 +60,18 @@ def _build_vit(cfg: VisionConfig) -> nn.Module:
 
     # global_pool="token" keeps the final LayerNorm on every token (fusion, MAE and both poolings
     # use normed tokens) and makes fc_norm an Identity: no parameter without a gradient.
-    return VisionTransformer(patch_size=cfg.patch_px, embed_dim=cfg.width, depth=cfg.depth,
-                             num_heads=cfg.heads, mlp_ratio=cfg.mlp_ratio, global_pool="token", **kwargs)
+    vit = VisionTransformer(patch_size=cfg.patch_px, embed_dim=cfg.width, depth=cfg.depth,
+                            num_heads=cfg.heads, mlp_ratio=cfg.mlp_ratio, global_pool="token", **kwargs)
+    if cfg.stem == "conv":
+        # Swap the patch projection for a conv stack of the same total stride: PatchEmbed still
+        # flattens (B, D, H/p, W/p) into tokens, so grid, positions and patchify are unchanged.
+        from timm.models.vision_transformer_hybrid import ConvStem
+
+        n = cfg.patch_px.bit_length() - 1  # stride-2 convs
+        channels = tuple(max(cfg.width // 2 ** (n - 1 - i), 16) for i in range(n - 1)) + (cfg.width,)
+        vit.patch_embed.proj = ConvStem(depth=n, channels=channels, stride=(2,) * n, padding=1,
+                                        act_layer=nn.GELU)
+    return vit
 
 
 class VisionTower(nn.Module):
@@ -84,6 +94,9 @@ class VisionTower(nn.Module):
             rates = [x.item() for x in torch.linspace(0, cfg.drop_path_rate, depth)]
             self.temporal = nn.ModuleList(TemporalAttention(self.width, heads, r) for r in rates)
         self.grad_checkpointing = False
+        # A conv stem's BatchNorms: kept in eval mode while their weights are frozen (LiT locks,
+        # partial fine-tunes), so a "frozen" stem does not drift through its running statistics.
+        self._stem_norms = [m for m in self.vit.patch_embed.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)]
 
     @property
     def blocks(self) -> nn.ModuleList:
@@ -94,6 +107,8 @@ class VisionTower(nn.Module):
         b, t = frames.shape[:2]
         if t > self.cfg.max_frames:
             raise ValueError(f"{t} frames > max_frames {self.cfg.max_frames}")
+        for bn in self._stem_norms:
+            bn.train(self.training and any(p.requires_grad for p in bn.parameters()))
         x = self.vit.patch_embed(frames.flatten(0, 1))  # (B*T, N, D)
         pos = self.vit.pos_embed  # (1, 1+N, D) with the class position first
         x = x + pos[:, 1:]
@@ -139,8 +154,11 @@ class VisionTower(nn.Module):
         return module(x)
 
     def pool(self, tokens: torch.Tensor) -> torch.Tensor:
-        """(B, 1+M, D) -> (B, D): the class token, or the mean of patch tokens."""
-        return tokens[:, 0] if self.cfg.pool == "token" else self.vit.fc_norm(tokens[:, 1:].mean(1))
+        """(B, 1+M, D) -> (B, D): the class token, or the mean / elementwise max of patch tokens."""
+        if self.cfg.pool == "token":
+            return tokens[:, 0]
+        patches = tokens[:, 1:]
+        return self.vit.fc_norm(patches.amax(1) if self.cfg.pool == "max" else patches.mean(1))
 
     def patchify(self, frames: torch.Tensor) -> torch.Tensor:
         """(B, T, 3, H, W) -> (B, T*N, p*p*3) pixel patches in the order of the patch tokens."""
