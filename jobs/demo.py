@@ -37,7 +37,7 @@ REPO = Path(__file__).resolve().parent.parent
 
 @dataclass(frozen=True)
 class DemoConfig:
-    n_images: int = 600                 # clean distinct images (planted faults come on top)
+    n_images: int = 1500                # clean distinct images (planted faults come on top)
     n_videos: int = 96                  # clean distinct videos (>= 2 workers x batch after the val split)
     seed: int = 0
     curate_config: str = str(REPO / "configs" / "curate.yaml")
