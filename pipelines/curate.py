@@ -87,6 +87,10 @@ class ExecutionConfig:
     download_num_cpus: float = 0.25      # download tasks mostly wait on the network
     light_num_cpus: float = 0.5          # dedup/finalise stages
     work_rows_per_file: int = 2048       # rows per intermediate Parquet file (fewer, larger reads)
+    # Ray node labels every curation task and actor must match (Ray Data's
+    # ExecutionOptions.label_selector). On cluster.yaml's cluster: {mm.io/role: curation}, so no
+    # curation work lands on GPU training nodes. Empty: anywhere (a local Ray has no labels).
+    node_labels: dict[str, str] = field(default_factory=dict)
 
 
 @dataclass(frozen=True)
@@ -159,6 +163,18 @@ def count_partial(batch: pa.Table) -> pa.Table:
 # --------------------------------------------------------------------------- the run
 def run_curate(sources: list[str], out: str, cfg: CurateConfig) -> dict:
     """Curate ``sources`` into ``out`` (Ray already initialised); return stats."""
+    import ray
+
+    ctx = ray.data.DataContext.get_current()
+    previous = ctx.execution_options.label_selector
+    ctx.execution_options.label_selector = dict(cfg.execution.node_labels) or previous
+    try:
+        return _run_curate(sources, out, cfg)
+    finally:
+        ctx.execution_options.label_selector = previous
+
+
+def _run_curate(sources: list[str], out: str, cfg: CurateConfig) -> dict:
     import ray
 
     t0 = time.time()

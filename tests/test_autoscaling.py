@@ -131,8 +131,11 @@ def test_curation_job_scales_cpu_workers_up_then_down(tmp_path):
         t0 = time.time()
         out = tmp_path / "corpus"
         # local://: see the comment above the test (an uploaded package is deleted under the driver).
+        # node_labels: every Ray Data task and actor of the job carries {mm.io/role: curation}, the
+        # label only cpu_curate nodes have, so none can land on (or bring up) a gpu_train node.
         sub = submit(cluster, "autoscale-curate", ["python", "-m", "jobs.curate", demo["image_sources"][0],
-                                                   "--out", str(out)],
+                                                   "--out", str(out),
+                                                   "--set", "execution.node_labels={mm.io/role: curation}"],
                      ["--entrypoint-resources", json.dumps({"curation": 1})], working_dir=f"local://{ROOT}")
         assert sub.returncode == 0, sub.stdout + sub.stderr
         seen: set[str] = set()
