@@ -2,12 +2,14 @@
 
     mm evaluate --model RUN --data DIR --out RUN/eval.json [--task zeroshot|retrieval|classify|linear_probe|masked]
                 [--config configs/evaluate.yaml] [--set split=val --set batch_rows=128 ...]
+                [--set rerank_k=16]   # ITM re-ranking of retrieval (a run trained with ITM)
 
 ``--model`` is a run dir (with ``model/``, and ``classifier/`` after a classification fine-tune)
 or a model dir. Without ``--task`` the config's ``tasks`` run (zero-shot and retrieval; zero-shot
 is skipped, and said so in eval.json, when the split has no labels). Writes FILE.json,
 FILE_samples.json and report.html beside FILE.json (with RUN/metrics.jsonl's loss curves when
-FILE.json sits in a run). Bad paths fail before Ray starts, with one line and exit code 2.
+FILE.json sits in a run). Bad paths, and ``rerank_k > 0`` for a model without an ITM head, fail
+before Ray starts, with one line and exit code 2.
 Tested in tests/test_evaluate.py.
 """
 
@@ -73,7 +75,14 @@ def _main(args: argparse.Namespace) -> int:
     from mm.evaluate import EvalConfig, evaluate_run, write_eval
 
     cfg = load_config(EvalConfig, args.config, args.overrides)
-    check_inputs(args.model, args.data, args.out)
+    model_dir = check_inputs(args.model, args.data, args.out)
+    if cfg.rerank_k > 0 and "retrieval" in ((args.task,) if args.task else cfg.tasks):
+        from mm.evaluate import itm_checkpoint
+
+        try:
+            itm_checkpoint(model_dir, cfg.rerank_k)
+        except ValueError as e:
+            raise UsageError(str(e)) from None
     from jobs.runtime import init_ray
     from mm.report import write_report
 

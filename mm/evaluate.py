@@ -13,7 +13,8 @@ so a 1M-item retrieval holds 2 x 1M x D floats plus one block of scores, never a
 "metrics": {task: {name: value}}, "chance": {task: {name: value}}, "confusion_matrix", "skipped"}``
 where task is ``zeroshot`` (acc1, acc5, mean_per_class_recall), ``retrieval``
 (image_retrieval_recall@k = text→image, text_retrieval_recall@k = image→text; for a video corpus
-video_retrieval_recall@k = text→video), ``classify`` (a fine-tuned head) or ``linear_probe``.
+video_retrieval_recall@k = text→video; with ``rerank_k > 0`` also ``*_itm``, the same recalls after
+ITM re-ranking of each query's top ``rerank_k``), ``classify`` (a fine-tuned head) or ``linear_probe``.
 Sample retrievals with thumbnails go to ``eval_samples.json`` beside it, for the report.
 
 Zero-shot prompts: a JSON list of templates with ``{c}``, or a mapping class -> list of prompts;
@@ -69,6 +70,11 @@ class EvalConfig:
     sample_queries: int = 4  # sample retrievals kept for the report
     sample_hits: int = 5
     thumb_px: int = 96
+    # ITM re-ranking of retrieval (ALBEF/BLIP as LAVIS runs it): each query's top rerank_k ITC
+    # candidates are re-scored with the fusion encoder + ITM head (score = ITM match logit + ITC
+    # cosine) and reported as *_itm beside the ITC recalls. 0: off. Needs a run that trained ITM.
+    rerank_k: int = 0
+    rerank_batch: int = 128  # fused (text, media) pairs per fusion-encoder forward
     linear_probe: LinearProbeConfig = field(default_factory=LinearProbeConfig)
 
     def __post_init__(self) -> None:
@@ -76,6 +82,8 @@ class EvalConfig:
             raise ValueError("batch_rows and num_actors must be >= 1")
         if not self.ks or min(self.ks) < 1:
             raise ValueError("ks must be positive")
+        if self.rerank_k < 0 or self.rerank_batch < 1:
+            raise ValueError("rerank_k must be >= 0 and rerank_batch >= 1")
 
 
 # ----------------------------------------------------------------------------- inputs
@@ -385,6 +393,9 @@ def evaluate_models(model_paths: list[str | Path], data_dir: str | Path, cfg: Ev
     if "classify" in tasks and any(c is None for c in classifiers):
         skipped["classify"] = "no fine-tuned classifier (RUN/classifier) in --model"
     tasks = tuple(t for t in tasks if t not in skipped)
+    if cfg.rerank_k > 0 and "retrieval" in tasks:
+        for d in model_dirs:  # before any embedding: a model without an ITM head fails here
+            itm_checkpoint(d, cfg.rerank_k)
 
     embs = embed_split_multi(model_dirs, data_dir, cfg.split, cfg, features="linear_probe" in tasks,
                              max_rows=cfg.max_rows)
@@ -433,6 +444,13 @@ def _task_metrics(model_dir: Path, data_dir, cfg: EvalConfig, tasks, emb: Embedd
         media, t2m, first = retrieval_inputs(emb)
         m, c = M.retrieval_metrics(media, emb.text_emb, t2m, media=modality, ks=cfg.ks,
                                    block_rows=cfg.block_rows, block_cols=cfg.block_cols)
+        if cfg.rerank_k > 0:
+            scorer = ITMScorer(model_dir, data_dir, emb, first, cfg)
+            m.update(M.reranked_retrieval_metrics(
+                media, emb.text_emb, t2m, scorer.score, lambda mi, ti: scorer.score(ti, mi), cfg.rerank_k,
+                media=modality, ks=cfg.ks, block_rows=cfg.block_rows, block_cols=cfg.block_cols,
+                rerank_rows=max(1, cfg.rerank_batch // cfg.rerank_k)))
+            c = {**c, **{f"{name}_itm": v for name, v in c.items()}}
         result["metrics"]["retrieval"], result["chance"]["retrieval"] = m, c
         result["counts"].update(media=int(len(media)), texts=int(len(emb.text_emb)))
         result["samples"] = sample_retrievals(data_dir, emb, media, t2m, first, cfg)
@@ -528,6 +546,122 @@ def masked_modelling(model_dir: Path, data_dir, cfg: EvalConfig, max_batches: in
     return metrics, chance
 
 
+def itm_checkpoint(model_dir: Path, rerank_k: int):
+    """The run's pretraining config and last step checkpoint holding an ITM head, or a one-line
+    ValueError naming ``rerank_k``. The ITM head belongs to the objective, not to the exported
+    model: it is read from RUN/ray/step_* with RUN/manifest.json's config, as ``masked`` does."""
+    from jobs.config import build
+    from mm.checkpoint import read_json
+    from mm.train import PretrainConfig
+
+    run = _run_dir_of(Path(model_dir))
+    ckpts = sorted(run.glob("ray/step_*/train_state.json"))
+    why = None
+    if not (run / "manifest.json").is_file() or not ckpts:
+        why = f"{run} has no manifest.json and ray/step_* checkpoint to read an ITM head from"
+    else:
+        pcfg = build(PretrainConfig, read_json(run / "manifest.json")["config"])
+        if pcfg.model.fusion.depth <= 0 or pcfg.objectives.itm.weight <= 0:
+            why = f"run {run} trained no ITM head (model.fusion.depth > 0 and objectives.itm.weight > 0)"
+    if why:
+        raise ValueError(f"rerank_k={rerank_k} needs a model with an ITM head: {why}; set rerank_k=0")
+    return pcfg, ckpts[-1].parent
+
+
+def load_itm_head(model_dir: Path, rerank_k: int):
+    """``ITMHead`` with the weights of the run's last step checkpoint."""
+    import torch
+    from safetensors import safe_open
+
+    from mm.models.heads import ITMHead
+
+    pcfg, ckpt = itm_checkpoint(model_dir, rerank_k)
+    o = pcfg.objectives
+    index = sum(w > 0 for w in (o.contrastive.weight, o.mlm.weight, o.fusion_mlm.weight, o.mim.weight))
+    prefix = f"objectives.{index}.head."  # build_objectives' order: ITM after these four
+    head = ITMHead(pcfg.model.text.width)
+    with safe_open(str(ckpt / "state.safetensors"), framework="pt") as f:
+        keys = [k for k in f.keys() if prefix in k]
+        state = {k.split(prefix, 1)[1]: f.get_tensor(k) for k in keys}
+    if set(state) != set(head.state_dict()):
+        raise ValueError(f"rerank_k: {ckpt} holds no ITM head under {prefix!r} (found {sorted(state)})")
+    head.load_state_dict({k: v.to(torch.float32) for k, v in state.items()})
+    return head.eval()
+
+
+class ITMScorer:
+    """ITM match logits (``itm_head(fuse(text, media)[:, 0])[:, 1]``, LAVIS's score) of (text row,
+    media item) pairs, on the driver, for ``mm.metrics.reranked_retrieval_metrics``.
+
+    Holds the split's token ids and compressed media bytes (not their token features); each call
+    decodes and encodes only the media and texts of its pairs and fuses them ``rerank_batch``
+    pairs at a time, so memory is one call's pairs, never N x N fused pairs.
+    """
+
+    def __init__(self, model_dir: Path, data_dir, emb: Embeddings, first: np.ndarray, cfg: EvalConfig) -> None:
+        import pyarrow.compute as pc
+        import pyarrow.dataset as pads
+        import torch
+
+        import mm
+        from mm.data import PreprocessConfig, load_token_info
+
+        self.torch = torch
+        self.model = mm.load(str(model_dir)).eval()
+        self.head = load_itm_head(model_dir, cfg.rerank_k)
+        c = self.model.cfg
+        pad_id = load_token_info(str(Path(model_dir) / "tokenizer")).pad_id
+        self.pre = PreprocessConfig(image_px=c.vision.image_px, mean=c.vision.mean, std=c.vision.std,
+                                    max_tokens=c.text.max_tokens, pad_id=pad_id, max_frames=c.vision.max_frames,
+                                    pad_to_longest=True)
+        self.batch = cfg.rerank_batch
+        ds = pads.dataset(str(Path(data_dir) / "data"), format="parquet")
+        self.media_col = "frames" if "frames" in ds.schema.names else "image"
+        table = ds.to_table(columns=["sample_id", "input_ids", self.media_col], filter=pc.field("split") == cfg.split)
+        row = {sid: i for i, sid in enumerate(table["sample_id"].to_pylist())}
+        ids_col, media_col = table["input_ids"], table[self.media_col]
+        self.ids = [np.asarray(ids_col[row[str(s)]].as_py()) for s in emb.sample_id]  # per text row
+        self.media_ids = [str(emb.sample_id[j]) for j in first]
+        self.media = [media_col[row[s]].as_py() for s in self.media_ids]  # per media item
+
+    def _vision(self, idx: np.ndarray):
+        from mm.data import preprocess_batch
+
+        out = []
+        for i in range(0, len(idx), self.batch):
+            part = idx[i:i + self.batch]
+            blobs = np.empty(len(part), dtype=object)
+            blobs[:] = [self.media[j] for j in part]
+            x = preprocess_batch({self.media_col: blobs, "input_ids": [np.zeros(1, np.int64)] * len(part),
+                                  "sample_id": np.array([self.media_ids[j] for j in part])}, self.pre)
+            pix = self.torch.from_numpy(x["pixels"][:, None] if "pixels" in x else x["frames"])
+            out.append(self.model.vision_tokens(pix))
+        return self.torch.cat(out)
+
+    def _text(self, idx: np.ndarray):
+        from mm.data import pad_ids
+
+        ids, mask = pad_ids([self.ids[i] for i in idx], self.pre.pad_id, self.pre.max_tokens, True)
+        ids, mask = self.torch.from_numpy(ids), self.torch.from_numpy(mask)
+        toks = [self.model.text_tokens(ids[i:i + self.batch], mask[i:i + self.batch])
+                for i in range(0, len(idx), self.batch)]
+        return self.torch.cat(toks), mask
+
+    def score(self, text_idx: np.ndarray, media_idx: np.ndarray) -> np.ndarray:
+        """(P,) text rows and (P,) media items -> (P,) ITM match logits."""
+        ut, inv_t = np.unique(np.asarray(text_idx), return_inverse=True)
+        um, inv_m = np.unique(np.asarray(media_idx), return_inverse=True)
+        out = np.empty(len(inv_t), np.float32)
+        with self.torch.inference_mode():
+            vis = self._vision(um)
+            txt, mask = self._text(ut)
+            for i in range(0, len(out), self.batch):
+                t, m = self.torch.from_numpy(inv_t[i:i + self.batch]), self.torch.from_numpy(inv_m[i:i + self.batch])
+                fused = self.model.fuse(txt[t], mask[t], vis[m])[:, 0]
+                out[i:i + len(t)] = self.head(fused.float())[:, 1].numpy()
+        return out
+
+
 def write_eval(result: dict, out: str | Path) -> Path:
     """Write eval.json (without the thumbnails) and ``<stem>_samples.json`` beside it."""
     out = Path(out)
@@ -561,4 +695,4 @@ def _jsonable(x):
 __all__ = ["EvalConfig", "LinearProbeConfig", "Embedder", "Embeddings", "resolve_model_dir", "load_templates",
            "class_prompts", "embed_split", "embed_split_multi", "zeroshot_weights", "encode_prompts", "evaluate_run",
            "evaluate_models", "write_eval",
-           "retrieval_inputs", "label_targets"]
+           "retrieval_inputs", "label_targets", "itm_checkpoint", "load_itm_head", "ITMScorer"]

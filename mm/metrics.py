@@ -214,8 +214,63 @@ def retrieval_metrics(media_emb: np.ndarray, text_emb: np.ndarray, text_to_media
     return metrics, chance
 
 
+def rerank_topk(topk: np.ndarray, itc: np.ndarray, score_pairs, k: int, *, block_rows: int = 64) -> np.ndarray:
+    """Re-rank the first ``k`` ITC candidates of every query by a pair scorer (ALBEF/BLIP/LAVIS).
+
+    ``topk`` (N_q, K): gallery indices best first by ITC; ``itc`` (N_q, K): their ITC scores.
+    ``score_pairs(query_idx (P,), gallery_idx (P,)) -> (P,)``: the ITM match logit of each pair.
+    The first ``min(k, K)`` columns are re-sorted by ``itm + itc`` (LAVIS's ``score + topk_sim``),
+    ties keeping the ITC order; columns past ``k`` keep their ITC order below them, so a candidate
+    outside the top k is never promoted. Scores ``block_rows x k`` pairs per call.
+    """
+    topk = np.asarray(topk, dtype=np.int64)
+    itc = np.asarray(itc, dtype=np.float32)
+    if topk.shape != itc.shape:
+        raise ValueError(f"topk {topk.shape} and itc {itc.shape} differ in shape")
+    k = min(int(k), topk.shape[1])
+    out = topk.copy()
+    if k <= 1 or len(topk) == 0:
+        return out
+    for r0 in range(0, len(topk), block_rows):
+        cand = topk[r0:r0 + block_rows, :k]  # (b, k)
+        rows = np.repeat(np.arange(r0, r0 + len(cand), dtype=np.int64), k)
+        itm = np.asarray(score_pairs(rows, cand.reshape(-1)), dtype=np.float32).reshape(cand.shape)
+        order = np.argsort(-(itm + itc[r0:r0 + block_rows, :k]), axis=1, kind="stable")
+        out[r0:r0 + len(cand), :k] = np.take_along_axis(cand, order, axis=1)
+    return out
+
+
+def reranked_retrieval_metrics(media_emb: np.ndarray, text_emb: np.ndarray, text_to_media: np.ndarray,
+                               score_t2m, score_m2t, k: int, *, media: str = "image",
+                               ks: tuple[int, ...] = RETRIEVAL_KS, block_rows: int = 1024,
+                               block_cols: int = 65536, rerank_rows: int = 64) -> dict:
+    """``retrieval_metrics``' recall@k after re-ranking each query's top ``k`` with ``rerank_topk``,
+    named with an ``_itm`` suffix (``image_retrieval_recall@1_itm``, ``text_retrieval_recall@1_itm``).
+
+    ``score_t2m(text_idx, media_idx)`` and ``score_m2t(media_idx, text_idx)`` give ITM logits.
+    """
+    text_to_media = np.asarray(text_to_media, dtype=np.int64)
+    media_emb = np.asarray(media_emb, dtype=np.float32)
+    text_emb = np.asarray(text_emb, dtype=np.float32)
+    media_keys = np.arange(len(media_emb), dtype=np.int64)
+    depth = max(max(ks), int(k))
+    metrics = {}
+    for name, queries, gallery, q_keys, g_keys, scorer in (
+            (f"{media}_retrieval_recall", text_emb, media_emb, text_to_media, media_keys, score_t2m),
+            ("text_retrieval_recall", media_emb, text_emb, media_keys, text_to_media, score_m2t)):
+        top = topk_indices(queries, gallery, depth, block_rows=block_rows, block_cols=block_cols)
+        itc = np.zeros(top.shape, np.float32)
+        for r0 in range(0, len(top), block_rows):  # (block_rows, depth, D) gathered at a time
+            itc[r0:r0 + block_rows] = np.einsum("qd,qkd->qk", queries[r0:r0 + block_rows],
+                                                gallery[top[r0:r0 + block_rows]])
+        top = rerank_topk(top, itc, scorer, k, block_rows=rerank_rows)
+        for kk, v in recall_at_k(top, q_keys, g_keys, ks).items():
+            metrics[f"{name}@{kk}_itm"] = v
+    return metrics
+
+
 __all__ = [
     "RETRIEVAL_KS", "topk_rows", "topk_indices", "topk_accuracy", "predict", "mean_per_class_recall",
     "confusion_matrix", "classification_metrics", "classification_chance", "recall_at_k",
-    "chance_recall_at_k", "retrieval_metrics",
+    "chance_recall_at_k", "retrieval_metrics", "rerank_topk", "reranked_retrieval_metrics",
 ]

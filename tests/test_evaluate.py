@@ -239,3 +239,155 @@ def test_masked_modelling_uses_the_runs_heads(ray_session, corpus_and_run, tmp_p
     assert m["mlm_loss"] == pytest.approx(math.log(math.exp(10) + v - 1) - 10 * m["mlm_accuracy"], rel=1e-4)
     assert 0.0 <= m["mlm_accuracy"] < 0.5
     assert math.isfinite(m["mim_loss"]) and m["mim_loss"] > 0
+
+
+# ----------------------------------------------------------------------------- ITM re-ranking
+
+
+def test_rerank_topk_promotes_the_true_pair_only_within_k():
+    """A scorer that prefers the true pair puts it first when ITC ranked it within k; candidates
+    past k keep their ITC order and are never scored or promoted."""
+    from mm.metrics import recall_at_k, rerank_topk
+
+    truth = np.array([2, 0, 5, 1, 3])  # query q's positive gallery item
+    topk = np.array([[0, 1, 2, 3, 4],   # positive at rank 3
+                     [3, 0, 1, 2, 4],   # rank 2
+                     [5, 0, 1, 2, 3],   # rank 1 already
+                     [0, 2, 3, 4, 1],   # rank 5: outside k=3
+                     [4, 0, 3, 1, 2]])  # rank 3
+    itc = np.tile(np.linspace(0.9, 0.5, 5, dtype=np.float32), (5, 1))
+    seen = []
+
+    def score(rows, cols):
+        seen.extend(zip(rows.tolist(), cols.tolist()))
+        return np.where(cols == truth[rows], 10.0, 0.0) + np.where(cols == 1, 100.0, 0.0) * (rows == 3)
+
+    q_keys, g_keys = truth, np.arange(6)
+    before = recall_at_k(topk, q_keys, g_keys, (1, 3, 5))
+    out = rerank_topk(topk, itc, score, 3, block_rows=2)
+    after = recall_at_k(out, q_keys, g_keys, (1, 3, 5))
+    assert before[1] == pytest.approx(0.2) and before[3] == pytest.approx(0.8)
+    assert after[1] == pytest.approx(0.8) and after[3] == pytest.approx(0.8) and after[5] == 1.0
+    assert (out[:, 3:] == topk[:, 3:]).all()  # past k: untouched ITC order
+    assert out[3].tolist() == [0, 2, 3, 4, 1]  # query 3's favourite (item 1, at ITC rank 5) not promoted
+    assert sorted(seen) == sorted((q, int(g)) for q in range(5) for g in topk[q, :3])  # only top-k pairs scored
+    for q in range(5):  # a permutation of the same candidates
+        assert sorted(out[q, :3]) == sorted(topk[q, :3])
+    # ITC breaks ITM ties (score = ITM + ITC): an indifferent scorer keeps the ITC order
+    assert (rerank_topk(topk, itc, lambda r, c: np.zeros(len(r)), 3) == topk).all()
+
+
+def test_reranked_retrieval_metrics_on_embeddings():
+    """With a constant ITM score the *_itm recalls equal the ITC ones; with an oracle and k = N
+    every query's positive comes first, in both directions."""
+    from mm.metrics import reranked_retrieval_metrics, retrieval_metrics
+
+    rng = np.random.default_rng(0)
+    media = rng.normal(size=(6, 8)).astype(np.float32)
+    media /= np.linalg.norm(media, axis=1, keepdims=True)
+    t2m = np.array([0, 1, 2, 3, 4, 5, 0, 3])  # two captions for media 0 and 3
+    text = media[t2m] + 0.9 * rng.normal(size=(8, 8)).astype(np.float32)
+    text /= np.linalg.norm(text, axis=1, keepdims=True)
+    itc, _ = retrieval_metrics(media, text, t2m, ks=(1, 5))
+    flat = reranked_retrieval_metrics(media, text, t2m, lambda t, m: np.zeros(len(t)),
+                                      lambda m, t: np.zeros(len(t)), 4, ks=(1, 5), block_rows=3, rerank_rows=2)
+    assert flat == {f"{k}_itm": v for k, v in itc.items()}
+    assert itc["image_retrieval_recall@1"] < 1.0 and itc["text_retrieval_recall@1"] < 1.0  # room to improve
+    oracle = reranked_retrieval_metrics(media, text, t2m, lambda t, m: 50.0 * (t2m[t] == m),
+                                        lambda m, t: 50.0 * (t2m[t] == m), 8, ks=(1, 5))
+    assert oracle["image_retrieval_recall@1_itm"] == 1.0 and oracle["text_retrieval_recall@1_itm"] == 1.0
+
+
+def make_itm_run(run: Path, corpus: Path, itm: bool = True, seed: int = 0) -> Path:
+    """A tiny model with a fusion encoder, saved as RUN/model, plus RUN/manifest.json and a step
+    checkpoint holding the objectives' heads (an ITM head when ``itm``), as `mm pretrain` leaves them."""
+    import dataclasses
+
+    import torch
+
+    from mm.checkpoint import save_model, save_train_state, write_json
+    from mm.config import FusionConfig, ModelConfig, TextConfig, VisionConfig
+    from mm.data import load_token_info
+    from mm.models import build_model
+    from mm.objectives import ITMConfig, ObjectivesConfig, ObjectiveSet, build_objectives
+    from mm.train import PretrainConfig
+
+    torch.manual_seed(seed)
+    cfg = ModelConfig(vision=VisionConfig(image_px=32, patch_px=8, width=32, depth=2, heads=2),
+                      text=TextConfig(width=32, depth=1, heads=2, max_tokens=16),
+                      fusion=FusionConfig(depth=1, heads=2), embed_dim=16)
+    tokens = load_token_info(str(corpus / "tokenizer"))
+    model = build_model(cfg, tokens.vocab_size)
+    pcfg = PretrainConfig(model=cfg, objectives=ObjectivesConfig(itm=ITMConfig(weight=1.0 if itm else 0.0)))
+    module = ObjectiveSet(model, build_objectives(pcfg.objectives, model, tokens))
+    if itm:
+        with torch.no_grad():  # an ITM head whose match logits spread over a few units
+            module.objectives[-1].head.fc.weight.normal_(0.0, 2.0)
+    save_model(model, cfg, run / "model", corpus / "tokenizer")
+    save_train_state(run / "ray" / "step_00000001", {k: v.clone() for k, v in module.state_dict().items()},
+                     {"state": {}, "param_groups": []}, {"step": 1})
+    write_json(run / "manifest.json", {"config": dataclasses.asdict(pcfg)})
+    return run
+
+
+def test_itm_rerank_end_to_end(ray_session, corpus_and_run, tmp_path):
+    """evaluate_run with rerank_k: *_itm recalls beside the unchanged ITC ones, equal to a brute-force
+    re-ranking over all pairs fused in-process (rerank_k = N re-ranks every candidate)."""
+    import torch
+
+    import mm
+    from mm.evaluate import EvalConfig, evaluate_run, load_itm_head
+
+    corpus, _ = corpus_and_run
+    run = make_itm_run(tmp_path / "itm", corpus)
+    val, img, txt, _, _ = _direct(corpus, run)
+    n = len(val)
+    res = evaluate_run(run, corpus, EvalConfig(batch_rows=5, rerank_k=n, rerank_batch=7, ks=(1, 5, 10)),
+                       tasks=("retrieval",))
+    m, c = res["metrics"]["retrieval"], res["chance"]["retrieval"]
+    itc_names = {f"{d}_retrieval_recall@{k}" for d in ("image", "text") for k in (1, 5, 10)}
+    assert set(m) == itc_names | {f"{x}_itm" for x in itc_names} and set(c) == set(m)
+    assert all(0.0 <= v <= 1.0 for v in m.values())
+    # brute force: every (text, image) pair through the fusion encoder at once
+    model, head = mm.load(str(run)).eval(), load_itm_head(run / "model", n)
+    from mm.data import PreprocessConfig, pad_ids, preprocess_batch
+
+    mc = model.cfg
+    pre = PreprocessConfig(image_px=mc.vision.image_px, mean=mc.vision.mean, std=mc.vision.std,
+                           max_tokens=mc.text.max_tokens, pad_id=0, max_frames=1, pad_to_longest=True)
+    x = preprocess_batch({"image": np.array([r["image"] for r in val], dtype=object),
+                          "input_ids": [np.array(r["input_ids"]) for r in val]}, pre)
+    ids, mask = pad_ids([np.array(r["input_ids"]) for r in val], 0, mc.text.max_tokens, True)
+    with torch.inference_mode():
+        vt = model.vision_tokens(torch.from_numpy(x["pixels"]))
+        tt = model.text_tokens(torch.from_numpy(ids), torch.from_numpy(mask))
+        ti, ii = torch.meshgrid(torch.arange(n), torch.arange(n), indexing="ij")
+        fused = model.fuse(tt[ti.reshape(-1)], torch.from_numpy(mask)[ti.reshape(-1)], vt[ii.reshape(-1)])[:, 0]
+        itm = head(fused)[:, 1].reshape(n, n).numpy()  # (text, image)
+    score = itm + txt @ img.T
+    t2i = np.argsort(-score, axis=1, kind="stable")
+    i2t = np.argsort(-score.T, axis=1, kind="stable")
+    for k in (1, 5, 10):
+        assert m[f"image_retrieval_recall@{k}_itm"] == pytest.approx(np.mean([i in t2i[i, :k] for i in range(n)]))
+        assert m[f"text_retrieval_recall@{k}_itm"] == pytest.approx(np.mean([i in i2t[i, :k] for i in range(n)]))
+    assert (t2i != np.argsort(-(txt @ img.T), axis=1, kind="stable")).any()  # the ITM head does re-rank
+
+
+def test_rerank_without_itm_head_fails_before_work(corpus_and_run, tmp_path, capsys):
+    """rerank_k > 0 on a model without an ITM head: one line naming rerank_k, before Ray starts."""
+    from jobs.evaluate import main
+    from mm.evaluate import EvalConfig, evaluate_run, itm_checkpoint
+
+    corpus, run = corpus_and_run  # an exported model: no manifest, no step checkpoint
+    out = tmp_path / "e.json"
+    assert main(["--model", str(run), "--data", str(corpus), "--out", str(out), "--set", "rerank_k=8"]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "rerank_k=8" in err and not out.exists()
+    with pytest.raises(ValueError, match="rerank_k=4 needs a model with an ITM head"):
+        evaluate_run(run, corpus, EvalConfig(rerank_k=4), tasks=("retrieval",))  # no Ray: fails first
+    no_itm = make_itm_run(tmp_path / "noitm", corpus, itm=False)
+    with pytest.raises(ValueError, match="trained no ITM head"):
+        itm_checkpoint(no_itm / "model", 4)
+    itm_checkpoint(make_itm_run(tmp_path / "itm", corpus) / "model", 4)  # the positive case passes
+    with pytest.raises(ValueError, match="rerank_k"):
+        EvalConfig(rerank_k=-1)
