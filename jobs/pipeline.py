@@ -215,7 +215,10 @@ def run_pipeline(cfg: PipelineConfig, *, force: Sequence[str] | None = None, add
     summary: dict = {"out_root": str(out), "mode": cfg.mode, "stages": {}}
     with L.StorageLock(out / "_pipeline.lock", owner="mm pipeline", stale_after_s=600):
         for stage in stages:
-            inputs = stage_inputs(stage)
+            try:
+                inputs = stage_inputs(stage)
+            except FileNotFoundError as e:  # an input that is not a finished stage's output
+                raise StageFailed(f"stage {stage.name}: {e}") from None
             key = L.stage_key(stage.name, inputs, stage.config, {"argv": stage.argv})
             forced = force is not None and (not force or stage.name in force)
             decision = L.plan_stage(stage.out, key, force=forced)

@@ -88,8 +88,11 @@ def test_chain_lineage_skip_force_and_resume(tmp_path, ray_session, capsys):
     base += [a for k, v in SMALL.items() for a in ("--set", f"{k}={v}")]
     out = tmp_path / "out"
 
-    # A failing finetune (bad override): curate and pretrain finish and are stamped, then it stops.
-    assert P.main([*base, "--set", "finetune.overrides=[no_such.key=1]"]) == 1
+    # A finetune that fails at run time (its data directory holds no corpus; a bad config key or a
+    # missing path would be refused before any stage): curate and pretrain finish and are stamped,
+    # then it stops.
+    (tmp_path / "empty_corpus").mkdir()
+    assert P.main([*base, "--set", f"finetune.data={tmp_path / 'empty_corpus'}"]) == 1
     assert "resumes at the failed one" in capsys.readouterr().err
     assert L.read_manifest(out / "pretrain")["lineage"]["stage"] == "pretrain"
     pretrained_at = (out / "pretrain" / "manifest.json").stat().st_mtime_ns
