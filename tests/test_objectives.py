@@ -96,6 +96,12 @@ def test_hard_negatives_never_pick_the_positive_or_a_duplicate():
     picks = torch.stack([sample_negatives(sim, torch.zeros(4, 4, dtype=torch.bool), hard=True)[0]
                          for _ in range(50)])
     assert (picks == 3).float().mean() > 0.9
+    # hard_fraction mixes in uniform negatives: 0.5 * 1 + 0.5 / 3 of the picks go to column 3.
+    torch.manual_seed(0)
+    picks = torch.stack([sample_negatives(sim, torch.zeros(4, 4, dtype=torch.bool), hard=True, hard_fraction=0.5)[0]
+                         for _ in range(2000)])
+    assert abs((picks == 3).float().mean().item() - 2 / 3) < 0.04
+    assert {1, 2, 3} == set(picks.tolist())
 
 
 def test_extra_objective_factories_are_added():
