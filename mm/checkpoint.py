@@ -146,6 +146,9 @@ def load_model(path: str | os.PathLike) -> tuple[torch.nn.Module, ModelConfig]:
     # training-time choice.
     cfg_build = _without_pretrained(cfg)
     model = VLModel(cfg_build, int(meta["vocab_size"]))
+    for k in ("logit_scale", "logit_bias"):  # saved as scalars before they became shape (1,)
+        if k in state and state[k].ndim == 0:
+            state[k] = state[k].reshape(1)
     missing, unexpected = model.load_state_dict(state, strict=False)
     if missing or unexpected:
         raise CheckpointError(f"{d} does not match its config: missing {missing[:3]}, unexpected {unexpected[:3]}")

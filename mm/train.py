@@ -4,7 +4,7 @@
     summary = fit(cfg, ["corpus_a", "corpus_b"], "runs/r1")
 
 ``fit`` starts a ``TorchTrainer`` (DDP over gloo on CPU, NCCL on GPU; FSDP2 with
-``train.parallel=fsdp`` on GPUs) whose workers read their shard of each corpus from Ray Data
+``train.parallel=fsdp``, meant for GPUs and tested on CPU) whose workers read their shard of each corpus from Ray Data
 (JPEG decode and augmentation run in Ray Data map stages; batches prefetched), run the configured
 objectives (mm/objectives.py) and write
 
@@ -65,7 +65,7 @@ class TrainConfig:
     num_workers: int = 2
     cpus_per_worker: float | None = None  # default: jobs.runtime.worker_cpus (fractional on small machines)
     use_gpu: bool = False
-    parallel: Literal["ddp", "fsdp"] = "ddp"  # fsdp: FSDP2 (fully_shard) per block, GPUs only
+    parallel: Literal["ddp", "fsdp"] = "ddp"  # fsdp: FSDP2 (fully_shard) per block; saves memory on GPUs
     max_steps: int = 200
     checkpoint_every_steps: int = 50
     keep_checkpoints: int = 2
@@ -258,8 +258,8 @@ def _wrap(module: torch.nn.Module, t: TrainConfig, device: torch.device) -> torc
     import ray.train.torch
 
     if t.parallel == "fsdp":
-        if device.type != "cuda":
-            raise ValueError("train.parallel=fsdp needs GPUs (train.use_gpu=true); use ddp on CPU")
+        # FSDP2 also runs on CPU over gloo (tests/test_train.py trains and checkpoints with it); it
+        # saves memory only on GPUs, where bf16 params with fp32 reduction apply.
         from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
 
         module.to(device)
@@ -281,13 +281,11 @@ def _amp_dtype(t: TrainConfig, device: torch.device) -> torch.dtype | None:
 
 def _no_sync(module: torch.nn.Module, sync: bool):
     """Skip the gradient all-reduce on accumulation micro-steps."""
-    if sync:
+    if hasattr(module, "set_requires_gradient_sync"):  # FSDP2: a flag, set for every micro-step
+        module.set_requires_gradient_sync(sync)
         return contextlib.nullcontext()
-    if hasattr(module, "no_sync"):
+    if not sync and hasattr(module, "no_sync"):  # DDP
         return module.no_sync()
-    if hasattr(module, "set_requires_gradient_sync"):  # FSDP2
-        module.set_requires_gradient_sync(False)
-        return contextlib.nullcontext()
     return contextlib.nullcontext()
 
 

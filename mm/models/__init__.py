@@ -36,10 +36,12 @@ class VLModel(nn.Module):
         self.text_proj = nn.Linear(self.text.width, cfg.embed_dim, bias=False)
         nn.init.normal_(self.vision_proj.weight, std=self.vision.width ** -0.5)
         nn.init.normal_(self.text_proj.weight, std=self.text.width ** -0.5)
-        self.logit_scale = nn.Parameter(torch.tensor(cfg.init_logit_scale()))
+        # Shape (1,), not a scalar: FSDP2's fully_shard refuses 0-d parameters. ``scale()`` returns
+        # them as scalars.
+        self.logit_scale = nn.Parameter(torch.tensor([cfg.init_logit_scale()]))
         # Only SigLIP trains a bias; for CLIP it stays a frozen 0 (DDP needs every trainable
         # parameter to get a gradient).
-        self.logit_bias = nn.Parameter(torch.tensor(cfg.init_logit_bias()), requires_grad=cfg.loss == "siglip")
+        self.logit_bias = nn.Parameter(torch.tensor([cfg.init_logit_bias()]), requires_grad=cfg.loss == "siglip")
         self.fusion = FusionEncoder(cfg.fusion, self.text.width, self.vision.width) if cfg.fusion.depth else None
 
     # -- per-token features -------------------------------------------------------------------
@@ -85,7 +87,7 @@ class VLModel(nn.Module):
 
     def scale(self) -> tuple[torch.Tensor, torch.Tensor]:
         """exp(logit_scale) clamped at exp(logit_scale_max) (CLIP clamps at 100), and the bias."""
-        return self.logit_scale.clamp(max=self.cfg.logit_scale_max).exp(), self.logit_bias
+        return self.logit_scale.clamp(max=self.cfg.logit_scale_max).exp().squeeze(0), self.logit_bias.squeeze(0)
 
     def forward(self, pixels: torch.Tensor, input_ids: torch.Tensor, attention_mask: torch.Tensor):
         """Both embeddings and the scale, for callers that want CLIP's ``model(image, text)``."""
