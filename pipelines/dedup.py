@@ -291,7 +291,12 @@ def hash_shard_edges(t: pa.Table, cfg: DedupConfig) -> pa.Table:
     rid = t.column("rid").to_numpy()
     a, b = candidate_pairs(t.column("band").to_numpy(), cfg.max_bucket_rows, cfg.bucket_window_rows,
                            order_by=m[:, 0].view(np.int64))
-    keep = within_hamming(m, lengths, a, b, cfg.max_hamming) & (rid[a] != rid[b])
+    return _edge_table(rid, a, b, within_hamming(m, lengths, a, b, cfg.max_hamming))
+
+
+def _edge_table(rid: np.ndarray, a: np.ndarray, b: np.ndarray, verified: np.ndarray) -> pa.Table:
+    """Verified candidate pairs (a, b) of shard rows → unique edges between distinct rows."""
+    keep = verified & (rid[a] != rid[b])
     ea, eb = unique_edges(rid[a[keep]], rid[b[keep]])
     return pa.table({"a": ea, "b": eb}, schema=_EDGE_SCHEMA)
 
@@ -339,9 +344,7 @@ def caption_shard_edges(t: pa.Table, cfg: DedupConfig) -> pa.Table:
     sig, _ = hash_matrix(t.column("vec"))
     rid = t.column("rid").to_numpy()
     a, b = candidate_pairs(t.column("band").to_numpy(), cfg.max_bucket_rows, cfg.bucket_window_rows)
-    keep = ((sig[a] == sig[b]).mean(axis=1) >= cfg.caption_min_jaccard) & (rid[a] != rid[b])
-    ea, eb = unique_edges(rid[a[keep]], rid[b[keep]])
-    return pa.table({"a": ea, "b": eb}, schema=_EDGE_SCHEMA)
+    return _edge_table(rid, a, b, (sig[a] == sig[b]).mean(axis=1) >= cfg.caption_min_jaccard)
 
 
 # --------------------------------------------------------------------------- orchestration
