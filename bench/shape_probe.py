@@ -26,10 +26,9 @@ import torch.nn as nn
 def render(n: int, rng: np.random.Generator) -> tuple[torch.Tensor, torch.Tensor]:
     from pipelines import demo_corpus as dc
 
+    axes = {"shape": dc.SHAPES, "colour": tuple(dc.COLOURS), "size": dc.SIZES, "position": dc.POSITIONS}
     xs, ys = [], []
-    for _ in range(n):
-        a = {"shape": dc.SHAPES[rng.integers(len(dc.SHAPES))], "colour": list(dc.COLOURS)[rng.integers(len(dc.COLOURS))],
-             "size": dc.SIZES[rng.integers(len(dc.SIZES))], "position": dc.POSITIONS[rng.integers(len(dc.POSITIONS))]}
+    for a in dc._attr_plan(rng, n, axes):  # the demo corpus's own balanced attribute draw
         xs.append(dc.render_image(a, rng, 64))
         ys.append(dc.SHAPES.index(a["shape"]))
     x = torch.tensor(np.stack(xs)).permute(0, 3, 1, 2).float() / 255.0
