@@ -112,7 +112,12 @@ def save_model(model: torch.nn.Module, cfg: ModelConfig, out_dir: str | os.PathL
         raise TypeError(f"save_model expects a VLModel, got {type(bare).__name__}")
     write_tensors(out / "model.safetensors", state if state is not None else bare.state_dict(),
                   metadata={"format": FORMAT})
-    write_json(out / "config.json", {"format": FORMAT, "vocab_size": bare.vocab_size, "model": to_json(cfg)})
+    meta = {"format": FORMAT, "vocab_size": bare.vocab_size, "model": to_json(cfg)}
+    if cfg.text.pretrained_path:
+        # The pretrained tower's own architecture (width, positions, norms): TextConfig's fields do
+        # not describe it, and its original directory may not exist where the model is loaded.
+        meta["text_hf_config"] = bare.text.bert.config.to_dict()
+    write_json(out / "config.json", meta)
     if tokenizer_dir is not None:
         tmp = out / ".tokenizer.tmp"
         shutil.rmtree(tmp, ignore_errors=True)
@@ -145,7 +150,10 @@ def load_model(path: str | os.PathLike) -> tuple[torch.nn.Module, ModelConfig]:
     # Build without pretrained files: the checkpoint holds every weight, and locking is a
     # training-time choice.
     cfg_build = _without_pretrained(cfg)
-    model = VLModel(cfg_build, int(meta["vocab_size"]))
+    text_hf = meta.get("text_hf_config")
+    if cfg.text.pretrained_path and text_hf is None:
+        raise CheckpointError(f"{d / 'config.json'} has a pretrained text tower but no text_hf_config")
+    model = VLModel(cfg_build, int(meta["vocab_size"]), text_hf)
     for k in ("logit_scale", "logit_bias"):  # saved as scalars before they became shape (1,)
         if k in state and state[k].ndim == 0:
             state[k] = state[k].reshape(1)

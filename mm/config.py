@@ -18,11 +18,15 @@ from typing import Any, Literal
 # OpenAI CLIP's pixel statistics: the usual choice for image-text pretraining from scratch.
 CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
 CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
+# torchvision's ImageNet statistics, for towers trained on them (e.g. its MobileNetV2 weights).
+IMAGENET_MEAN = (0.485, 0.456, 0.406)
+IMAGENET_STD = (0.229, 0.224, 0.225)
 
 
 @dataclass(frozen=True)
 class VisionConfig:
-    """ViT image/video tower. Images are videos with T=1; frames share every weight."""
+    """Image/video tower: a ViT, or a torchvision CNN trunk. Images are videos with T=1; frames
+    share every weight."""
 
     image_px: int = 64
     patch_px: int = 8
@@ -47,6 +51,10 @@ class VisionConfig:
     # A timm model name (e.g. "vit_base_patch16_224") builds that architecture instead of the
     # width/depth/heads fields above; pretrained_path is a local weights file for it.
     timm_name: str | None = None
+    # A torchvision CNN with a ``features`` trunk (e.g. "mobilenet_v2") instead of a ViT; then
+    # pretrained_path is a torchvision state-dict file (e.g. its ImageNet weights, and set
+    # mean/std to IMAGENET_MEAN/STD). No masked image modelling; pool token = avg = GAP.
+    torchvision_name: str | None = None
     pretrained_path: str | None = None
     mean: tuple[float, float, float] = CLIP_MEAN
     std: tuple[float, float, float] = CLIP_STD
@@ -58,7 +66,10 @@ class VisionConfig:
             raise ValueError("max_frames must be >= 1")
         if self.stem == "conv" and (self.timm_name is not None or self.patch_px & (self.patch_px - 1)):
             raise ValueError("stem=conv needs a power-of-two patch_px and no timm_name")
-        if self.timm_name is None and self.width % self.heads:
+        if self.torchvision_name is not None and (self.timm_name is not None or self.stem != "patch"
+                                                  or self.attention != "joint"):
+            raise ValueError("torchvision_name builds a CNN tower: leave timm_name, stem and attention unset")
+        if self.timm_name is None and self.torchvision_name is None and self.width % self.heads:
             raise ValueError(f"width {self.width} is not divisible by heads {self.heads}")
 
 
@@ -132,5 +143,5 @@ def from_json(data: dict[str, Any]) -> ModelConfig:
     return build(ModelConfig, data)
 
 
-__all__ = ["CLIP_MEAN", "CLIP_STD", "VisionConfig", "TextConfig", "FusionConfig", "LockConfig",
+__all__ = ["CLIP_MEAN", "CLIP_STD", "IMAGENET_MEAN", "IMAGENET_STD", "VisionConfig", "TextConfig", "FusionConfig", "LockConfig",
            "ModelConfig", "to_json", "from_json"]

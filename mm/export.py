@@ -71,6 +71,9 @@ def export_hf(model_path: str | Path, out_dir: str | Path) -> Path:
     src = model_dir(model_path)
     model, cfg = load_model(src)
     model.eval()
+    if cfg.vision.torchvision_name:
+        raise ValueError(f"export writes a transformers ViTModel; a torchvision CNN tower ({cfg.vision.torchvision_name}) "
+                         "has none: load the model with mm.load instead")
     vit = model.vision.vit
     if model.vision.temporal is not None:
         raise ValueError("export supports vision.attention=joint only (divided attention has temporal blocks)")

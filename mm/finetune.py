@@ -266,7 +266,7 @@ class PrepareModel:
                     for b in blocks:
                         b.requires_grad_(True)
                     if t == "vision":
-                        tower.vit.norm.requires_grad_(True)
+                        tower.norm.requires_grad_(True)
                         if tower.temporal is not None:
                             for m in list(tower.temporal)[-self.last_n_blocks:]:
                                 m.requires_grad_(True)
@@ -426,6 +426,10 @@ def finetune(init: str, data: str, task: Literal["classify", "retrieval"], out: 
     init_dir = resolve_model_dir(init)
     init_model, tok = _load_model_and_tokenizer(init_dir)
     max_tokens = init_model.cfg.text.max_tokens
+    adapts_vision = task == "classify" or s.towers in ("vision", "both")
+    if s.strategy == "lora" and adapts_vision and init_model.cfg.vision.torchvision_name:
+        raise ValueError("finetune.strategy=lora targets attention projections; a CNN vision tower has none "
+                         "(use last_n, full, or --set finetune.towers=text for retrieval)")
     heads: dict[str, ClassifierHead] = {}
     if task == "retrieval":
         if s.strategy not in ("full", "last_n", "lora"):

@@ -166,6 +166,8 @@ class MaskedVision(Objective):
         super().__init__(cfg.weight)
         self.cfg = cfg
         v = model.vision
+        if not v.supports_masking:
+            raise ValueError("objectives.mim needs a ViT vision tower (a CNN tower cannot drop patches)")
         self.decoder = MaskedPatchDecoder(v.width, cfg.decoder_width, cfg.decoder_depth, cfg.decoder_heads,
                                           v.num_patches, v.cfg.max_frames, v.patch_px ** 2 * 3)
 

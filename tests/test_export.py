@@ -22,8 +22,9 @@ def _saved(tmp_path, cfg: ModelConfig):
     tok = AutoTokenizer.from_pretrained(str(tok_dir))
     torch.manual_seed(0)
     model = VLModel(cfg, len(tok))
-    with torch.no_grad():  # non-trivial temporal embedding: the export must fold it in
-        model.vision.time_embed.normal_(0, 0.5)
+    if hasattr(model.vision, "time_embed"):
+        with torch.no_grad():  # non-trivial temporal embedding: the export must fold it in
+            model.vision.time_embed.normal_(0, 0.5)
     save_model(model, cfg, tmp_path / "run" / "model", tok_dir)
     return tmp_path / "run", tok
 
@@ -53,9 +54,10 @@ def test_hf_export_round_trip(tmp_path, vpool, tpool):
     assert cfg_json["image_size"] == 32 and cfg_json["vision_pool"] == {"token": "cls", "avg": "mean", "max": "max"}[vpool]
 
 
-@pytest.mark.parametrize("vision,match", [({"attention": "divided"}, "joint"), ({"stem": "conv"}, "stem=patch")])
+@pytest.mark.parametrize("vision,match", [({"attention": "divided"}, "joint"), ({"stem": "conv"}, "stem=patch"),
+                                          ({"torchvision_name": "mobilenet_v2"}, "CNN tower")])
 def test_unmappable_towers_are_refused(tmp_path, vision, match):
-    """Divided attention (temporal blocks) and a conv stem have no ViTModel equivalent."""
+    """Divided attention (temporal blocks), a conv stem and a CNN tower have no ViTModel equivalent."""
     from mm.export import export_hf
 
     cfg = ModelConfig(vision=VisionConfig(image_px=16, patch_px=8, width=16, depth=1, heads=2, **vision),

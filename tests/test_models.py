@@ -156,3 +156,76 @@ def test_pretrained_paths_load_local_weights(tmp_path):
     assert model.encode_image(torch.randn(1, 3, 32, 32)).shape == (1, 16)
     with pytest.raises(ValueError, match="vocab"):
         build_model(cfg, 51)
+
+
+def test_torchvision_cnn_tower_loads_weights_locks_and_keeps_bn_statistics(tmp_path):
+    """vision.torchvision_name: a torchvision trunk from a local state-dict file (as the
+    MobileNetV2 ImageNet weights are loaded), the ViT token layout, LiT locking with frozen
+    BatchNorm statistics, a trainable last stage, and clear refusals (MIM, a model without a trunk)."""
+    import torchvision
+
+    from mm.objectives import MaskedVision, MIMConfig
+
+    torch.manual_seed(0)
+    ref = torchvision.models.mobilenet_v2()
+    torch.save(ref.state_dict(), tmp_path / "mnv2.pth")
+    cnn = VisionConfig(image_px=32, torchvision_name="mobilenet_v2", pretrained_path=str(tmp_path / "mnv2.pth"),
+                       max_frames=4)
+    cfg = dataclasses.replace(CFG, vision=cnn, lock=LockConfig(vision=True, vision_unlocked_blocks=1))
+    model = build_model(cfg, 50).train()
+    assert torch.equal(model.vision.features[3].conv[0][0].weight, ref.features[3].conv[0][0].weight)
+    assert (model.vision.width, model.vision.grid, model.vision.patch_px) == (1280, (1, 1), 32)
+    img, vid, ids, mask = _inputs()
+    assert model.vision_tokens(vid).shape == (3, 1 + 4, 1280)
+    tokens = model.vision_tokens(img[:, None])
+    assert torch.equal(model.vision.pool(tokens), tokens[:, 1:].mean(1))
+    assert model.encode_video(vid).shape == model.encode_image(img).shape == (3, 16)
+
+    trainable = {n for n, p in model.named_parameters() if p.requires_grad}
+    assert any(n.startswith("vision.features.18.") for n in trainable)
+    assert not any(n.startswith("vision.features.17.") for n in trainable)
+    frozen_bn, open_bn = model.vision.features[17].conv[1][1], model.vision.features[18][1]
+    frozen_before, open_before = frozen_bn.running_mean.clone(), open_bn.running_mean.clone()
+    model.encode_image(img * 3 + 1)
+    assert torch.equal(frozen_bn.running_mean, frozen_before), "a locked stage must keep its BN statistics"
+    assert not torch.equal(open_bn.running_mean, open_before), "the unlocked stage trains its BatchNorm"
+    loss = model.encode_image(img).sum() + model.encode_text(ids, mask).sum()
+    loss.backward()
+    assert model.vision.features[18][0].weight.grad is not None and model.vision.features[0][0].weight.grad is None
+
+    with pytest.raises(ValueError, match="ViT"):
+        MaskedVision(MIMConfig(weight=1.0), model)
+    with pytest.raises(ValueError, match="features"):
+        build_model(dataclasses.replace(CFG, vision=VisionConfig(image_px=32, torchvision_name="resnet18")), 50)
+    with pytest.raises(ValueError, match="CNN"):
+        VisionConfig(torchvision_name="mobilenet_v2", attention="divided")
+
+
+def test_pretrained_towers_round_trip_through_a_checkpoint_without_their_files(tmp_path):
+    """A model built on local pretrained towers (a CNN and a transformers BERT whose shape the
+    TextConfig fields do not describe) reloads from its model dir after those files are gone."""
+    import shutil
+
+    import torchvision
+    from transformers import BertConfig, BertModel
+
+    from mm.checkpoint import load_model, save_model
+
+    torch.save(torchvision.models.mobilenet_v2().state_dict(), tmp_path / "mnv2.pth")
+    BertModel(BertConfig(vocab_size=50, hidden_size=24, num_hidden_layers=1, num_attention_heads=2,
+                         intermediate_size=40, max_position_embeddings=64),
+              add_pooling_layer=False).save_pretrained(tmp_path / "bert")
+    cfg = dataclasses.replace(
+        CFG, fusion=FusionConfig(),
+        vision=VisionConfig(image_px=32, torchvision_name="mobilenet_v2", pretrained_path=str(tmp_path / "mnv2.pth")),
+        text=TextConfig(pretrained_path=str(tmp_path / "bert"), max_tokens=12))
+    model = build_model(cfg, 50).eval()
+    save_model(model, cfg, tmp_path / "model", tokenizer_dir=None)
+    (tmp_path / "mnv2.pth").unlink()
+    shutil.rmtree(tmp_path / "bert")
+    loaded, loaded_cfg = load_model(tmp_path / "model")
+    assert loaded_cfg == cfg and loaded.text.width == 24
+    img, _, ids, mask = _inputs()
+    with torch.no_grad():
+        assert torch.allclose(loaded.eval().encode_image(img), model.encode_image(img), atol=1e-6)
+        assert torch.allclose(loaded.encode_text(ids, mask), model.encode_text(ids, mask), atol=1e-6)

@@ -21,16 +21,19 @@ from torch import nn
 from mm.config import LockConfig, ModelConfig
 from mm.models.fusion import FusionEncoder
 from mm.models.text import TextTower
-from mm.models.vision import VisionTower
+from mm.models.vision import build_vision_tower
 
 
 class VLModel(nn.Module):
-    def __init__(self, cfg: ModelConfig, vocab_size: int) -> None:
+    """``text_hf_config``: the pretrained text tower's transformers config, to rebuild it from a
+    checkpoint without its original files (``mm.checkpoint`` saves and passes it)."""
+
+    def __init__(self, cfg: ModelConfig, vocab_size: int, text_hf_config: dict | None = None) -> None:
         super().__init__()
         self.cfg = cfg
         self.vocab_size = vocab_size
-        self.vision = VisionTower(cfg.vision)
-        self.text = TextTower(cfg.text, vocab_size)
+        self.vision = build_vision_tower(cfg.vision)
+        self.text = TextTower(cfg.text, vocab_size, text_hf_config)
         # CLIP's projections: linear, no bias (Radford et al. 2021).
         self.vision_proj = nn.Linear(self.vision.width, cfg.embed_dim, bias=False)
         self.text_proj = nn.Linear(self.text.width, cfg.embed_dim, bias=False)
@@ -113,7 +116,7 @@ def lock_towers(model: VLModel, cfg: LockConfig) -> list[str]:
     def lock(prefix: str, tower: nn.Module, blocks: nn.ModuleList, unlocked: int) -> None:
         keep = {id(p) for blk in list(blocks)[len(blocks) - unlocked:] for p in blk.parameters()} if unlocked else set()
         if unlocked and prefix == "vision":
-            keep |= {id(p) for p in model.vision.vit.norm.parameters()}
+            keep |= {id(p) for p in model.vision.norm.parameters()}
             if model.vision.temporal is not None:
                 keep |= {id(p) for t in list(model.vision.temporal)[len(blocks) - unlocked:] for p in t.parameters()}
         for name, p in tower.named_parameters():

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import torch
 from torch import nn
-from transformers import AutoModel, BertConfig, BertModel
+from transformers import AutoConfig, AutoModel, BertConfig, BertModel
 
 from mm.config import TextConfig
 
@@ -22,10 +22,18 @@ def bert_config(cfg: TextConfig, vocab_size: int) -> BertConfig:
 
 
 class TextTower(nn.Module):
-    def __init__(self, cfg: TextConfig, vocab_size: int) -> None:
+    """``hf_config`` (a transformers config dict, as saved beside a checkpoint) rebuilds a
+    pretrained architecture without its files; the weights then come from the checkpoint."""
+
+    def __init__(self, cfg: TextConfig, vocab_size: int, hf_config: dict | None = None) -> None:
         super().__init__()
         self.cfg = cfg
-        if cfg.pretrained_path:
+        if hf_config is not None:
+            d = dict(hf_config)
+            self.bert = AutoModel.from_config(AutoConfig.for_model(d.pop("model_type"), **d), add_pooling_layer=False)
+            if self.bert.config.vocab_size != vocab_size:
+                raise ValueError(f"text config has vocab {self.bert.config.vocab_size}, expected {vocab_size}")
+        elif cfg.pretrained_path:
             self.bert = AutoModel.from_pretrained(cfg.pretrained_path, add_pooling_layer=False)
             have = self.bert.config.vocab_size
             if have != vocab_size:

@@ -1,4 +1,5 @@
-"""Vision tower: a timm ViT shared by images (T=1) and videos (T frames).
+"""Vision towers: a timm ViT shared by images (T=1) and videos (T frames), or a pretrained
+torchvision CNN (``CNNTower``, for LiT-style runs on ImageNet weights).
 
 Every frame goes through the same patch embedding and spatial position embedding; a learned
 temporal position embedding (one row per frame index, ``max_frames`` rows) is added on top, so an
@@ -13,6 +14,10 @@ image is a one-frame video at frame 0 and image and video batches train the same
 modelling runs the encoder on visible tokens only (MAE, He et al. 2022; VideoMAE, Tong et al.
 2022). With divided attention the visible set must be the same spatial positions in every frame,
 which tube masking guarantees.
+
+A CNN tower (``vision.torchvision_name``) returns the same token layout: its last feature map's
+positions are the patch tokens (B, 1 + T*h*w, C), with their mean as the leading token. It has no
+position or temporal embedding and no masked modelling (MIM needs a ViT).
 
 Tested in tests/test_models.py.
 """
@@ -74,7 +79,20 @@ def _build_vit(cfg: VisionConfig) -> nn.Module:
     return vit
 
 
+def _sync_norm_modes(norms: list[nn.Module], training: bool) -> None:
+    """BatchNorms train only while their weights do: a frozen (LiT-locked or partially fine-tuned)
+    conv layer keeps its running statistics instead of drifting through them."""
+    for bn in norms:
+        bn.train(training and any(p.requires_grad for p in bn.parameters()))
+
+
+def _batch_norms(module: nn.Module) -> list[nn.Module]:
+    return [m for m in module.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)]
+
+
 class VisionTower(nn.Module):
+    supports_masking = True
+
     def __init__(self, cfg: VisionConfig) -> None:
         super().__init__()
         self.cfg = cfg
@@ -96,19 +114,23 @@ class VisionTower(nn.Module):
         self.grad_checkpointing = False
         # A conv stem's BatchNorms: kept in eval mode while their weights are frozen (LiT locks,
         # partial fine-tunes), so a "frozen" stem does not drift through its running statistics.
-        self._stem_norms = [m for m in self.vit.patch_embed.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)]
+        self._stem_norms = _batch_norms(self.vit.patch_embed)
 
     @property
     def blocks(self) -> nn.ModuleList:
         return self.vit.blocks
+
+    @property
+    def norm(self) -> nn.Module:
+        """The final norm, trained with the last blocks when a locked tower unlocks some."""
+        return self.vit.norm
 
     def embed(self, frames: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """(B, T, 3, H, W) -> class token (B, 1, D) and patch tokens (B, T, N, D), position-embedded."""
         b, t = frames.shape[:2]
         if t > self.cfg.max_frames:
             raise ValueError(f"{t} frames > max_frames {self.cfg.max_frames}")
-        for bn in self._stem_norms:
-            bn.train(self.training and any(p.requires_grad for p in bn.parameters()))
+        _sync_norm_modes(self._stem_norms, self.training)
         x = self.vit.patch_embed(frames.flatten(0, 1))  # (B*T, N, D)
         pos = self.vit.pos_embed  # (1, 1+N, D) with the class position first
         x = x + pos[:, 1:]
@@ -166,3 +188,80 @@ class VisionTower(nn.Module):
         p = self.patch_px
         x = frames.reshape(b, t, c, h // p, p, w // p, p)
         return x.permute(0, 1, 3, 5, 4, 6, 2).reshape(b, t * (h // p) * (w // p), p * p * c)
+
+
+class CNNTower(nn.Module):
+    """A torchvision CNN's convolutional trunk (``model.features``: MobileNet, EfficientNet,
+    ConvNeXt, ...) as a vision tower, e.g. MobileNetV2 on its ImageNet weights for LiT
+    (Zhai et al. 2022). ``vision.pretrained_path`` is a torchvision state-dict file.
+
+    Frames are encoded independently; the tokens are the positions of the last feature map
+    (B, 1 + T*h*w, C) with their mean first, so pooling, fusion cross-attention and evaluation
+    see the ViT tower's layout. ``blocks`` are the trunk's stages, for locking and last-N
+    fine-tunes.
+    """
+
+    supports_masking = False
+    temporal = None
+
+    def __init__(self, cfg: VisionConfig) -> None:
+        super().__init__()
+        import torchvision
+
+        self.cfg = cfg
+        net = torchvision.models.get_model(cfg.torchvision_name)
+        if cfg.pretrained_path is not None:
+            state = torch.load(cfg.pretrained_path, map_location="cpu", weights_only=True)
+            net.load_state_dict(state.get("state_dict", state) if isinstance(state, dict) else state)
+        features = getattr(net, "features", None)
+        if not isinstance(features, nn.Sequential):
+            raise ValueError(f"torchvision model {cfg.torchvision_name!r} has no `features` trunk "
+                             "(MobileNet, EfficientNet, ConvNeXt, VGG and DenseNet have one)")
+        self.features = features  # the classifier is dropped
+        with torch.no_grad():
+            fmap = features.eval()(torch.zeros(1, 3, cfg.image_px, cfg.image_px))
+        self.width = fmap.shape[1]
+        self.grid = tuple(fmap.shape[2:])
+        self.num_patches = self.grid[0] * self.grid[1]
+        self.patch_px = cfg.image_px // self.grid[0]  # the trunk's total stride
+        self.grad_checkpointing = False
+        self._norms = _batch_norms(self.features)
+
+    @property
+    def blocks(self) -> nn.Sequential:
+        return self.features
+
+    @property
+    def norm(self) -> nn.Module:
+        return nn.Identity()  # a CNN's norms live inside its stages
+
+    def forward(self, frames: torch.Tensor, keep_idx: torch.Tensor | None = None) -> torch.Tensor:
+        """(B, T, 3, H, W) -> (B, 1 + T*h*w, C): mean token first, then every frame's positions."""
+        if keep_idx is not None:
+            raise ValueError("a CNN vision tower cannot encode a subset of patches; masked image "
+                             "modelling needs a ViT tower")
+        b, t = frames.shape[:2]
+        if t > self.cfg.max_frames:
+            raise ValueError(f"{t} frames > max_frames {self.cfg.max_frames}")
+        _sync_norm_modes(self._norms, self.training)
+        x = frames.flatten(0, 1)
+        for stage in self.features:
+            if self.grad_checkpointing and self.training and torch.is_grad_enabled():
+                x = checkpoint(stage, x, use_reentrant=False)
+            else:
+                x = stage(x)
+        x = x.flatten(2).transpose(1, 2).reshape(b, -1, self.width)  # (B, T*h*w, C)
+        return torch.cat([x.mean(1, keepdim=True), x], dim=1)
+
+    def pool(self, tokens: torch.Tensor) -> torch.Tensor:
+        """token and avg: global average pooling; max: global max pooling."""
+        if self.cfg.pool == "max":
+            return tokens[:, 1:].amax(1)
+        return tokens[:, 0]
+
+    def patchify(self, frames: torch.Tensor) -> torch.Tensor:
+        raise ValueError("masked image modelling needs a ViT tower")
+
+
+def build_vision_tower(cfg: VisionConfig) -> nn.Module:
+    return CNNTower(cfg) if cfg.torchvision_name else VisionTower(cfg)
