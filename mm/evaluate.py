@@ -565,7 +565,27 @@ def itm_checkpoint(model_dir: Path, rerank_k: int):
             why = f"run {run} trained no ITM head (model.fusion.depth > 0 and objectives.itm.weight > 0)"
     if why:
         raise ValueError(f"rerank_k={rerank_k} needs a model with an ITM head: {why}; set rerank_k=0")
-    return pcfg, ckpts[-1].parent
+    ckpt = ckpts[-1].parent
+    _check_same_fusion(Path(model_dir), ckpt, rerank_k)
+    return pcfg, ckpt
+
+
+def _check_same_fusion(model_dir: Path, ckpt: Path, rerank_k: int) -> None:
+    """The ITM head pairs with the fusion encoder it was trained with: refuse a step checkpoint
+    whose fusion weights differ from the model's (a model saved from another step or run)."""
+    import torch
+    from safetensors import safe_open
+
+    from mm.checkpoint import model_dir as resolve
+
+    with safe_open(str(resolve(model_dir) / "model.safetensors"), framework="pt") as m, \
+            safe_open(str(ckpt / "state.safetensors"), framework="pt") as c:
+        have = set(c.keys())
+        names = [k for k in m.keys() if k.startswith("fusion.")]
+        if any(f"model.{k}" not in have or not torch.equal(m.get_tensor(k), c.get_tensor(f"model.{k}"))
+               for k in names):
+            raise ValueError(f"rerank_k={rerank_k}: the ITM head's checkpoint {ckpt} holds other fusion weights "
+                             "than the model (saved from another step or run); set rerank_k=0")
 
 
 def load_itm_head(model_dir: Path, rerank_k: int):

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import io
 import json
+import shutil
 from pathlib import Path
 
 import numpy as np
@@ -388,6 +389,12 @@ def test_rerank_without_itm_head_fails_before_work(corpus_and_run, tmp_path, cap
     no_itm = make_itm_run(tmp_path / "noitm", corpus, itm=False)
     with pytest.raises(ValueError, match="trained no ITM head"):
         itm_checkpoint(no_itm / "model", 4)
-    itm_checkpoint(make_itm_run(tmp_path / "itm", corpus) / "model", 4)  # the positive case passes
+    itm_run = make_itm_run(tmp_path / "itm", corpus)
+    itm_checkpoint(itm_run / "model", 4)  # the positive case passes
+    other = make_itm_run(tmp_path / "other", corpus, seed=1)  # RUN/model from another run
+    shutil.rmtree(itm_run / "model")
+    shutil.copytree(other / "model", itm_run / "model")
+    with pytest.raises(ValueError, match="other fusion weights"):
+        itm_checkpoint(itm_run / "model", 4)
     with pytest.raises(ValueError, match="rerank_k"):
         EvalConfig(rerank_k=-1)
