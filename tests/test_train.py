@@ -209,3 +209,43 @@ def test_train_step_skips_and_counts_a_non_finite_step():
     metrics, _, finite = train_step(module, opt, scaler, [good], TrainConfig(), None, params)
     assert finite and not all(torch.equal(a, b) for a, b in zip(before, params))
     assert torch.isfinite(metrics["loss"])
+
+
+def test_lit_locked_pretrained_towers_train_only_the_heads(ray_session, tmp_path):
+    """LiT through the training loop (configs/lit_emoji.yaml at toy size): a torchvision CNN and
+    a transformers BERT loaded from local files and locked. Only the projections and the
+    temperature move; the CNN's BatchNorm statistics do not drift under DDP training; the saved
+    model loads after the pretrained files are gone."""
+    import shutil
+
+    import torchvision
+    from transformers import AutoTokenizer, BertConfig, BertModel
+
+    corpus = make_corpus(tmp_path / "img", n=64, seed=5)
+    vocab = len(AutoTokenizer.from_pretrained(str(corpus / "tokenizer")))
+    torch.manual_seed(0)
+    cnn = torchvision.models.mobilenet_v2()
+    with torch.no_grad():  # non-trivial statistics, as pretrained weights have
+        for m in cnn.modules():
+            if isinstance(m, torch.nn.BatchNorm2d):
+                m.running_mean.uniform_(-0.5, 0.5)
+    torch.save(cnn.state_dict(), tmp_path / "cnn.pth")
+    BertModel(BertConfig(vocab_size=vocab, hidden_size=32, num_hidden_layers=1, num_attention_heads=2,
+                         intermediate_size=64, max_position_embeddings=40),
+              add_pooling_layer=False).save_pretrained(tmp_path / "bert")
+    run = tmp_path / "run"
+    cfg = _cfg(["model.vision.torchvision_name=mobilenet_v2", f"model.vision.pretrained_path={tmp_path / 'cnn.pth'}",
+                f"model.text.pretrained_path={tmp_path / 'bert'}", "model.lock.vision=true", "model.lock.text=true",
+                "train.max_steps=12", "train.checkpoint_every_steps=12"], path="configs/lit_emoji.yaml")
+    fit(cfg, [str(corpus)], str(run))
+    lines = read_metrics(run / "metrics.jsonl")
+    assert lines[0]["loss"] > lines[-1]["loss"], [m["loss"] for m in lines]
+    (tmp_path / "cnn.pth").unlink()
+    shutil.rmtree(tmp_path / "bert")
+    model = mm.load(str(run))
+    ref = cnn.state_dict()
+    saved = {k.removeprefix("vision.features."): v for k, v in model.state_dict().items()
+             if k.startswith("vision.features.")}
+    assert saved.keys() == {k.removeprefix("features.") for k in ref if k.startswith("features.")}
+    assert all(torch.equal(v, ref[f"features.{k}"]) for k, v in saved.items()), "a locked tower changed"
+    assert model.encode_image(torch.zeros(2, 3, 32, 32)).shape == (2, 32)
