@@ -31,7 +31,7 @@ import io
 import json
 import logging
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Literal
 
@@ -169,7 +169,7 @@ class Embedder:
         import torch
 
         import mm
-        from mm.data import PreprocessConfig
+        from mm.data import DataConfig, PreprocessConfig
 
         torch.set_num_threads(1)
         self.torch = torch
@@ -179,9 +179,8 @@ class Embedder:
             if (m.cfg.vision.image_px, m.cfg.vision.mean, m.cfg.vision.std, m.cfg.text.max_tokens) != \
                     (c.vision.image_px, c.vision.mean, c.vision.std, c.text.max_tokens):
                 raise ValueError("models embedded in one pass must share their preprocessing")
-        self.pre = PreprocessConfig(image_px=c.vision.image_px, mean=c.vision.mean, std=c.vision.std,
-                                    max_tokens=c.text.max_tokens, pad_id=pad_id, max_frames=c.vision.max_frames,
-                                    pad_to_longest=True)
+        self.pre = replace(PreprocessConfig.build(c, DataConfig(), pad_id, train=False),
+                           pad_to_longest=True)
         self.features = features
 
     def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
@@ -624,16 +623,15 @@ class ITMScorer:
         import torch
 
         import mm
-        from mm.data import PreprocessConfig, load_token_info
+        from mm.data import DataConfig, PreprocessConfig, load_token_info
 
         self.torch = torch
         self.model = mm.load(str(model_dir)).eval()
         self.head = load_itm_head(model_dir, cfg.rerank_k)
         c = self.model.cfg
         pad_id = load_token_info(str(Path(model_dir) / "tokenizer")).pad_id
-        self.pre = PreprocessConfig(image_px=c.vision.image_px, mean=c.vision.mean, std=c.vision.std,
-                                    max_tokens=c.text.max_tokens, pad_id=pad_id, max_frames=c.vision.max_frames,
-                                    pad_to_longest=True)
+        self.pre = replace(PreprocessConfig.build(c, DataConfig(), pad_id, train=False),
+                           pad_to_longest=True)
         self.batch = cfg.rerank_batch
         ds = pads.dataset(str(Path(data_dir) / "data"), format="parquet")
         self.media_col = "frames" if "frames" in ds.schema.names else "image"
