@@ -114,12 +114,32 @@ class LockConfig:
 
 
 @dataclass(frozen=True)
+class ProjectionConfig:
+    """The projections of the pooled tower features into the shared space, per tower.
+
+    linear: CLIP's (no bias). mlp: OpenCLIP's ``timm_proj="mlp"`` / ``hf_proj_type="mlp"`` idea,
+    Dropout(dropout) -> Linear(W, hidden) -> GELU -> Linear(hidden, embed_dim, no bias): more
+    room for what a locked pretrained tower was not trained to express (LiT on the emoji set,
+    docs/BENCHMARKS.md). ``hidden`` 0 means 2 x embed_dim, as timm's projection MLP."""
+
+    vision: Literal["linear", "mlp"] = "linear"
+    text: Literal["linear", "mlp"] = "linear"
+    hidden: int = 0
+    dropout: float = 0.0
+
+    def __post_init__(self) -> None:
+        if self.hidden < 0 or not 0.0 <= self.dropout < 1.0:
+            raise ValueError("proj.hidden must be >= 0 and proj.dropout in [0, 1)")
+
+
+@dataclass(frozen=True)
 class ModelConfig:
     vision: VisionConfig = field(default_factory=VisionConfig)
     text: TextConfig = field(default_factory=TextConfig)
     fusion: FusionConfig = field(default_factory=FusionConfig)
     lock: LockConfig = field(default_factory=LockConfig)
     embed_dim: int = 128
+    proj: ProjectionConfig = field(default_factory=ProjectionConfig)
     # clip: InfoNCE with a learnable temperature, init 1/0.07 (Radford et al. 2021);
     # siglip: sigmoid loss with scale init 10 and bias init -10 (Zhai et al. 2023).
     loss: Literal["clip", "siglip"] = "clip"
@@ -144,4 +164,4 @@ def from_json(data: dict[str, Any]) -> ModelConfig:
 
 
 __all__ = ["CLIP_MEAN", "CLIP_STD", "IMAGENET_MEAN", "IMAGENET_STD", "VisionConfig", "TextConfig", "FusionConfig", "LockConfig",
-           "ModelConfig", "to_json", "from_json"]
+           "ProjectionConfig", "ModelConfig", "to_json", "from_json"]

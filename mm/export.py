@@ -74,6 +74,9 @@ def export_hf(model_path: str | Path, out_dir: str | Path) -> Path:
     if cfg.vision.torchvision_name:
         raise ValueError(f"export writes a transformers ViTModel; a torchvision CNN tower ({cfg.vision.torchvision_name}) "
                          "has none: load the model with mm.load instead")
+    if "mlp" in (cfg.proj.vision, cfg.proj.text):
+        raise ValueError("export writes CLIP's linear visual/text projections; this model has an mlp projection "
+                         "(model.proj): load it with mm.load instead")
     vit = model.vision.vit
     if model.vision.temporal is not None:
         raise ValueError("export supports vision.attention=joint only (divided attention has temporal blocks)")

@@ -68,6 +68,18 @@ def test_unmappable_towers_are_refused(tmp_path, vision, match):
     assert not (tmp_path / "x").exists()
 
 
+def test_mlp_projection_is_refused(tmp_path):
+    from mm.config import ProjectionConfig
+    from mm.export import export_hf
+
+    cfg = ModelConfig(vision=VisionConfig(image_px=16, patch_px=8, width=16, depth=1, heads=2),
+                      text=TextConfig(width=16, depth=1, heads=2), embed_dim=8, proj=ProjectionConfig(vision="mlp"))
+    run, _ = _saved(tmp_path, cfg)
+    with pytest.raises(ValueError, match="mlp projection"):
+        export_hf(run, tmp_path / "x")
+    assert not (tmp_path / "x").exists()
+
+
 def test_cli(tmp_path, capsys):
     from jobs.export import main
 

@@ -11,7 +11,7 @@ import dataclasses
 import pytest
 import torch
 
-from mm.config import FusionConfig, LockConfig, ModelConfig, TextConfig, VisionConfig
+from mm.config import FusionConfig, LockConfig, ModelConfig, ProjectionConfig, TextConfig, VisionConfig
 from mm.models import build_model
 
 V = VisionConfig(image_px=32, patch_px=8, width=32, depth=2, heads=2, max_frames=4)
@@ -229,3 +229,37 @@ def test_pretrained_towers_round_trip_through_a_checkpoint_without_their_files(t
     with torch.no_grad():
         assert torch.allclose(loaded.eval().encode_image(img), model.encode_image(img), atol=1e-6)
         assert torch.allclose(loaded.encode_text(ids, mask), model.encode_text(ids, mask), atol=1e-6)
+
+
+def test_wholly_locked_towers_stay_in_eval_mode():
+    """train() leaves a tower with no trainable parameter in eval mode (no dropout noise in
+    LiT's fixed features); a partly unlocked tower and the projections train."""
+    cfg = dataclasses.replace(CFG, text=dataclasses.replace(T, dropout=0.5),
+                              lock=LockConfig(vision=True, vision_unlocked_blocks=1, text=True))
+    model = build_model(cfg, 50).train()
+    assert not model.text.training and not any(m.training for m in model.text.modules())
+    assert model.vision.training and model.vision_proj.training and model.fusion.training
+    _, _, ids, mask = _inputs()
+    with torch.no_grad():
+        assert torch.equal(model.text_features(ids, mask), model.text_features(ids, mask))
+    assert build_model(CFG, 50).train().text.training
+
+
+def test_mlp_projection_shapes_and_checkpoint_round_trip(tmp_path):
+    from mm.checkpoint import load_model, save_model
+
+    cfg = dataclasses.replace(CFG, proj=ProjectionConfig(vision="mlp", hidden=24, dropout=0.1))
+    model = build_model(cfg, 50).eval()
+    assert [type(m).__name__ for m in model.vision_proj] == ["Dropout", "Linear", "GELU", "Linear"]
+    assert model.vision_proj[1].out_features == 24 and isinstance(model.text_proj, torch.nn.Linear)
+    assert build_model(dataclasses.replace(cfg, proj=ProjectionConfig(text="mlp")), 50).text_proj[1].out_features == 32
+    img, _, ids, mask = _inputs()
+    with torch.no_grad():
+        emb = model.encode_image(img)
+        assert emb.shape == (3, 16) and torch.allclose(emb.norm(dim=-1), torch.ones(3))
+        assert torch.equal(model.embed_vision_features(model.vision_features(img)), emb)
+    save_model(model, cfg, tmp_path / "model", tokenizer_dir=None)
+    loaded, loaded_cfg = load_model(tmp_path / "model")
+    assert loaded_cfg == cfg
+    with torch.no_grad():
+        assert torch.allclose(loaded.eval().encode_image(img), emb, atol=1e-6)

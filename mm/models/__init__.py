@@ -18,10 +18,21 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from mm.config import LockConfig, ModelConfig
+from mm.config import LockConfig, ModelConfig, ProjectionConfig
 from mm.models.fusion import FusionEncoder
 from mm.models.text import TextTower
 from mm.models.vision import build_vision_tower
+
+
+def projection(width: int, embed_dim: int, kind: str, cfg: ProjectionConfig) -> nn.Module:
+    """CLIP's linear projection (no bias, Radford et al. 2021) or the MLP of ``ProjectionConfig``."""
+    if kind == "linear":
+        proj = nn.Linear(width, embed_dim, bias=False)
+        nn.init.normal_(proj.weight, std=width ** -0.5)
+        return proj
+    hidden = cfg.hidden or 2 * embed_dim
+    return nn.Sequential(nn.Dropout(cfg.dropout), nn.Linear(width, hidden), nn.GELU(),
+                         nn.Linear(hidden, embed_dim, bias=False))
 
 
 class VLModel(nn.Module):
@@ -34,11 +45,8 @@ class VLModel(nn.Module):
         self.vocab_size = vocab_size
         self.vision = build_vision_tower(cfg.vision)
         self.text = TextTower(cfg.text, vocab_size, text_hf_config)
-        # CLIP's projections: linear, no bias (Radford et al. 2021).
-        self.vision_proj = nn.Linear(self.vision.width, cfg.embed_dim, bias=False)
-        self.text_proj = nn.Linear(self.text.width, cfg.embed_dim, bias=False)
-        nn.init.normal_(self.vision_proj.weight, std=self.vision.width ** -0.5)
-        nn.init.normal_(self.text_proj.weight, std=self.text.width ** -0.5)
+        self.vision_proj = projection(self.vision.width, cfg.embed_dim, cfg.proj.vision, cfg.proj)
+        self.text_proj = projection(self.text.width, cfg.embed_dim, cfg.proj.text, cfg.proj)
         # Shape (1,), not a scalar: FSDP2's fully_shard refuses 0-d parameters. ``scale()`` returns
         # them as scalars.
         self.logit_scale = nn.Parameter(torch.tensor([cfg.init_logit_scale()]))
@@ -70,11 +78,23 @@ class VLModel(nn.Module):
         """Pooled pre-projection feature (B, Wv) of images (B,3,H,W) or videos (B,T,3,H,W)."""
         return self.vision.pool(self.vision_tokens(frames))
 
+    def text_features(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
+        """Pooled pre-projection feature (B, Wt) of captions."""
+        return self.text.pool(self.text_tokens(input_ids, attention_mask), attention_mask)
+
     def project_vision(self, tokens: torch.Tensor) -> torch.Tensor:
-        return F.normalize(self.vision_proj(self.vision.pool(tokens)), dim=-1)
+        return self.embed_vision_features(self.vision.pool(tokens))
 
     def project_text(self, tokens: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
-        return F.normalize(self.text_proj(self.text.pool(tokens, attention_mask)), dim=-1)
+        return self.embed_text_features(self.text.pool(tokens, attention_mask))
+
+    def embed_vision_features(self, features: torch.Tensor) -> torch.Tensor:
+        """Pooled vision features (B, Wv) -> (B, D), L2-normalised: the projection alone."""
+        return F.normalize(self.vision_proj(features), dim=-1)
+
+    def embed_text_features(self, features: torch.Tensor) -> torch.Tensor:
+        """Pooled text features (B, Wt) -> (B, D), L2-normalised: the projection alone."""
+        return F.normalize(self.text_proj(features), dim=-1)
 
     def encode_image(self, pixels: torch.Tensor) -> torch.Tensor:
         """(B, 3, H, W) -> (B, D), L2-normalised."""
@@ -98,6 +118,16 @@ class VLModel(nn.Module):
         return vision, self.encode_text(input_ids, attention_mask), self.scale()[0]
 
     # -- switches --------------------------------------------------------------------------------
+    def train(self, mode: bool = True) -> VLModel:
+        """A wholly locked tower stays in eval mode: LiT's locked towers compute fixed features,
+        so their dropout would only add noise to them (the pretrained MiniLM has p=0.1), and
+        features computed once (``train.frozen_features``) equal those of a training step."""
+        super().train(mode)
+        for tower in (self.vision, self.text):
+            if mode and not any(p.requires_grad for p in tower.parameters()):
+                tower.eval()
+        return self
+
     def set_grad_checkpointing(self, enable: bool = True) -> None:
         self.vision.grad_checkpointing = enable
         self.text.set_grad_checkpointing(enable)
