@@ -15,7 +15,8 @@ Callers add objectives (fine-tuning's classifier, ...) by passing factories
 ``(model, tokens) -> Objective`` to ``build_objectives``.
 
 A batch is a dict of tensors: ``pixels`` (B,3,H,W) or ``frames`` (B,T,3,H,W), ``input_ids`` and
-``attention_mask`` (B,L). Tested in tests/test_objectives.py.
+``attention_mask`` (B,L); or, with ``train.frozen_features``, the locked towers' pooled
+``vision_feature`` (B,Wv) and ``text_feature`` (B,Wt), which only the contrastive objective uses. Tested in tests/test_objectives.py.
 """
 
 from __future__ import annotations
@@ -90,6 +91,9 @@ def vision_input(batch: dict) -> torch.Tensor:
 def paired_features(model: VLModel, batch: dict) -> dict[str, torch.Tensor]:
     """Vision and text tokens and embeddings of the unmasked pair, computed once per batch."""
     cache = batch.setdefault("_cache", {})
+    if "pair" not in cache and "vision_feature" in batch:  # train.frozen_features: the towers' pooled output
+        cache["pair"] = {"vision": model.embed_vision_features(batch["vision_feature"]),
+                         "text": model.embed_text_features(batch["text_feature"])}
     if "pair" not in cache:
         v = model.vision_tokens(vision_input(batch))
         t = model.text_tokens(batch["input_ids"], batch["attention_mask"])
@@ -271,7 +275,7 @@ class ObjectiveSet(nn.Module):
 
     def forward(self, batch: dict) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
         batch = {**batch, "_cache": {}}
-        total = torch.zeros((), device=batch["input_ids"].device)
+        total = torch.zeros((), device=next(v for v in batch.values() if isinstance(v, torch.Tensor)).device)
         metrics: dict[str, torch.Tensor] = {}
         for obj in self.objectives:
             loss, extra = obj.step(self.model, batch)

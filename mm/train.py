@@ -83,6 +83,11 @@ class TrainConfig:
     find_unused_parameters: bool = False
     tensorboard: bool = False
     mlflow_tracking_uri: str | None = None
+    # LiT with both towers wholly locked, no augmentation and the contrastive objective alone:
+    # the towers' pooled features are a fixed function of each row, so they are computed once
+    # per corpus (Ray Data actors, into RUN/features/) and the steps train the projections on
+    # them; a step then costs the heads alone. The model saved is the same whole model.
+    frozen_features: bool = False
 
     def __post_init__(self) -> None:
         for name in ("num_workers", "max_steps", "checkpoint_every_steps", "log_every_steps", "accumulate_steps"):
@@ -118,6 +123,8 @@ def fit(cfg: PretrainConfig, corpora: Sequence[str], run_dir: str, init: str | N
 
     if not corpora:
         raise ValueError("no corpus given")
+    if cfg.train.frozen_features:
+        check_frozen_features(cfg, objectives, prepare_model)
     for c in corpora:
         check_corpus(c)
     infos = [corpus_info(c) for c in corpora]
@@ -140,8 +147,13 @@ def fit(cfg: PretrainConfig, corpora: Sequence[str], run_dir: str, init: str | N
     if not ray.is_initialized():
         init_ray()
     pre = PreprocessConfig.build(cfg.model, cfg.data, tokens.pad_id, train=True, seed=cfg.train.seed)
-    datasets = {f"corpus{i}": build_dataset(c, "train", pre, cfg.data) for i, c in enumerate(corpora)}
     t = cfg.train
+    if t.frozen_features:
+        datasets = {f"corpus{i}": frozen_feature_dataset(cfg, c, run / "features" / f"corpus{i}", pre,
+                                                         tokens.vocab_size, str(model_dir(init)) if init else None)
+                    for i, c in enumerate(corpora)}
+    else:
+        datasets = {f"corpus{i}": build_dataset(c, "train", pre, cfg.data) for i, c in enumerate(corpora)}
     # Leave a whole CPU to the Ray Data read/decode tasks (RAY_NOTES.md: starved reads hang).
     cpus = t.cpus_per_worker or worker_cpus(t.num_workers, reserve_cpus=1.0)
     ingest = ray.train.DataConfig.default_ingest_options()
@@ -166,6 +178,91 @@ def fit(cfg: PretrainConfig, corpora: Sequence[str], run_dir: str, init: str | N
     lines = read_metrics(run / "metrics.jsonl")
     return {"run_dir": str(run), "steps": lines[-1]["step"] if lines else 0,
             "last": lines[-1] if lines else {}, "checkpoint": result.checkpoint.path if result.checkpoint else None}
+
+
+def check_frozen_features(cfg: PretrainConfig, objectives: Sequence[ObjectiveFactory] | None,
+                          prepare_model: Callable | None) -> None:
+    """``train.frozen_features`` holds only when nothing that trains sees more than the pooled features."""
+    m, o = cfg.model, cfg.objectives
+    problems = []
+    if not (m.lock.vision and m.lock.text) or m.lock.vision_unlocked_blocks or m.lock.text_unlocked_blocks:
+        problems.append("both towers must be wholly locked (model.lock.vision/text true, no unlocked blocks)")
+    if cfg.data.augment or cfg.data.flip:
+        problems.append("data.augment and data.flip must be off (a locked tower's features would change per step)")
+    if o.contrastive.weight <= 0 or any(x.weight > 0 for x in (o.mlm, o.fusion_mlm, o.mim, o.itm)):
+        problems.append("the contrastive objective must be the only one (MLM, MIM and ITM need the towers' tokens)")
+    if objectives or prepare_model is not None:
+        problems.append("no extra objectives or model preparation (fine-tuning computes its own cached features)")
+    if cfg.train.parallel != "ddp":
+        problems.append("train.parallel must be ddp (the towers do not run in the steps)")
+    if problems:
+        raise ValueError("train.frozen_features: " + "; ".join(problems))
+
+
+class TowerFeatures:
+    """Ray Data callable class: preprocessed rows -> the locked towers' pooled features
+    (``vision_feature`` (B, Wv), ``text_feature`` (B, Wt)), from the model a training worker builds."""
+
+    def __init__(self, model_cfg: ModelConfig, vocab_size: int, init: str | None, threads: int) -> None:
+        torch.set_num_threads(threads)
+        self.model = build_model(model_cfg, vocab_size)
+        if init:
+            self.model.load_state_dict(load_model(init)[0].state_dict())
+        self.model.eval()
+
+    def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+        batch = trim_padding(batch)
+        vision = torch.from_numpy(batch["frames"] if "frames" in batch else batch["pixels"][:, None])
+        with torch.inference_mode():
+            return {"sample_id": np.asarray(batch["sample_id"]).astype(str),
+                    "vision_feature": self.model.vision_features(vision).float().numpy(),
+                    "text_feature": self.model.text_features(torch.from_numpy(batch["input_ids"]),
+                                                             torch.from_numpy(batch["attention_mask"])).float().numpy()}
+
+
+def frozen_feature_dataset(cfg: PretrainConfig, corpus: str, out: Path, pre: PreprocessConfig, vocab_size: int,
+                           init: str | None):
+    """The train split's locked-tower features, written once to ``out`` (Parquet) and read back.
+
+    ``out/features.json`` records what they were computed from (corpus manifest, model config,
+    init); a later run with the same inputs (a resume) reads them, another recomputes them.
+    """
+    import shutil
+
+    import ray.data
+
+    from jobs.runtime import worker_cpus
+
+    info = corpus_info(corpus)
+    key = {"corpus": info.path, "rows": info.rows, "corpus_manifest": info.manifest,
+           "model": dataclasses.asdict(cfg.model), "preprocess": dataclasses.asdict(pre), "init": init}
+    key = json.loads(json.dumps(key, default=str))
+    stamp = out / "features.json"
+    if not (stamp.is_file() and json.loads(stamp.read_text()).get("inputs") == key):
+        shutil.rmtree(out, ignore_errors=True)
+        t0 = time.time()
+        cpus = worker_cpus(cfg.train.num_workers, reserve_cpus=1.0)
+        (build_dataset(corpus, "train", dataclasses.replace(pre, keep_columns=("sample_id",)), cfg.data)
+         .map_batches(TowerFeatures, fn_constructor_kwargs={"model_cfg": cfg.model, "vocab_size": vocab_size,
+                                                            "init": init, "threads": max(1, int(cpus))},
+                      batch_size=cfg.data.map_batch_rows, batch_format="numpy", num_cpus=cpus,
+                      compute=ray.data.ActorPoolStrategy(size=cfg.train.num_workers))
+         .write_parquet(str(out / "data")))
+        rows = sum(_parquet_rows(f) for f in (out / "data").glob("*.parquet"))
+        if rows != info.rows.get("train", 0):
+            raise RuntimeError(f"frozen features of {corpus}: {rows} rows written for {info.rows.get('train', 0)} "
+                               "train rows")
+        write_json(stamp, {"inputs": key, "rows": rows, "seconds": round(time.time() - t0, 1)})
+    ds = (ray.data.read_parquet(str(out / "data"), num_cpus=cfg.data.map_cpus)
+          .select_columns(["vision_feature", "text_feature"]))
+    on_disk_mb = sum(f.stat().st_size for f in (out / "data").glob("*.parquet")) / 2 ** 20
+    return ds.materialize() if on_disk_mb <= cfg.data.cache_max_mb else ds
+
+
+def _parquet_rows(path: Path) -> int:
+    import pyarrow.parquet as pq
+
+    return pq.ParquetFile(path).metadata.num_rows
 
 
 def _mix_weights(data: DataConfig, infos) -> list[float]:
@@ -446,7 +543,8 @@ def train_loop(config: dict) -> None:
             # Same corpus on every rank this micro-step: the contrastive gather mixes one modality.
             pick = np.random.default_rng([t.seed, step, micro]).choice(len(streams), p=config["weights"])
             t_wait = time.perf_counter()
-            batches.append(trim_padding(streams[pick].next()))
+            b = streams[pick].next()
+            batches.append(b if t.frozen_features else trim_padding(b))
             wait += time.perf_counter() - t_wait
         metrics, grad_norm, finite = train_step(module, optimizer, scaler, batches, t, amp, params)
         nonfinite += 0 if finite else 1

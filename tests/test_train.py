@@ -211,17 +211,12 @@ def test_train_step_skips_and_counts_a_non_finite_step():
     assert torch.isfinite(metrics["loss"])
 
 
-def test_lit_locked_pretrained_towers_train_only_the_heads(ray_session, tmp_path):
-    """LiT through the training loop (configs/lit_emoji.yaml at toy size): a torchvision CNN and
-    a transformers BERT loaded from local files and locked. Only the projections and the
-    temperature move; the CNN's BatchNorm statistics do not drift under DDP training; the saved
-    model loads after the pretrained files are gone."""
-    import shutil
-
+def _toy_pretrained(tmp_path: Path, corpus: Path) -> tuple[torch.nn.Module, list[str]]:
+    """A MobileNetV2 state-dict file and a tiny BERT directory standing in for the pretrained
+    towers of configs/lit_emoji.yaml, and the config overrides that load and lock them."""
     import torchvision
     from transformers import AutoTokenizer, BertConfig, BertModel
 
-    corpus = make_corpus(tmp_path / "img", n=64, seed=5)
     vocab = len(AutoTokenizer.from_pretrained(str(corpus / "tokenizer")))
     torch.manual_seed(0)
     cnn = torchvision.models.mobilenet_v2()
@@ -233,10 +228,23 @@ def test_lit_locked_pretrained_towers_train_only_the_heads(ray_session, tmp_path
     BertModel(BertConfig(vocab_size=vocab, hidden_size=32, num_hidden_layers=1, num_attention_heads=2,
                          intermediate_size=64, max_position_embeddings=40),
               add_pooling_layer=False).save_pretrained(tmp_path / "bert")
+    return cnn, ["model.vision.torchvision_name=mobilenet_v2", f"model.vision.pretrained_path={tmp_path / 'cnn.pth'}",
+                 f"model.text.pretrained_path={tmp_path / 'bert'}", "model.lock.vision=true",
+                 "model.lock.text=true"]
+
+
+def test_lit_locked_pretrained_towers_train_only_the_heads(ray_session, tmp_path):
+    """LiT through the training loop (configs/lit_emoji.yaml at toy size): a torchvision CNN and
+    a transformers BERT loaded from local files and locked. Only the projections and the
+    temperature move; the CNN's BatchNorm statistics do not drift under DDP training; the saved
+    model loads after the pretrained files are gone."""
+    import shutil
+
+    corpus = make_corpus(tmp_path / "img", n=64, seed=5)
+    cnn, towers = _toy_pretrained(tmp_path, corpus)
     run = tmp_path / "run"
-    cfg = _cfg(["model.vision.torchvision_name=mobilenet_v2", f"model.vision.pretrained_path={tmp_path / 'cnn.pth'}",
-                f"model.text.pretrained_path={tmp_path / 'bert'}", "model.lock.vision=true", "model.lock.text=true",
-                "train.max_steps=12", "train.checkpoint_every_steps=12"], path="configs/lit_emoji.yaml")
+    cfg = _cfg([*towers, "train.frozen_features=false", "train.max_steps=12", "train.checkpoint_every_steps=12"],
+               path="configs/lit_emoji.yaml")
     fit(cfg, [str(corpus)], str(run))
     lines = read_metrics(run / "metrics.jsonl")
     assert lines[0]["loss"] > lines[-1]["loss"], [m["loss"] for m in lines]
@@ -249,3 +257,58 @@ def test_lit_locked_pretrained_towers_train_only_the_heads(ray_session, tmp_path
     assert saved.keys() == {k.removeprefix("features.") for k in ref if k.startswith("features.")}
     assert all(torch.equal(v, ref[f"features.{k}"]) for k, v in saved.items()), "a locked tower changed"
     assert model.encode_image(torch.zeros(2, 3, 32, 32)).shape == (2, 32)
+
+
+def test_frozen_features_are_the_towers_output_computed_once(ray_session, tmp_path):
+    """train.frozen_features: the locked towers' pooled features are written once to
+    RUN/features/ (one row per train row, equal to what the saved model computes), the steps
+    train the heads on them, and a resumed run reads them instead of recomputing."""
+    import pyarrow.parquet as pq
+
+    from mm.data import PreprocessConfig, preprocess_batch
+
+    corpus = make_corpus(tmp_path / "img", n=64, seed=5)
+    _, towers = _toy_pretrained(tmp_path, corpus)
+    run = tmp_path / "run"
+    base = [*towers, "train.frozen_features=true", "train.checkpoint_every_steps=12"]
+    fit(_cfg([*base, "train.max_steps=12"], path="configs/lit_emoji.yaml"), [str(corpus)], str(run))
+    lines = read_metrics(run / "metrics.jsonl")
+    assert lines[0]["loss"] > lines[-1]["loss"], [m["loss"] for m in lines]
+    stamp = run / "features" / "corpus0" / "features.json"
+    written = json.loads(stamp.read_text())
+    feats = pq.read_table(run / "features" / "corpus0" / "data").to_pydict()
+    rows = pq.read_table(corpus / "data", filters=[("split", "=", "train")]).to_pydict()
+    assert written["rows"] == len(rows["sample_id"]) and sorted(feats["sample_id"]) == sorted(rows["sample_id"])
+
+    model = mm.load(str(run)).eval()
+    pre = PreprocessConfig.build(model.cfg, _cfg(base).data, 0, train=True)
+    x = preprocess_batch({k: rows[k][:8] for k in ("sample_id", "image", "input_ids")}, pre)
+    with torch.inference_mode():
+        vision = model.vision_features(torch.from_numpy(x["pixels"]))
+        text = model.text_features(torch.from_numpy(x["input_ids"]), torch.from_numpy(x["attention_mask"]))
+    where = {sid: i for i, sid in enumerate(feats["sample_id"])}
+    idx = [where[sid] for sid in rows["sample_id"][:8]]
+    torch.testing.assert_close(torch.tensor([feats["vision_feature"][i] for i in idx]), vision, atol=1e-4, rtol=1e-4)
+    torch.testing.assert_close(torch.tensor([feats["text_feature"][i] for i in idx]), text, atol=1e-4, rtol=1e-4)
+
+    fit(_cfg([*base, "train.max_steps=16"], path="configs/lit_emoji.yaml"), [str(corpus)], str(run))
+    assert json.loads(stamp.read_text()) == written, "a resume recomputed the features"
+    assert read_metrics(run / "metrics.jsonl")[-1]["step"] == 16
+
+
+@pytest.mark.parametrize("change, reason", [
+    ("model.lock.text=false", "wholly locked"),
+    ("model.lock.vision_unlocked_blocks=1", "wholly locked"),
+    ("data.augment=true", "augment"),
+    ("objectives.mlm.weight=1.0", "only one"),
+])
+def test_frozen_features_refuse_what_would_train_the_towers(tmp_path, change, reason):
+    from mm.train import check_frozen_features
+
+    corpus = make_corpus(tmp_path / "img", n=16, seed=1)
+    base = ["model.lock.vision=true", "model.lock.text=true", "train.frozen_features=true"]
+    check_frozen_features(_cfg(base), None, None)  # the base passes: the change alone is refused
+    cfg = _cfg([*base, change])
+    with pytest.raises(ValueError, match=reason):
+        fit(cfg, [str(corpus)], str(tmp_path / "run"))
+    assert not (tmp_path / "run").exists()
