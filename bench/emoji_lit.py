@@ -12,14 +12,15 @@ WordPiece vocabulary at curation, 20% held out by the curated ``split``).
 
 Two results, same corpus, same towers, same preprocessing (configs/lit_emoji.yaml builds both):
 
-* ``pipeline``: ``mm pretrain --config configs/lit_emoji.yaml`` (Ray Train, the model's own CNN
-  tower locked, projections + temperature trained with the CLIP loss), then ``mm evaluate`` on
-  the held-out split; the metrics are read from its eval.json.
-* ``heads`` (the peer the issue names): frozen features computed once by the same model's towers
-  in a Ray Data actor plan, standardised, two linear projections + temperature trained with the
-  CLIP loss (mm.losses) on the train split and scored with mm.metrics; once with the pipeline
-  run's budget (steps x global batch) and once with a long one (``--long-steps/--long-batch``),
-  which cached features make cheap and the pipeline, recomputing the towers each step, is not.
+* ``pipeline``: ``mm pretrain --config configs/lit_emoji.yaml`` (Ray Train; both towers locked,
+  so with ``train.frozen_features`` their pooled features are computed once into RUN/features/
+  and the projections + temperature train on them with the CLIP loss), then ``mm evaluate`` on
+  the held-out split (which runs the whole saved model); the metrics are read from its eval.json.
+* ``heads`` (the peer the issue names): the same towers' features of every row, computed by the
+  training loop's own ``TowerFeatures`` actor, standardised, two linear projections (with bias)
+  + temperature trained with the CLIP loss (mm.losses) on the train split, at the pipeline's
+  budget (steps x global batch), and scored with mm.metrics; ``--splits N`` repeats them on N
+  random 80/20 splits.
 
 Metric names are CLIP_benchmark's: image_retrieval_recall@k = text->image. Prints one JSON object.
 """
@@ -55,49 +56,27 @@ def minilm_dir() -> str:
     return str(get_model_path())
 
 
-class FrozenTowers:
-    """Ray Data actor: curated rows -> the LiT model's pooled tower features (before projection)."""
-
-    def __init__(self, overrides: list[str], corpus: str) -> None:
-        import torch
-
-        from jobs.config import load_config
-        from mm.data import PreprocessConfig, load_token_info
-        from mm.models import build_model
-        from mm.train import PretrainConfig
-
-        torch.set_num_threads(1)
-        self.torch = torch
-        cfg = load_config(PretrainConfig, str(CONFIG), overrides)
-        tokens = load_token_info(str(Path(corpus) / "tokenizer"))
-        self.model = build_model(cfg.model, tokens.vocab_size).eval()
-        self.pre = PreprocessConfig.build(cfg.model, cfg.data, tokens.pad_id, train=False)
-
-    def __call__(self, batch: dict) -> dict:
-        from mm.data import preprocess_batch
-
-        t = self.torch
-        x = preprocess_batch(batch, self.pre)
-        ids, mask = t.from_numpy(x["input_ids"]).long(), t.from_numpy(x["attention_mask"]).long()
-        with t.inference_mode():
-            image = self.model.vision_features(t.from_numpy(x["pixels"]))
-            text = self.model.text.pool(self.model.text_tokens(ids, mask), mask)
-        return {"sample_id": np.asarray(batch["sample_id"]).astype(str), "split": np.asarray(batch["split"]).astype(str),
-                "image_feat": image.numpy(), "text_feat": text.numpy()}
-
-
-def frozen_features(data: str, overrides: list[str], batch_rows: int) -> dict[str, np.ndarray]:
+def frozen_features(data: str, cfg, threads: int) -> dict[str, np.ndarray]:
+    """Every row's pooled tower features, from the training loop's own ``TowerFeatures`` actor."""
+    import pyarrow.parquet as pq
     import ray.data
 
-    files = sorted(str(f) for f in (Path(data) / "data").glob("*.parquet"))
-    ds = ray.data.read_parquet(files).select_columns(["sample_id", "image", "input_ids", "split"])
-    ds = ds.map_batches(FrozenTowers, fn_constructor_args=(overrides, data), batch_size=batch_rows,
-                        batch_format="numpy", num_cpus=1, compute=ray.data.ActorPoolStrategy(size=1))
+    from mm.data import PreprocessConfig, build_dataset, load_token_info
+    from mm.train import TowerFeatures
+
+    tokens = load_token_info(str(Path(data) / "tokenizer"))
+    pre = PreprocessConfig.build(cfg.model, cfg.data, tokens.pad_id, train=False, keep_columns=("sample_id",))
+    ds = build_dataset(data, None, pre, cfg.data).map_batches(
+        TowerFeatures, fn_constructor_kwargs={"model_cfg": cfg.model, "vocab_size": tokens.vocab_size, "init": None,
+                                              "threads": threads},
+        batch_size=64, batch_format="numpy", num_cpus=1, compute=ray.data.ActorPoolStrategy(size=1))
     parts: dict[str, list] = {}
     for b in ds.iter_batches(batch_size=None, batch_format="numpy"):
         for k, v in b.items():
             parts.setdefault(k, []).append(v)
     cols = {k: np.concatenate(v) for k, v in parts.items()}
+    split = dict(zip(*pq.read_table(Path(data) / "data", columns=["sample_id", "split"]).to_pydict().values()))
+    cols["split"] = np.array([split[s] for s in cols["sample_id"]])
     order = np.argsort(cols["sample_id"], kind="stable")
     return {k: v[order] for k, v in cols.items()}
 
@@ -163,54 +142,50 @@ def main(argv=None) -> int:
                    help="override configs/lit_emoji.yaml for the pipeline run and the towers, e.g. model.vision.image_px=224")
     p.add_argument("--skip-pipeline", action="store_true", help="only the frozen-feature heads")
     p.add_argument("--splits", type=int, default=0,
-                   help="also train the heads (long budget) on this many random 80/20 splits of all rows: "
+                   help="also train the heads on this many random 80/20 splits of all rows: "
                         "how much the held-out recall depends on which emoji are held out")
     p.add_argument("--dim", type=int, default=256)
-    p.add_argument("--long-steps", type=int, default=400, help="the heads' long budget (steps)")
-    p.add_argument("--long-batch", type=int, default=1024, help="the heads' long budget (batch)")
-    p.add_argument("--lr", type=float, default=1e-3)
+    p.add_argument("--lr", type=float, default=None, help="default: the config's optim.lr")
     p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--weight-decay", type=float, default=0.05)
+    p.add_argument("--weight-decay", type=float, default=None, help="default: the config's optim.weight_decay")
     args = p.parse_args(argv)
     work = Path(args.work)
     work.mkdir(parents=True, exist_ok=False)
     overrides = [f"model.vision.pretrained_path={mobilenet_weights()}", f"model.text.pretrained_path={minilm_dir()}",
                  *args.overrides]
 
+    from jobs.config import load_config
     from jobs.runtime import init_ray
     from mm import metrics as M
+    from mm.train import PretrainConfig
 
+    cfg = load_config(PretrainConfig, str(CONFIG), overrides)
+    args.lr = cfg.optim.lr if args.lr is None else args.lr
+    args.weight_decay = cfg.optim.weight_decay if args.weight_decay is None else args.weight_decay
     t0 = time.time()
     init_ray(no_progress_timeout_s=3600)  # one CNN batch can take minutes on a busy CPU
-    f = frozen_features(args.data, overrides, 64)
+    f = frozen_features(args.data, cfg, threads=2)
     t_feat = time.time() - t0
     import ray
 
     ray.shutdown()  # the pipeline run starts its own Ray
-    from jobs.config import load_config
-    from mm.train import PretrainConfig
-
-    cfg = load_config(PretrainConfig, str(CONFIG), overrides)
     train, val = f["split"] == "train", f["split"] == "val"
-    budgets = {"same_budget": (cfg.train.max_steps, cfg.data.batch_size * cfg.train.num_workers),
-               "long": (args.long_steps, args.long_batch)}
-    heads = {}
-    for name, (steps, batch) in budgets.items():
-        embed, losses = train_heads(f["image_feat"][train], f["text_feat"][train], args.dim, steps, batch,
-                                    args.lr, args.seed, args.weight_decay)
-        ei, et = embed(f["image_feat"][val], f["text_feat"][val])
-        metrics, chance = M.retrieval_metrics(ei, et, np.arange(int(val.sum())))
-        heads[name] = {"steps": steps, "batch": batch, "metrics": metrics,
-                       "train_loss": {"first": losses[0], "last": losses[-1]}}
+    steps, batch = cfg.train.max_steps, cfg.data.batch_size * cfg.train.num_workers
+    embed, losses = train_heads(f["vision_feature"][train], f["text_feature"][train], args.dim, steps, batch,
+                                args.lr, args.seed, args.weight_decay)
+    ei, et = embed(f["vision_feature"][val], f["text_feature"][val])
+    metrics, chance = M.retrieval_metrics(ei, et, np.arange(int(val.sum())))
+    heads = {"same_budget": {"steps": steps, "batch": batch, "metrics": metrics,
+                             "train_loss": {"first": losses[0], "last": losses[-1]}}}
     if args.splits:
         t2i = []
         for seed in range(args.splits):
             perm = np.random.default_rng(seed).permutation(len(f["split"]))
             held = np.zeros(len(perm), bool)
             held[perm[:len(perm) // 5]] = True
-            embed, _ = train_heads(f["image_feat"][~held], f["text_feat"][~held], args.dim, args.long_steps,
-                                   args.long_batch, args.lr, args.seed, args.weight_decay)
-            ei, et = embed(f["image_feat"][held], f["text_feat"][held])
+            embed, _ = train_heads(f["vision_feature"][~held], f["text_feature"][~held], args.dim, steps, batch,
+                                   args.lr, args.seed, args.weight_decay)
+            ei, et = embed(f["vision_feature"][held], f["text_feature"][held])
             t2i.append(M.retrieval_metrics(ei, et, np.arange(int(held.sum())))[0]["image_retrieval_recall@1"])
         heads["random_splits"] = {"n": args.splits, "image_retrieval_recall@1": [round(v, 4) for v in t2i],
                                   "mean": round(float(np.mean(t2i)), 4), "sd": round(float(np.std(t2i)), 4)}
