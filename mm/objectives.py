@@ -16,7 +16,8 @@ Callers add objectives (fine-tuning's classifier, ...) by passing factories
 
 A batch is a dict of tensors: ``pixels`` (B,3,H,W) or ``frames`` (B,T,3,H,W), ``input_ids`` and
 ``attention_mask`` (B,L); or, with ``train.frozen_features``, the locked towers' pooled
-``vision_feature`` (B,Wv) and ``text_feature`` (B,Wt), which only the contrastive objective uses. Tested in tests/test_objectives.py.
+``vision_feature`` (B,Wv) and ``text_feature`` (B,Wt), which only the contrastive objective
+uses. Tested in tests/test_objectives.py.
 """
 
 from __future__ import annotations

@@ -224,8 +224,9 @@ def frozen_feature_dataset(cfg: PretrainConfig, corpus: str, out: Path, pre: Pre
                            init: str | None):
     """The train split's locked-tower features, written once to ``out`` (Parquet) and read back.
 
-    ``out/features.json`` records what they were computed from (corpus manifest, model config,
-    init); a later run with the same inputs (a resume) reads them, another recomputes them.
+    ``out/features.json`` records what they were computed from (corpus manifest, tower configs
+    with their weight paths, preprocessing, init); a later run with the same inputs (a resume, or
+    another projection) reads them, anything else recomputes them.
     """
     import shutil
 
@@ -235,7 +236,8 @@ def frozen_feature_dataset(cfg: PretrainConfig, corpus: str, out: Path, pre: Pre
 
     info = corpus_info(corpus)
     key = {"corpus": info.path, "rows": info.rows, "corpus_manifest": info.manifest,
-           "model": dataclasses.asdict(cfg.model), "preprocess": dataclasses.asdict(pre), "init": init}
+           "vision": dataclasses.asdict(cfg.model.vision), "text": dataclasses.asdict(cfg.model.text),
+           "preprocess": dataclasses.asdict(pre), "init": init}
     key = json.loads(json.dumps(key, default=str))
     stamp = out / "features.json"
     if not (stamp.is_file() and json.loads(stamp.read_text()).get("inputs") == key):
