@@ -19,6 +19,7 @@ import threading
 import time
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 
@@ -262,10 +263,11 @@ def test_lit_locked_pretrained_towers_train_only_the_heads(ray_session, tmp_path
 def test_frozen_features_are_the_towers_output_computed_once(ray_session, tmp_path):
     """train.frozen_features: the locked towers' pooled features are written once to
     RUN/features/ (one row per train row, equal to what the saved model computes), the steps
-    train the heads on them, and a resumed run reads them instead of recomputing."""
+    train the heads on them, and a resume reads them instead of recomputing."""
     import pyarrow.parquet as pq
 
-    from mm.data import PreprocessConfig, preprocess_batch
+    from mm.data import PreprocessConfig, load_token_info, preprocess_batch
+    from mm.train import frozen_feature_dataset
 
     corpus = make_corpus(tmp_path / "img", n=64, seed=5)
     _, towers = _toy_pretrained(tmp_path, corpus)
@@ -288,12 +290,18 @@ def test_frozen_features_are_the_towers_output_computed_once(ray_session, tmp_pa
         text = model.text_features(torch.from_numpy(x["input_ids"]), torch.from_numpy(x["attention_mask"]))
     where = {sid: i for i, sid in enumerate(feats["sample_id"])}
     idx = [where[sid] for sid in rows["sample_id"][:8]]
-    torch.testing.assert_close(torch.tensor([feats["vision_feature"][i] for i in idx]), vision, atol=1e-4, rtol=1e-4)
-    torch.testing.assert_close(torch.tensor([feats["text_feature"][i] for i in idx]), text, atol=1e-4, rtol=1e-4)
+    for name, want in (("vision_feature", vision), ("text_feature", text)):
+        got = torch.from_numpy(np.stack([np.asarray(feats[name][i], dtype=np.float32) for i in idx]))
+        torch.testing.assert_close(got, want, atol=1e-4, rtol=1e-4)
 
-    fit(_cfg([*base, "train.max_steps=16"], path="configs/lit_emoji.yaml"), [str(corpus)], str(run))
-    assert json.loads(stamp.read_text()) == written, "a resume recomputed the features"
-    assert read_metrics(run / "metrics.jsonl")[-1]["step"] == 16
+    # What a resume (a second fit on RUN) calls: the stamped features are read, not recomputed.
+    cfg = _cfg([*base, "train.max_steps=16"], path="configs/lit_emoji.yaml")
+    tokens = load_token_info(str(corpus / "tokenizer"))
+    again = frozen_feature_dataset(cfg, str(corpus), run / "features" / "corpus0",
+                                   PreprocessConfig.build(cfg.model, cfg.data, tokens.pad_id, train=True, seed=0),
+                                   tokens.vocab_size, None)
+    mtime = stamp.stat().st_mtime_ns
+    assert again.count() == written["rows"] and stamp.stat().st_mtime_ns == mtime
 
 
 @pytest.mark.parametrize("change, reason", [
