@@ -45,6 +45,7 @@ import torch
 from mm.checkpoint import load_model, load_train_state, model_dir, save_model, save_train_state, write_json
 from mm.config import ModelConfig
 from mm.data import (
+    CorpusInfo,
     DataConfig,
     PreprocessConfig,
     build_dataset,
@@ -149,9 +150,9 @@ def fit(cfg: PretrainConfig, corpora: Sequence[str], run_dir: str, init: str | N
     pre = PreprocessConfig.build(cfg.model, cfg.data, tokens.pad_id, train=True, seed=cfg.train.seed)
     t = cfg.train
     if t.frozen_features:
-        datasets = {f"corpus{i}": frozen_feature_dataset(cfg, c, run / "features" / f"corpus{i}", pre,
+        datasets = {f"corpus{i}": frozen_feature_dataset(cfg, info, run / "features" / f"corpus{i}", pre,
                                                          tokens.vocab_size, str(model_dir(init)) if init else None)
-                    for i, c in enumerate(corpora)}
+                    for i, info in enumerate(infos)}
     else:
         datasets = {f"corpus{i}": build_dataset(c, "train", pre, cfg.data) for i, c in enumerate(corpora)}
     # Leave a whole CPU to the Ray Data read/decode tasks (RAY_NOTES.md: starved reads hang).
@@ -220,8 +221,8 @@ class TowerFeatures:
                                                              torch.from_numpy(batch["attention_mask"])).float().numpy()}
 
 
-def frozen_feature_dataset(cfg: PretrainConfig, corpus: str, out: Path, pre: PreprocessConfig, vocab_size: int,
-                           init: str | None):
+def frozen_feature_dataset(cfg: PretrainConfig, info: CorpusInfo, out: Path, pre: PreprocessConfig,
+                           vocab_size: int, init: str | None):
     """The train split's locked-tower features, written once to ``out`` (Parquet) and read back.
 
     ``out/features.json`` records what they were computed from (corpus manifest, tower configs
@@ -234,7 +235,6 @@ def frozen_feature_dataset(cfg: PretrainConfig, corpus: str, out: Path, pre: Pre
 
     from jobs.runtime import worker_cpus
 
-    info = corpus_info(corpus)
     key = {"corpus": info.path, "rows": info.rows, "corpus_manifest": info.manifest,
            "vision": dataclasses.asdict(cfg.model.vision), "text": dataclasses.asdict(cfg.model.text),
            "preprocess": dataclasses.asdict(pre), "init": init}
@@ -244,7 +244,7 @@ def frozen_feature_dataset(cfg: PretrainConfig, corpus: str, out: Path, pre: Pre
         shutil.rmtree(out, ignore_errors=True)
         t0 = time.time()
         cpus = worker_cpus(cfg.train.num_workers, reserve_cpus=1.0)
-        (build_dataset(corpus, "train", dataclasses.replace(pre, keep_columns=("sample_id",)), cfg.data)
+        (build_dataset(info.path, "train", dataclasses.replace(pre, keep_columns=("sample_id",)), cfg.data)
          .map_batches(TowerFeatures, fn_constructor_kwargs={"model_cfg": cfg.model, "vocab_size": vocab_size,
                                                             "init": init, "threads": max(1, int(cpus))},
                       batch_size=cfg.data.map_batch_rows, batch_format="numpy", num_cpus=cpus,
@@ -252,7 +252,7 @@ def frozen_feature_dataset(cfg: PretrainConfig, corpus: str, out: Path, pre: Pre
          .write_parquet(str(out / "data")))
         rows = sum(_parquet_rows(f) for f in (out / "data").glob("*.parquet"))
         if rows != info.rows.get("train", 0):
-            raise RuntimeError(f"frozen features of {corpus}: {rows} rows written for {info.rows.get('train', 0)} "
+            raise RuntimeError(f"frozen features of {info.path}: {rows} rows written for {info.rows.get('train', 0)} "
                                "train rows")
         write_json(stamp, {"inputs": key, "rows": rows, "seconds": round(time.time() - t0, 1)})
     ds = (ray.data.read_parquet(str(out / "data"), num_cpus=cfg.data.map_cpus)

@@ -266,7 +266,7 @@ def test_frozen_features_are_the_towers_output_computed_once(ray_session, tmp_pa
     train the heads on them, and a resume reads them instead of recomputing."""
     import pyarrow.parquet as pq
 
-    from mm.data import PreprocessConfig, load_token_info, preprocess_batch
+    from mm.data import PreprocessConfig, corpus_info, load_token_info, preprocess_batch
     from mm.train import frozen_feature_dataset
 
     corpus = make_corpus(tmp_path / "img", n=64, seed=5)
@@ -297,7 +297,7 @@ def test_frozen_features_are_the_towers_output_computed_once(ray_session, tmp_pa
     # What a resume (a second fit on RUN) calls: the stamped features are read, not recomputed.
     cfg = _cfg([*base, "train.max_steps=16"], path="configs/lit_emoji.yaml")
     tokens = load_token_info(str(corpus / "tokenizer"))
-    again = frozen_feature_dataset(cfg, str(corpus), run / "features" / "corpus0",
+    again = frozen_feature_dataset(cfg, corpus_info(str(corpus)), run / "features" / "corpus0",
                                    PreprocessConfig.build(cfg.model, cfg.data, tokens.pad_id, train=True, seed=0),
                                    tokens.vocab_size, None)
     mtime = stamp.stat().st_mtime_ns
