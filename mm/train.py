@@ -31,7 +31,6 @@ import json
 import logging
 import math
 import os
-import subprocess
 import tempfile
 import time
 from collections.abc import Callable, Sequence
@@ -120,6 +119,7 @@ def fit(cfg: PretrainConfig, corpora: Sequence[str], run_dir: str, init: str | N
     import ray.train
     from ray.train.torch import TorchTrainer
 
+    from jobs.lineage import code_version
     from jobs.runtime import init_ray, worker_cpus
 
     if not corpora:
@@ -291,22 +291,6 @@ def _check_same_tokenizer(corpora: Sequence[str]) -> None:
     for c in corpora[1:]:
         if vocab(c) != first:
             raise ValueError(f"corpus {c} uses another tokenizer than {corpora[0]}; curate them with one tokenizer")
-
-
-def code_version() -> str:
-    try:
-        out = subprocess.run(["git", "rev-parse", "HEAD"], cwd=Path(__file__).parent, capture_output=True,
-                             text=True, timeout=5)
-        if out.returncode == 0:
-            return out.stdout.strip()
-    except (OSError, subprocess.SubprocessError):
-        pass
-    from importlib.metadata import PackageNotFoundError, version
-
-    try:
-        return version("mm-curate-train")
-    except PackageNotFoundError:
-        return "unknown"
 
 
 def read_metrics(path: str | os.PathLike) -> list[dict]:
@@ -598,4 +582,4 @@ def module_model(module: torch.nn.Module) -> VLModel:
     return unwrap(module).model
 
 
-__all__ = ["TrainConfig", "PretrainConfig", "fit", "train_loop", "train_step", "read_metrics", "code_version", "Stream"]
+__all__ = ["TrainConfig", "PretrainConfig", "fit", "train_loop", "train_step", "read_metrics", "Stream"]

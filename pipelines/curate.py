@@ -38,7 +38,6 @@ import hashlib
 import json
 import logging
 import os
-import subprocess
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -49,6 +48,7 @@ import pyarrow.compute as pc
 import pyarrow.fs as pafs
 
 from jobs.config import to_dict
+from jobs.lineage import code_version
 from pipelines import stats as stats_mod
 from pipelines.captions import CaptionConfig, check_language_support
 from pipelines.dedup import DROP_SCHEMA, DedupConfig, find_duplicates
@@ -404,23 +404,6 @@ def _checksum_row(row: dict, files: list[SourceFile]) -> dict:
     return {"i": row["i"], "uri": f.uri, "kind": f.kind, "size": f.size, "checksum": f"{kind}:{h.hexdigest()}"}
 
 
-def code_version() -> str:
-    here = Path(__file__).resolve().parent.parent
-    try:
-        out = subprocess.run(["git", "describe", "--always", "--dirty", "--tags"], cwd=here, capture_output=True,
-                             text=True, timeout=10)
-        if out.returncode == 0 and out.stdout.strip():
-            return out.stdout.strip()
-    except (OSError, subprocess.SubprocessError):
-        pass
-    try:
-        from importlib.metadata import version
-
-        return version("mm-curate-train")
-    except Exception:  # noqa: BLE001
-        return "unknown"
-
-
 __all__ = ["CurateConfig", "OutputConfig", "ExecutionConfig", "WORK_COLUMNS", "run_curate", "process_batch",
-           "finalize_kept", "finalize_rejects", "build_manifest", "checksum_inputs", "code_version",
+           "finalize_kept", "finalize_rejects", "build_manifest", "checksum_inputs",
            "DROP_SCHEMA"]
