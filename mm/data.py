@@ -260,13 +260,15 @@ def decoded_mb(info: CorpusInfo, split: str | None, pre: PreprocessConfig) -> fl
     return rows * (frames * 3 * pre.image_px ** 2 * 4 + pre.max_tokens * 16) / 2 ** 20
 
 
-def build_dataset(corpus_dir: str, split: str | None, pre: PreprocessConfig, data: DataConfig):
+def build_dataset(corpus: str | CorpusInfo, split: str | None, pre: PreprocessConfig, data: DataConfig):
     """One corpus split as a ``ray.data.Dataset`` of preprocessed numpy batches (``split=None``: all
-    rows); materialised when it fits ``data.cache_max_mb``."""
+    rows); materialised when it fits ``data.cache_max_mb``. ``corpus`` is a corpus directory or the
+    ``CorpusInfo`` a caller already built (which saves reading every file's split column again)."""
     import ray.data
     from ray.data.expressions import col
 
-    info = corpus_info(corpus_dir)
+    info = corpus if isinstance(corpus, CorpusInfo) else corpus_info(corpus)
+    corpus_dir = info.path
     media = "frames" if info.modality == "video" else "image"
     columns = ["sample_id", media, "input_ids", *[c for c in pre.keep_columns if c != "sample_id"]]
     # Filter and projection are pushed down into the Parquet reads by Ray Data's optimizer.

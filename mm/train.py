@@ -154,7 +154,7 @@ def fit(cfg: PretrainConfig, corpora: Sequence[str], run_dir: str, init: str | N
                                                          tokens.vocab_size, str(model_dir(init)) if init else None)
                     for i, info in enumerate(infos)}
     else:
-        datasets = {f"corpus{i}": build_dataset(c, "train", pre, cfg.data) for i, c in enumerate(corpora)}
+        datasets = {f"corpus{i}": build_dataset(info, "train", pre, cfg.data) for i, info in enumerate(infos)}
     # Leave a whole CPU to the Ray Data read/decode tasks (RAY_NOTES.md: starved reads hang).
     cpus = t.cpus_per_worker or worker_cpus(t.num_workers, reserve_cpus=1.0)
     ingest = ray.train.DataConfig.default_ingest_options()
@@ -244,7 +244,7 @@ def frozen_feature_dataset(cfg: PretrainConfig, info: CorpusInfo, out: Path, pre
         shutil.rmtree(out, ignore_errors=True)
         t0 = time.time()
         cpus = worker_cpus(cfg.train.num_workers, reserve_cpus=1.0)
-        (build_dataset(info.path, "train", dataclasses.replace(pre, keep_columns=("sample_id",)), cfg.data)
+        (build_dataset(info, "train", dataclasses.replace(pre, keep_columns=("sample_id",)), cfg.data)
          .map_batches(TowerFeatures, fn_constructor_kwargs={"model_cfg": cfg.model, "vocab_size": vocab_size,
                                                             "init": init, "threads": max(1, int(cpus))},
                       batch_size=cfg.data.map_batch_rows, batch_format="numpy", num_cpus=cpus,
