@@ -204,7 +204,8 @@ def _run_curate(sources: list[str], out: str, cfg: CurateConfig) -> dict:
     processed = uri_prefix + f"{work}/processed"
 
     def read(columns=None):
-        return ray.data.read_parquet(processed, columns=columns, filesystem=None if uri_prefix else fs)
+        ds = ray.data.read_parquet(processed, filesystem=None if uri_prefix else fs)
+        return ds.select_columns(columns) if columns else ds  # projection is pushed into the read
 
     # 2. dedup (small columns, read once and held in the object store) ----------------------------
     small = read(["row_id", "sample_id", "source", "key", "caption", "content_hash", "hashes", "area",
