@@ -55,6 +55,14 @@ class VisionConfig:
     # pretrained_path is a torchvision state-dict file (e.g. its ImageNet weights, and set
     # mean/std to IMAGENET_MEAN/STD). No masked image modelling; pool token = avg = GAP.
     torchvision_name: str | None = None
+    # CNN tower only. hypercolumn_stages: earlier trunk stages (indices into ``features``) whose
+    # outputs, average-pooled to the last map's grid, join its channels at every position
+    # (hypercolumns, Hariharan et al. 2015): mid-level shape and colour beside the last stage's
+    # semantics. scales_px: the trunk also runs on the frames resized to these sides, and those
+    # maps (hypercolumn stages included), pooled to the same grid, join the channels too
+    # (multi-scale features). The tower's width is then the sum of every joined map's channels.
+    hypercolumn_stages: tuple[int, ...] = ()
+    scales_px: tuple[int, ...] = ()
     pretrained_path: str | None = None
     mean: tuple[float, float, float] = CLIP_MEAN
     std: tuple[float, float, float] = CLIP_STD
@@ -69,6 +77,10 @@ class VisionConfig:
         if self.torchvision_name is not None and (self.timm_name is not None or self.stem != "patch"
                                                   or self.attention != "joint"):
             raise ValueError("torchvision_name builds a CNN tower: leave timm_name, stem and attention unset")
+        if (self.hypercolumn_stages or self.scales_px) and self.torchvision_name is None:
+            raise ValueError("hypercolumn_stages and scales_px apply to a CNN tower (torchvision_name)")
+        if any(px < 1 for px in self.scales_px):
+            raise ValueError(f"scales_px must be positive sides in pixels, got {list(self.scales_px)}")
         if self.timm_name is None and self.torchvision_name is None and self.width % self.heads:
             raise ValueError(f"width {self.width} is not divisible by heads {self.heads}")
 

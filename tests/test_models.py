@@ -10,6 +10,7 @@ import dataclasses
 
 import pytest
 import torch
+import torch.nn.functional as F
 
 from mm.config import FusionConfig, LockConfig, ModelConfig, ProjectionConfig, TextConfig, VisionConfig
 from mm.models import build_model
@@ -199,6 +200,48 @@ def test_torchvision_cnn_tower_loads_weights_locks_and_keeps_bn_statistics(tmp_p
         build_model(dataclasses.replace(CFG, vision=VisionConfig(image_px=32, torchvision_name="resnet18")), 50)
     with pytest.raises(ValueError, match="CNN"):
         VisionConfig(torchvision_name="mobilenet_v2", attention="divided")
+
+
+def test_cnn_tower_hypercolumns_and_scales_join_pooled_maps_of_the_plain_trunk(tmp_path):
+    """vision.hypercolumn_stages / scales_px: the mean token is the plain trunk's global average,
+    then the named stage's, then those of the trunk run on the resized frames, concatenated; the
+    projection and fusion read the wider tokens; bad settings are refused."""
+    import torchvision
+
+    torch.manual_seed(0)
+    ref = torchvision.models.mobilenet_v2().eval()
+    torch.save(ref.state_dict(), tmp_path / "mnv2.pth")
+    cnn = VisionConfig(image_px=64, torchvision_name="mobilenet_v2", pretrained_path=str(tmp_path / "mnv2.pth"),
+                       hypercolumn_stages=(13,), scales_px=(96,), max_frames=2)
+    model = build_model(dataclasses.replace(CFG, vision=cnn, fusion=FusionConfig(depth=1, heads=2)), 50).eval()
+    assert model.vision.width == 2 * (1280 + 96) and model.vision.grid == (2, 2)
+    img = torch.randn(3, 3, 64, 64)
+
+    def gap(x, upto):  # the plain trunk's map after stage `upto`, pooled to the 2x2 grid, averaged
+        with torch.no_grad():
+            return F.adaptive_avg_pool2d(ref.features[:upto + 1](x), 2).mean((2, 3))
+
+    big = F.interpolate(img, size=(96, 96), mode="bicubic", antialias=True, align_corners=False)
+    # 64 px: the last map is 2x2 and stage 13's 4x4, so those two parts are exact global averages;
+    # 96 px: 3x3 and 6x6 maps, pooled to 2x2 by overlapping windows
+    want = torch.cat([gap(img, 18), gap(img, 13), gap(big, 18), gap(big, 13)], 1)
+    with torch.no_grad():
+        tokens = model.vision_tokens(img[:, None])
+        pooled = model.vision.pool(tokens)
+        plain = ref.features(img)
+    assert tokens.shape == (3, 1 + 4, 2752)
+    torch.testing.assert_close(pooled, want, rtol=1e-4, atol=1e-5)
+    torch.testing.assert_close(pooled[:, :1280], plain.mean((2, 3)), rtol=1e-4, atol=1e-5)
+    torch.testing.assert_close(tokens[:, 1:, :1280], plain.flatten(2).transpose(1, 2), rtol=1e-4, atol=1e-4)
+    ids, mask = torch.randint(1, 50, (3, 6)), torch.ones(3, 6, dtype=torch.long)
+    with torch.no_grad():
+        assert model.encode_image(img).shape == (3, 16)
+        assert model.fuse(model.text_tokens(ids, mask), mask, tokens).shape == (3, 6, 32)
+
+    with pytest.raises(ValueError, match="hypercolumn_stages"):
+        build_model(dataclasses.replace(CFG, vision=dataclasses.replace(cnn, hypercolumn_stages=(18,))), 50)
+    with pytest.raises(ValueError, match="CNN tower"):
+        VisionConfig(hypercolumn_stages=(3,))
 
 
 def test_pretrained_towers_round_trip_through_a_checkpoint_without_their_files(tmp_path):

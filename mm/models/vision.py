@@ -26,6 +26,7 @@ from __future__ import annotations
 
 import timm
 import torch
+import torch.nn.functional as F
 from timm.layers import Attention, DropPath
 from torch import nn
 from torch.utils.checkpoint import checkpoint
@@ -198,7 +199,10 @@ class CNNTower(nn.Module):
     Frames are encoded independently; the tokens are the positions of the last feature map
     (B, 1 + T*h*w, C) with their mean first, so pooling, fusion cross-attention and evaluation
     see the ViT tower's layout. ``blocks`` are the trunk's stages, for locking and last-N
-    fine-tunes.
+    fine-tunes. ``vision.hypercolumn_stages`` and ``vision.scales_px`` widen every position with
+    earlier stages' and other input sizes' maps pooled to the last grid (``feature_map``); the mean
+    token is then each map's global average, concatenated (exactly so where a map's grid is a
+    multiple of the last one's, approximately where adaptive pooling windows overlap).
     """
 
     supports_masking = False
@@ -218,13 +222,20 @@ class CNNTower(nn.Module):
             raise ValueError(f"torchvision model {cfg.torchvision_name!r} has no `features` trunk "
                              "(MobileNet, EfficientNet, ConvNeXt, VGG and DenseNet have one)")
         self.features = features  # the classifier is dropped
+        last = len(features) - 1
+        bad = [i for i in cfg.hypercolumn_stages if not 0 <= i < last]
+        if bad or len(set(cfg.hypercolumn_stages)) != len(cfg.hypercolumn_stages):
+            raise ValueError(f"hypercolumn_stages {list(cfg.hypercolumn_stages)}: distinct indices of "
+                             f"{cfg.torchvision_name}'s earlier trunk stages, 0..{last - 1}")
+        self._stages = frozenset(cfg.hypercolumn_stages)
+        self.grad_checkpointing = False
         with torch.no_grad():
-            fmap = features.eval()(torch.zeros(1, 3, cfg.image_px, cfg.image_px))
+            self.features.eval()  # the shape probe must not touch BatchNorm statistics
+            fmap = self.feature_map(torch.zeros(1, 3, cfg.image_px, cfg.image_px), train=False)
         self.width = fmap.shape[1]
         self.grid = tuple(fmap.shape[2:])
         self.num_patches = self.grid[0] * self.grid[1]
         self.patch_px = cfg.image_px // self.grid[0]  # the trunk's total stride
-        self.grad_checkpointing = False
         self._norms = _batch_norms(self.features)
 
     @property
@@ -244,14 +255,34 @@ class CNNTower(nn.Module):
         if t > self.cfg.max_frames:
             raise ValueError(f"{t} frames > max_frames {self.cfg.max_frames}")
         _sync_norm_modes(self._norms, self.training)
-        x = frames.flatten(0, 1)
-        for stage in self.features:
-            if self.grad_checkpointing and self.training and torch.is_grad_enabled():
+        x = self.feature_map(frames.flatten(0, 1), train=self.training)
+        x = x.flatten(2).transpose(1, 2).reshape(b, -1, self.width)  # (B, T*h*w, C)
+        return torch.cat([x.mean(1, keepdim=True), x], dim=1)
+
+    def feature_map(self, x: torch.Tensor, train: bool) -> torch.Tensor:
+        """(N, 3, H, W) at image_px -> (N, C, h, w): the last stage's map, with the
+        ``hypercolumn_stages`` and the ``scales_px`` maps average-pooled to its grid and
+        concatenated on the channels (just the last map when neither is set)."""
+        maps = self._trunk(x, train)
+        for px in self.cfg.scales_px:
+            maps += self._trunk(F.interpolate(x, size=(px, px), mode="bicubic", antialias=True,
+                                              align_corners=False), train)
+        if len(maps) == 1:
+            return maps[0]
+        grid = maps[len(self._stages)].shape[-2:]  # the last stage at image_px
+        return torch.cat([m if m.shape[-2:] == grid else F.adaptive_avg_pool2d(m, grid) for m in maps], 1)
+
+    def _trunk(self, x: torch.Tensor, train: bool) -> list[torch.Tensor]:
+        """The hypercolumn stages' outputs in trunk order, then the last stage's."""
+        maps = []
+        for i, stage in enumerate(self.features):
+            if self.grad_checkpointing and train and torch.is_grad_enabled():
                 x = checkpoint(stage, x, use_reentrant=False)
             else:
                 x = stage(x)
-        x = x.flatten(2).transpose(1, 2).reshape(b, -1, self.width)  # (B, T*h*w, C)
-        return torch.cat([x.mean(1, keepdim=True), x], dim=1)
+            if i in self._stages:
+                maps.append(x)
+        return [*maps, x]
 
     def pool(self, tokens: torch.Tensor) -> torch.Tensor:
         """token and avg: global average pooling; max: global max pooling."""
