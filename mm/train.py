@@ -225,19 +225,22 @@ def frozen_feature_dataset(cfg: PretrainConfig, info: CorpusInfo, out: Path, pre
                            vocab_size: int, init: str | None):
     """The train split's locked-tower features, written once to ``out`` (Parquet) and read back.
 
-    ``out/features.json`` records what they were computed from (corpus manifest, tower configs
-    with their weight paths, preprocessing, init); a later run with the same inputs (a resume, or
-    another projection) reads them, anything else recomputes them.
+    ``out/features.json`` records what they were computed from (corpus manifest, tower configs,
+    the size and mtime of every weight file they load, preprocessing, init); a later run with the
+    same inputs (a resume, or another projection) reads them, anything else (a weights file
+    replaced in place included) recomputes them.
     """
     import shutil
 
     import ray.data
 
+    from jobs.lineage import source_refs
     from jobs.runtime import worker_cpus
 
+    weights = [p for p in (cfg.model.vision.pretrained_path, cfg.model.text.pretrained_path, init) if p]
     key = {"corpus": info.path, "rows": info.rows, "corpus_manifest": info.manifest,
            "vision": dataclasses.asdict(cfg.model.vision), "text": dataclasses.asdict(cfg.model.text),
-           "preprocess": dataclasses.asdict(pre), "init": init}
+           "preprocess": dataclasses.asdict(pre), "init": init, "weight_files": source_refs(weights)}
     key = json.loads(json.dumps(key, default=str))
     stamp = out / "features.json"
     if not (stamp.is_file() and json.loads(stamp.read_text()).get("inputs") == key):
