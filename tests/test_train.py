@@ -231,7 +231,9 @@ def _toy_pretrained(tmp_path: Path, corpus: Path) -> tuple[torch.nn.Module, list
               add_pooling_layer=False).save_pretrained(tmp_path / "bert")
     return cnn, ["model.vision.torchvision_name=mobilenet_v2", f"model.vision.pretrained_path={tmp_path / 'cnn.pth'}",
                  f"model.text.pretrained_path={tmp_path / 'bert'}", "model.lock.vision=true",
-                 "model.lock.text=true"]
+                 "model.lock.text=true",
+                 # the config's second input size, at toy scale (its 224 px would dwarf the 32 px frames)
+                 "model.vision.scales_px=[48]"]
 
 
 def test_lit_locked_pretrained_towers_train_only_the_heads(ray_session, tmp_path):
