@@ -299,18 +299,20 @@ def test_frozen_features_are_the_towers_output_computed_once(ray_session, tmp_pa
     # What a resume (a second fit on RUN) calls: the stamped features are read, not recomputed.
     cfg = _cfg([*base, "train.max_steps=16"], path="configs/lit_emoji.yaml")
     tokens = load_token_info(str(corpus / "tokenizer"))
-    again = frozen_feature_dataset(cfg, corpus_info(str(corpus)), run / "features" / "corpus0",
-                                   PreprocessConfig.build(cfg.model, cfg.data, tokens.pad_id, train=True, seed=0),
-                                   tokens.vocab_size, None)
+
+    def features():
+        return frozen_feature_dataset(cfg, corpus_info(str(corpus)), run / "features" / "corpus0",
+                                      PreprocessConfig.build(cfg.model, cfg.data, tokens.pad_id, train=True, seed=0),
+                                      tokens.vocab_size, None)
+
+    again = features()
     mtime = stamp.stat().st_mtime_ns
     assert again.count() == written["rows"] and stamp.stat().st_mtime_ns == mtime
 
     # A weights file replaced in place (same path, new contents) is a new input: recomputed.
     state = torch.load(tmp_path / "cnn.pth", weights_only=True)
     torch.save({k: v * 2 if v.is_floating_point() else v for k, v in state.items()}, tmp_path / "cnn.pth")
-    frozen_feature_dataset(cfg, corpus_info(str(corpus)), run / "features" / "corpus0",
-                           PreprocessConfig.build(cfg.model, cfg.data, tokens.pad_id, train=True, seed=0),
-                           tokens.vocab_size, None)
+    features()
     assert stamp.stat().st_mtime_ns != mtime
     refetched = pq.read_table(run / "features" / "corpus0" / "data").to_pydict()
     at = {sid: i for i, sid in enumerate(refetched["sample_id"])}

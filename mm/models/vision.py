@@ -231,7 +231,7 @@ class CNNTower(nn.Module):
         self.grad_checkpointing = False
         with torch.no_grad():
             self.features.eval()  # the shape probe must not touch BatchNorm statistics
-            fmap = self.feature_map(torch.zeros(1, 3, cfg.image_px, cfg.image_px), train=False)
+            fmap = self.feature_map(torch.zeros(1, 3, cfg.image_px, cfg.image_px))
         self.width = fmap.shape[1]
         self.grid = tuple(fmap.shape[2:])
         self.num_patches = self.grid[0] * self.grid[1]
@@ -255,28 +255,28 @@ class CNNTower(nn.Module):
         if t > self.cfg.max_frames:
             raise ValueError(f"{t} frames > max_frames {self.cfg.max_frames}")
         _sync_norm_modes(self._norms, self.training)
-        x = self.feature_map(frames.flatten(0, 1), train=self.training)
+        x = self.feature_map(frames.flatten(0, 1))
         x = x.flatten(2).transpose(1, 2).reshape(b, -1, self.width)  # (B, T*h*w, C)
         return torch.cat([x.mean(1, keepdim=True), x], dim=1)
 
-    def feature_map(self, x: torch.Tensor, train: bool) -> torch.Tensor:
+    def feature_map(self, x: torch.Tensor) -> torch.Tensor:
         """(N, 3, H, W) at image_px -> (N, C, h, w): the last stage's map, with the
         ``hypercolumn_stages`` and the ``scales_px`` maps average-pooled to its grid and
         concatenated on the channels (just the last map when neither is set)."""
-        maps = self._trunk(x, train)
+        maps = self._trunk(x)
         for px in self.cfg.scales_px:
             maps += self._trunk(F.interpolate(x, size=(px, px), mode="bicubic", antialias=True,
-                                              align_corners=False), train)
+                                              align_corners=False))
         if len(maps) == 1:
             return maps[0]
         grid = maps[len(self._stages)].shape[-2:]  # the last stage at image_px
         return torch.cat([m if m.shape[-2:] == grid else F.adaptive_avg_pool2d(m, grid) for m in maps], 1)
 
-    def _trunk(self, x: torch.Tensor, train: bool) -> list[torch.Tensor]:
+    def _trunk(self, x: torch.Tensor) -> list[torch.Tensor]:
         """The hypercolumn stages' outputs in trunk order, then the last stage's."""
         maps = []
         for i, stage in enumerate(self.features):
-            if self.grad_checkpointing and train and torch.is_grad_enabled():
+            if self.grad_checkpointing and self.training and torch.is_grad_enabled():
                 x = checkpoint(stage, x, use_reentrant=False)
             else:
                 x = stage(x)
