@@ -227,8 +227,8 @@ def frozen_feature_dataset(cfg: PretrainConfig, info: CorpusInfo, out: Path, pre
 
     ``out/features.json`` records what they were computed from (corpus manifest, tower configs,
     the size and mtime of every weight file they load, preprocessing, init); a later run with the
-    same inputs (a resume, or another projection) reads them, anything else (a weights file
-    replaced in place included) recomputes them.
+    same inputs (a resume, another projection or another seed) reads them, anything else (a
+    weights file replaced in place included) recomputes them.
     """
     import shutil
 
@@ -238,9 +238,12 @@ def frozen_feature_dataset(cfg: PretrainConfig, info: CorpusInfo, out: Path, pre
     from jobs.runtime import worker_cpus
 
     weights = [p for p in (cfg.model.vision.pretrained_path, cfg.model.text.pretrained_path, init) if p]
+    # Not the preprocessing seed: it draws only augmentations, which check_frozen_features refuses,
+    # so a run with another train.seed reads the same features.
+    preprocess = {k: v for k, v in dataclasses.asdict(pre).items() if k != "seed"}
     key = {"corpus": info.path, "rows": info.rows, "corpus_manifest": info.manifest,
            "vision": dataclasses.asdict(cfg.model.vision), "text": dataclasses.asdict(cfg.model.text),
-           "preprocess": dataclasses.asdict(pre), "init": init, "weight_files": source_refs(weights)}
+           "preprocess": preprocess, "init": init, "weight_files": source_refs(weights)}
     key = json.loads(json.dumps(key, default=str))
     stamp = out / "features.json"
     if not (stamp.is_file() and json.loads(stamp.read_text()).get("inputs") == key):
