@@ -132,16 +132,25 @@ class ProjectionConfig:
     linear: CLIP's (no bias). mlp: OpenCLIP's ``timm_proj="mlp"`` / ``hf_proj_type="mlp"`` idea,
     Dropout(dropout) -> Linear(W, hidden) -> GELU -> Linear(hidden, embed_dim, no bias): more
     room for what a locked pretrained tower was not trained to express (LiT on the emoji set,
-    docs/BENCHMARKS.md). ``hidden`` 0 means 2 x embed_dim, as timm's projection MLP."""
+    docs/BENCHMARKS.md). ``hidden`` 0 means 2 x embed_dim, as timm's projection MLP.
+
+    heads > 1: an ensemble of that many independently initialised projection pairs, each with its
+    own temperature (and SigLIP bias) and its own contrastive loss. The embedding is the heads'
+    unit vectors concatenated and scaled by heads ** -0.5, so it stays a unit vector (of width
+    heads x embed_dim) and a cosine between two is the mean of the heads' cosines: retrieval,
+    zero-shot and probes score with the ensemble unchanged (``mm.models.ProjectionEnsemble``)."""
 
     vision: Literal["linear", "mlp"] = "linear"
     text: Literal["linear", "mlp"] = "linear"
     hidden: int = 0
     dropout: float = 0.0
+    heads: int = 1
 
     def __post_init__(self) -> None:
         if self.hidden < 0 or not 0.0 <= self.dropout < 1.0:
             raise ValueError("proj.hidden must be >= 0 and proj.dropout in [0, 1)")
+        if self.heads < 1:
+            raise ValueError(f"proj.heads must be >= 1, got {self.heads}")
 
 
 @dataclass(frozen=True)
@@ -156,6 +165,11 @@ class ModelConfig:
     # siglip: sigmoid loss with scale init 10 and bias init -10 (Zhai et al. 2023).
     loss: Literal["clip", "siglip"] = "clip"
     logit_scale_max: float = math.log(100.0)
+
+    @property
+    def embed_width(self) -> int:
+        """The width of an embedding: ``embed_dim`` per projection head."""
+        return self.embed_dim * self.proj.heads
 
     def init_logit_scale(self) -> float:
         return math.log(10.0) if self.loss == "siglip" else math.log(1 / 0.07)

@@ -77,6 +77,9 @@ def export_hf(model_path: str | Path, out_dir: str | Path) -> Path:
     if "mlp" in (cfg.proj.vision, cfg.proj.text):
         raise ValueError("export writes CLIP's linear visual/text projections; this model has an mlp projection "
                          "(model.proj): load it with mm.load instead")
+    if cfg.proj.heads > 1:
+        raise ValueError(f"export writes one visual/text projection pair; this model has an ensemble of {cfg.proj.heads} "
+                         "(model.proj.heads): load it with mm.load instead")
     vit = model.vision.vit
     if model.vision.temporal is not None:
         raise ValueError("export supports vision.attention=joint only (divided attention has temporal blocks)")

@@ -122,3 +122,59 @@ def test_objectives_needing_fusion_refuse_a_model_without_it():
     model = build_model(dataclasses.replace(CFG, fusion=FusionConfig(depth=0)), TOK.vocab_size)
     with pytest.raises(ValueError, match="fusion"):
         build_objectives(ObjectivesConfig(itm=ITMConfig(weight=1.0)), model, TOK)
+
+
+@pytest.mark.parametrize("loss", ["clip", "siglip"])
+def test_projection_heads_are_an_ensemble_each_trained_on_its_own_loss(loss, tmp_path):
+    from mm import losses
+    from mm.checkpoint import load_model, save_model
+    from mm.config import ProjectionConfig
+    from mm.export import export_hf
+
+    torch.manual_seed(0)
+    cfg = dataclasses.replace(CFG, loss=loss, proj=ProjectionConfig(vision="mlp", hidden=24, heads=3))
+    model = build_model(cfg, TOK.vocab_size).eval()
+    with torch.no_grad():
+        model.logit_scale.copy_(torch.tensor([1.0, 2.0, 3.0]))
+        model.logit_bias.copy_(torch.tensor([-1.0, -2.0, -3.0]))
+    batch = _batch(False)
+    img = model.encode_image(batch["pixels"])
+    txt = model.encode_text(batch["input_ids"], batch["attention_mask"])
+    assert img.shape == (6, 48) and cfg.embed_width == 48
+    assert torch.allclose(img.norm(dim=-1), torch.ones(6), atol=1e-6)
+    # Each head's projection of the pooled features, normalised, by hand.
+    fv = model.vision_features(batch["pixels"][:, None])
+    ft = model.text_features(batch["input_ids"], batch["attention_mask"])
+    per_v = [torch.nn.functional.normalize(h(fv), dim=-1) for h in model.vision_proj.heads]
+    per_t = [torch.nn.functional.normalize(h(ft), dim=-1) for h in model.text_proj.heads]
+    # A cosine of the ensemble embeddings is the mean of the heads' cosines.
+    assert torch.allclose(img @ txt.T, sum(v @ t.T for v, t in zip(per_v, per_t)) / 3, atol=1e-6)
+    # The loss is the mean of the heads' losses, each at its own temperature (and bias).
+    scales = torch.tensor([1.0, 2.0, 3.0]).exp()
+    if loss == "clip":
+        want = [losses.clip_loss(v, t, s)[0] for v, t, s in zip(per_v, per_t, scales)]
+    else:
+        want = [losses.siglip_loss(v, t, s, b)[0] for v, t, s, b in zip(per_v, per_t, scales, (-1.0, -2.0, -3.0))]
+    obj = build_objectives(ObjectivesConfig(), model, TOK)[0]
+    got, metrics = obj.step(model, dict(batch))
+    assert torch.allclose(got, sum(want) / 3, atol=1e-5)
+    assert torch.allclose(metrics["logit_scale"], scales.mean())
+    # Independent heads: head 0's weights get no gradient from the other heads' temperatures.
+    def head0_grad(scale_others):
+        model.zero_grad()
+        with torch.no_grad():
+            model.logit_scale[1:] = scale_others
+        obj.step(model, dict(batch))[0].backward()
+        return model.vision_proj.heads[0][1].weight.grad.clone()
+    assert torch.allclose(head0_grad(0.5), head0_grad(4.0), rtol=0, atol=1e-6)  # float rounding: ~1e-7
+    assert model.logit_scale.grad[1:].abs().sum() > 0
+    # A checkpoint keeps the heads; the HF export (one projection pair) refuses the ensemble.
+    save_model(model, cfg, tmp_path / "model", tokenizer_dir=None)
+    loaded, loaded_cfg = load_model(tmp_path / "model")
+    assert loaded_cfg == cfg
+    with torch.no_grad():
+        assert torch.allclose(loaded.eval().encode_image(batch["pixels"]), model.encode_image(batch["pixels"]), atol=1e-6)
+    with pytest.raises(ValueError, match="proj.heads"):
+        ProjectionConfig(heads=0)
+    with pytest.raises(ValueError, match="mlp projection|ensemble of 3"):
+        export_hf(tmp_path / "model", tmp_path / "export")
