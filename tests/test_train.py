@@ -259,7 +259,7 @@ def test_lit_locked_pretrained_towers_train_only_the_heads(ray_session, tmp_path
              if k.startswith("vision.features.")}
     assert saved.keys() == {k.removeprefix("features.") for k in ref if k.startswith("features.")}
     assert all(torch.equal(v, ref[f"features.{k}"]) for k, v in saved.items()), "a locked tower changed"
-    assert model.encode_image(torch.zeros(2, 3, 32, 32)).shape == (2, 32)
+    assert model.encode_image(torch.zeros(2, 3, 32, 32)).shape == (2, model.cfg.embed_width)  # 3 pairs x 32
 
 
 def test_frozen_features_are_the_towers_output_computed_once(ray_session, tmp_path):
