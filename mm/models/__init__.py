@@ -68,9 +68,8 @@ class VLModel(nn.Module):
         self.text = TextTower(cfg.text, vocab_size, text_hf_config)
         self.vision_proj = projection(self.vision.width, cfg.embed_dim, cfg.proj.vision, cfg.proj)
         self.text_proj = projection(self.text.width, cfg.embed_dim, cfg.proj.text, cfg.proj)
-        # Shape (1,), not a scalar: FSDP2's fully_shard refuses 0-d parameters. ``scale()`` returns
-        # them as scalars.
-        # One per projection head (``proj.heads``).
+        # One per projection head (``proj.heads``), shape (heads,) and never 0-d: FSDP2's
+        # fully_shard refuses 0-d parameters. ``scale()`` returns their means as scalars.
         self.logit_scale = nn.Parameter(torch.full((cfg.proj.heads,), cfg.init_logit_scale()))
         # Only SigLIP trains a bias; for CLIP it stays a frozen 0 (DDP needs every trainable
         # parameter to get a gradient).
