@@ -7,6 +7,7 @@ fails fast: Ray Data's no-progress timeout is 120 s here, not the default 1800 s
 from __future__ import annotations
 
 import os
+import re
 
 import pytest
 
@@ -31,3 +32,19 @@ def ray_session():
         init_ray(no_progress_timeout_s=120)  # applies the DataContext settings to this session
     yield ray
     ray.shutdown()
+
+
+# A line Ray forwards from a worker process of the session ("(Name pid=N) ...", maybe coloured).
+_RAY_FORWARDED = re.compile(r"^(?:\x1b\[[0-9;]*m)?\((?:.* pid=\d+|raylet|autoscaler)")
+
+
+@pytest.fixture
+def cli_errors(capsys):
+    """Reads the stderr lines a command wrote, without the log lines Ray forwards from the shared
+    session's workers: those land in whichever test is running when they arrive (an actor of an
+    earlier test logging as it is cleaned up)."""
+
+    def read() -> list[str]:
+        return [line for line in capsys.readouterr().err.strip().splitlines() if not _RAY_FORWARDED.match(line)]
+
+    return read

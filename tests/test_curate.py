@@ -197,7 +197,7 @@ def test_rerun_gives_same_rows(curated, corpus, tmp_path):
     (["{root}/folder", "--out", "{out}", "--config", "{root}/bad.yaml"], "not valid YAML"),
     (["{root}/folder", "--out", "{root}/afile.txt"], "is a file"),
 ])
-def test_usage_errors_exit_2_and_write_nothing(corpus, tmp_path, capsys, args, msg):
+def test_usage_errors_exit_2_and_write_nothing(corpus, tmp_path, cli_errors, args, msg):
     root = corpus[0]
     (root / "emptydir").mkdir(exist_ok=True)
     (root / "bad.yaml").write_text("images: [unclosed\n")
@@ -205,7 +205,7 @@ def test_usage_errors_exit_2_and_write_nothing(corpus, tmp_path, capsys, args, m
     out = tmp_path / "never"
     argv = [a.format(root=root, out=out) for a in args]
     assert main(argv) == 2
-    err = capsys.readouterr().err.strip().splitlines()
+    err = cli_errors()
     assert len(err) == 1 and msg in err[0]
     assert not out.exists()
 

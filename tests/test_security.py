@@ -95,7 +95,7 @@ def test_only_safetensors_and_json_are_looked_for(tmp_path):
     assert not marker.exists()
 
 
-def test_yaml_config_with_python_tags_is_refused(tmp_path, capsys):
+def test_yaml_config_with_python_tags_is_refused(tmp_path, cli_errors):
     from jobs.config import ConfigError, load_config
     from jobs.curate import main
     from pipelines.curate import CurateConfig
@@ -108,7 +108,7 @@ def test_yaml_config_with_python_tags_is_refused(tmp_path, capsys):
     (tmp_path / "src").mkdir()
     (tmp_path / "src" / "a.txt").write_text("a caption")
     rc = main([str(tmp_path / "src"), "--out", str(tmp_path / "out"), "--config", str(evil)])
-    err = capsys.readouterr().err.strip().splitlines()
+    err = cli_errors()
     assert rc == 2 and len(err) == 1 and "not valid YAML" in err[0]
     # an override is YAML too
     with pytest.raises(ConfigError):

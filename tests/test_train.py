@@ -108,12 +108,12 @@ def test_fsdp2_two_workers_trains_checkpoints_and_loads(ray_session, tmp_path):
     assert len(list((run / "ray").glob("step_*"))) == 2
 
 
-def test_pretrain_job_rejects_bad_data_dir(tmp_path, capsys):
+def test_pretrain_job_rejects_bad_data_dir(tmp_path, cli_errors):
     from jobs.pretrain import main
 
     rc = main(["--data", str(tmp_path / "missing"), "--out", str(tmp_path / "run")])
     assert rc == 2
-    err = capsys.readouterr().err.strip().splitlines()
+    err = cli_errors()
     assert len(err) == 1 and "does not exist" in err[0]
     (tmp_path / "empty").mkdir()
     assert main(["--data", str(tmp_path / "empty"), "--out", str(tmp_path / "run")]) == 2
