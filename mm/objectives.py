@@ -133,12 +133,11 @@ class Contrastive(Objective):
         vision, text = (x.unflatten(-1, (heads, -1)) * heads ** 0.5 for x in (f["vision"], f["text"]))
         loss = logits = 0
         for h in range(heads):
+            v, t = vision[:, h].contiguous(), text[:, h].contiguous()  # contiguous for the all-gather
             if model.cfg.loss == "siglip":
-                loss_h, logits_h = losses.siglip_loss(vision[:, h].contiguous(), text[:, h].contiguous(), scales[h],
-                                                       biases[h])
+                loss_h, logits_h = losses.siglip_loss(v, t, scales[h], biases[h])
             else:
-                loss_h, logits_h = losses.clip_loss(vision[:, h].contiguous(), text[:, h].contiguous(), scales[h],
-                                                     local_loss=self.local_loss)
+                loss_h, logits_h = losses.clip_loss(v, t, scales[h], local_loss=self.local_loss)
             loss, logits = loss + loss_h / heads, logits + logits_h / heads
         scale = scales.mean()
         rank, _ = losses.world()
