@@ -63,6 +63,13 @@ class VisionConfig:
     # (multi-scale features). The tower's width is then the sum of every joined map's channels.
     hypercolumn_stages: tuple[int, ...] = ()
     scales_px: tuple[int, ...] = ()
+    # CNN tower only, a spatial pyramid (He et al. 2014, SPP): the pooled feature also carries
+    # these stages' channels (hypercolumn stages or the last stage; at image_px) averaged over a
+    # pyramid_cells x pyramid_cells grid of the tokens, so it keeps where things are in the frame
+    # (an arrow's direction, a flag's stripes), which a global average loses. Only the pooled
+    # feature widens; the tokens (fusion) do not.
+    pyramid_stages: tuple[int, ...] = ()
+    pyramid_cells: int = 2
     pretrained_path: str | None = None
     mean: tuple[float, float, float] = CLIP_MEAN
     std: tuple[float, float, float] = CLIP_STD
@@ -79,6 +86,10 @@ class VisionConfig:
             raise ValueError("torchvision_name builds a CNN tower: leave timm_name, stem and attention unset")
         if (self.hypercolumn_stages or self.scales_px) and self.torchvision_name is None:
             raise ValueError("hypercolumn_stages and scales_px apply to a CNN tower (torchvision_name)")
+        if self.pyramid_stages and self.torchvision_name is None:
+            raise ValueError("pyramid_stages applies to a CNN tower (torchvision_name)")
+        if self.pyramid_cells < 2:
+            raise ValueError(f"pyramid_cells must be >= 2 (1 is the global average), got {self.pyramid_cells}")
         if any(px < 1 for px in self.scales_px):
             raise ValueError(f"scales_px must be positive sides in pixels, got {list(self.scales_px)}")
         if self.timm_name is None and self.torchvision_name is None and self.width % self.heads:

@@ -66,7 +66,7 @@ class VLModel(nn.Module):
         self.vocab_size = vocab_size
         self.vision = build_vision_tower(cfg.vision)
         self.text = TextTower(cfg.text, vocab_size, text_hf_config)
-        self.vision_proj = projection(self.vision.width, cfg.embed_dim, cfg.proj.vision, cfg.proj)
+        self.vision_proj = projection(self.vision.pooled_width, cfg.embed_dim, cfg.proj.vision, cfg.proj)
         self.text_proj = projection(self.text.width, cfg.embed_dim, cfg.proj.text, cfg.proj)
         # One per projection head (``proj.heads``), shape (heads,) and never 0-d: FSDP2's
         # fully_shard refuses 0-d parameters. ``scale()`` returns their means as scalars.
