@@ -232,8 +232,9 @@ def _toy_pretrained(tmp_path: Path, corpus: Path) -> tuple[torch.nn.Module, list
     return cnn, ["model.vision.torchvision_name=mobilenet_v2", f"model.vision.pretrained_path={tmp_path / 'cnn.pth'}",
                  f"model.text.pretrained_path={tmp_path / 'bert'}", "model.lock.vision=true",
                  "model.lock.text=true",
-                 # the config's second input size, at toy scale (its 224 px would dwarf the 32 px frames)
-                 "model.vision.scales_px=[48]"]
+                 # the config's frame and second input sizes at toy scale: 64 px frames give the
+                 # 2x2 grid that its 2x2 pyramid cells need (32 px would give 1x1)
+                 "model.vision.image_px=64", "model.vision.scales_px=[96]"]
 
 
 def test_lit_locked_pretrained_towers_train_only_the_heads(ray_session, tmp_path):
@@ -259,7 +260,9 @@ def test_lit_locked_pretrained_towers_train_only_the_heads(ray_session, tmp_path
              if k.startswith("vision.features.")}
     assert saved.keys() == {k.removeprefix("features.") for k in ref if k.startswith("features.")}
     assert all(torch.equal(v, ref[f"features.{k}"]) for k, v in saved.items()), "a locked tower changed"
-    assert model.encode_image(torch.zeros(2, 3, 32, 32)).shape == (2, model.cfg.embed_width)  # 3 pairs x 32
+    assert model.encode_image(torch.zeros(2, 3, 64, 64)).shape == (2, model.cfg.embed_width)  # 3 pairs x 32
+    with pytest.raises(ValueError, match="needs frames of 64 px"):  # the pyramid's cells need its grid
+        model.encode_image(torch.zeros(2, 3, 32, 32))
 
 
 def test_frozen_features_are_the_towers_output_computed_once(ray_session, tmp_path):

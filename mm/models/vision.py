@@ -308,6 +308,10 @@ class CNNTower(nn.Module):
         if not self._pyramid:
             return pooled
         b, (h, w) = tokens.shape[0], self.grid
+        if (tokens.shape[1] - 1) % (h * w):
+            raise ValueError(f"the spatial pyramid (vision.pyramid_stages) needs frames of "
+                             f"{self.cfg.image_px} px, the {h}x{w} grid it was built for; got "
+                             f"{tokens.shape[1] - 1} positions")
         x = tokens[:, 1:].reshape(b, -1, h, w, self.width)  # (B, T, h, w, C)
         cells = []
         for start, width in self._pyramid:
