@@ -54,8 +54,8 @@ def child(src: str, out: str, num_cpus: int, store_mb: int) -> None:
     os.environ.setdefault("RAY_AUTH_MODE", "disabled")
     import ray
 
-    from jobs.config import load_config
-    from jobs.runtime import init_ray
+    from core.config import load_config
+    from core.runtime import init_ray
     from pipelines.curate import CurateConfig, run_curate
 
     ray.init(num_cpus=num_cpus, object_store_memory=store_mb << 20, include_dashboard=False,

@@ -223,7 +223,7 @@ def scaling(sizes: list[int], seed: int, mode: str, bands: int | None = None, ba
     if mode == "ray":
         import ray
 
-        from jobs.runtime import init_ray
+        from core.runtime import init_ray
 
         init_ray(None)
     results = []

@@ -154,8 +154,8 @@ def main(argv=None) -> int:
     overrides = [f"model.vision.pretrained_path={mobilenet_weights()}", f"model.text.pretrained_path={minilm_dir()}",
                  *args.overrides]
 
-    from jobs.config import load_config
-    from jobs.runtime import init_ray
+    from core.config import load_config
+    from core.runtime import init_ray
     from mm import metrics as M
     from mm.train import PretrainConfig
 

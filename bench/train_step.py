@@ -165,8 +165,8 @@ def ray_feed(steps: int) -> dict:
     sys.path.insert(0, str(ROOT / "tests"))
     from test_data import make_corpus
 
-    from jobs.config import load_config
-    from jobs.runtime import init_ray
+    from core.config import load_config
+    from core.runtime import init_ray
     from mm.train import PretrainConfig, fit, read_metrics
 
     with tempfile.TemporaryDirectory() as tmp:
@@ -213,7 +213,7 @@ def curves(out_png: str, steps: int, batch: int) -> dict:
     sys.path.insert(0, str(ROOT / "tests"))
     from test_data import make_corpus
 
-    from jobs.config import load_config
+    from core.config import load_config
     from mm.data import PreprocessConfig, load_token_info, preprocess_batch, trim_padding
     from mm.models import build_model
     from mm.objectives import ObjectiveSet, build_objectives

@@ -15,7 +15,7 @@ import sys
 from collections.abc import Callable, Sequence
 from pathlib import Path
 
-from jobs.config import ConfigError
+from core.config import ConfigError
 
 COMMANDS = ("curate", "pretrain", "finetune", "evaluate", "pipeline", "refresh", "demo", "data", "export")
 EXIT_USAGE = 2

@@ -15,8 +15,8 @@ import json
 import sys
 from collections.abc import Sequence
 
+from core.config import load_config
 from jobs.cli import UsageError, add_common, check_out_dir, run
-from jobs.config import load_config
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -52,7 +52,7 @@ def main_args(args: argparse.Namespace) -> int:
         if not Path(cfg.tokenizer.path).exists():
             raise UsageError(f"tokenizer.path {cfg.tokenizer.path} does not exist")
 
-    from jobs.runtime import init_ray
+    from core.runtime import init_ray
 
     init_ray(args.address)
     stats = run_curate(args.sources, args.out, cfg)

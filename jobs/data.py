@@ -28,8 +28,8 @@ from pathlib import Path
 
 import yaml
 
+from core.config import ConfigError, build
 from jobs.cli import UsageError, add_common, check_out_dir, run
-from jobs.config import ConfigError, build
 
 log = logging.getLogger("mm.data")
 
@@ -127,7 +127,7 @@ def _main(args: argparse.Namespace) -> int:
                          f"({L.EMOJI_FONT}, {L.EMOJI_TEST}); apt-get install them")
     if cfg.tokenizer.path and not Path(cfg.tokenizer.path).exists():
         raise UsageError(f"tokenizer.path {cfg.tokenizer.path} does not exist")
-    from jobs.runtime import init_ray
+    from core.runtime import init_ray
 
     init_ray(args.address)
     stats = convert(args.dataset, args.out, cfg, args.limit)

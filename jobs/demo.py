@@ -28,8 +28,8 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
+from core.config import load_config
 from jobs.cli import add_common, check_out_dir, run
-from jobs.config import load_config
 
 log = logging.getLogger("mm.demo")
 REPO = Path(__file__).resolve().parent.parent
@@ -56,7 +56,7 @@ class DemoConfig:
 
 def run_demo(out: str | Path, cfg: DemoConfig, address: str | None = None) -> dict:
     """Run the chain into ``out``; returns {"pretrain": eval, "finetune": eval, "report": path}."""
-    from jobs.runtime import init_ray
+    from core.runtime import init_ray
     from mm.evaluate import EvalConfig, evaluate_run, write_eval
     from mm.finetune import FinetuneConfig, finetune
     from mm.report import write_report

@@ -21,8 +21,8 @@ import sys
 from collections.abc import Sequence
 from pathlib import Path
 
+from core.config import load_config
 from jobs.cli import UsageError, add_common, run
-from jobs.config import load_config
 
 log = logging.getLogger("mm.evaluate")
 TASKS = ("zeroshot", "retrieval", "classify", "linear_probe", "masked")
@@ -83,7 +83,7 @@ def _main(args: argparse.Namespace) -> int:
             itm_checkpoint(model_dir, cfg.rerank_k)
         except ValueError as e:
             raise UsageError(str(e)) from None
-    from jobs.runtime import init_ray
+    from core.runtime import init_ray
     from mm.report import write_report
 
     init_ray(args.address)

@@ -17,8 +17,8 @@ import sys
 from collections.abc import Sequence
 from pathlib import Path
 
+from core.config import load_config
 from jobs.cli import UsageError, add_common, check_out_dir, run
-from jobs.config import load_config
 
 log = logging.getLogger("mm.finetune")
 
@@ -68,7 +68,7 @@ def _main(args: argparse.Namespace) -> int:
 
     cfg = load_config(FinetuneConfig, args.config, args.overrides)
     check_inputs(args.init, args.data, args.task, args.out, cfg)
-    from jobs.runtime import init_ray
+    from core.runtime import init_ray
 
     init_ray(args.address)
     result = finetune(args.init, args.data, args.task, args.out, cfg)

@@ -17,7 +17,7 @@ submits each as its own Ray job (``JobSubmissionClient``, ``jobs.address``, the 
 ``working_dir``) and waits for it, so a long chain survives as separate, separately logged jobs.
 
 The pipeline config references each stage's own YAML plus overrides (never copies their fields);
-the resolved stage configs are validated before any work. Lineage (jobs/lineage.py): after each
+the resolved stage configs are validated before any work. Lineage (core/lineage.py): after each
 stage the output's manifest.json gets a ``lineage`` stamp naming its inputs' manifests, the
 config hash and the code version. A stage whose output is stamped for the same inputs and config
 is skipped; ``--force`` reruns every stage, ``--force STAGE`` that one (and, through the changed
@@ -42,9 +42,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Literal
 
-from jobs import lineage as L
+from core import lineage as L
+from core.config import ConfigError, load_config, to_dict
 from jobs.cli import UsageError, add_common, run
-from jobs.config import ConfigError, load_config, to_dict
 
 log = logging.getLogger("mm.pipeline")
 STAGES = ("curate", "pretrain", "finetune", "evaluate")

@@ -15,8 +15,8 @@ import json
 import sys
 from collections.abc import Sequence
 
+from core.config import load_config
 from jobs.cli import UsageError, add_common, check_out_dir, run
-from jobs.config import load_config
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -48,7 +48,7 @@ def _main(args: argparse.Namespace) -> int:
         except CheckpointError as e:
             raise UsageError(str(e)) from None
 
-    from jobs.runtime import init_ray
+    from core.runtime import init_ray
     from mm.train import fit
 
     init_ray(args.address)

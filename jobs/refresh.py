@@ -54,9 +54,9 @@ import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
-from jobs import lineage as L
+from core import lineage as L
+from core.config import load_config, to_dict
 from jobs.cli import UsageError, add_common, run
-from jobs.config import load_config, to_dict
 
 log = logging.getLogger("mm.refresh")
 EXIT_LOCKED = 3
@@ -389,7 +389,7 @@ class Refresh:
     def ensure_ray(self) -> None:
         """Ray starts (or is joined) only when a step needs it: a refresh with nothing new whose
         inputs all match the ledger by size and mtime never starts Ray."""
-        from jobs.runtime import init_ray
+        from core.runtime import init_ray
 
         init_ray(self.address)
 

@@ -195,7 +195,7 @@ def to_json(cfg: ModelConfig) -> dict[str, Any]:
 
 def from_json(data: dict[str, Any]) -> ModelConfig:
     """Rebuild a ModelConfig from ``to_json`` output; unknown keys are an error, missing ones default."""
-    from jobs.config import build
+    from core.config import build
 
     return build(ModelConfig, data)
 

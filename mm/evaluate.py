@@ -427,7 +427,7 @@ def _task_metrics(model_dir: Path, data_dir, cfg: EvalConfig, tasks, emb: Embedd
         result["metrics"]["zeroshot"], result["chance"]["zeroshot"] = m, c
         result["confusion_matrix"] = cm
     if "classify" in tasks:
-        from mm.finetune import load_classifier
+        from mm.probe import load_classifier
 
         head = load_classifier(classifier)
         ckeep, ctargets = label_targets(emb.label, head.classes)
@@ -465,7 +465,7 @@ def _schema_names(data_dir) -> list[str]:
 
 def linear_probe(cfg: EvalConfig, train: Embeddings, val: Embeddings, classes: list[str]):
     """Logistic regression on the train split's frozen pooled features, scored on the eval split."""
-    from mm.finetune import fit_linear_head
+    from mm.probe import fit_linear_head
 
     tkeep, ttargets = label_targets(train.label, classes)
     vkeep, vtargets = label_targets(val.label, classes)
@@ -492,7 +492,7 @@ def masked_modelling(model_dir: Path, data_dir, cfg: EvalConfig, max_batches: in
     """
     import torch
 
-    from jobs.config import build
+    from core.config import build
     from mm.checkpoint import load_train_state, read_json
     from mm.data import DataConfig, PreprocessConfig, build_dataset, load_token_info, trim_padding
     from mm.objectives import ObjectiveSet, build_objectives
@@ -549,7 +549,7 @@ def itm_checkpoint(model_dir: Path, rerank_k: int):
     """The run's pretraining config and last step checkpoint holding an ITM head, or a one-line
     ValueError naming ``rerank_k``. The ITM head belongs to the objective, not to the exported
     model: it is read from RUN/ray/step_* with RUN/manifest.json's config, as ``masked`` does."""
-    from jobs.config import build
+    from core.config import build
     from mm.checkpoint import read_json
     from mm.train import PretrainConfig
 

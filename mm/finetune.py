@@ -55,6 +55,7 @@ from torch import nn
 
 from mm.evaluate import EvalConfig
 from mm.objectives import ContrastiveConfig, Objective, ObjectivesConfig
+from mm.probe import ClassifierHead, fit_linear_head, save_classifier
 from mm.train import PretrainConfig
 
 log = logging.getLogger(__name__)
@@ -113,70 +114,6 @@ class FinetuneConfig(PretrainConfig):
 
 
 # ----------------------------------------------------------------------------- classifier heads
-
-
-@dataclass
-class ClassifierHead:
-    """Linear classifier on L2-normalised embeddings: logits = x @ weight.T + bias."""
-
-    classes: list[str]
-    weight: np.ndarray  # (C, D)
-    bias: np.ndarray  # (C,)
-
-    def logits(self, x: np.ndarray) -> np.ndarray:
-        return np.asarray(x, np.float32) @ self.weight.T + self.bias
-
-    __call__ = logits
-
-
-def save_classifier(head: ClassifierHead, out_dir: str | Path) -> Path:
-    from mm.checkpoint import write_json, write_tensors
-
-    d = Path(out_dir)
-    write_tensors(d / "head.safetensors", {"weight": torch.from_numpy(np.ascontiguousarray(head.weight)),
-                                           "bias": torch.from_numpy(np.ascontiguousarray(head.bias))})
-    write_json(d / "classes.json", head.classes)
-    return d
-
-
-def load_classifier(path: str | Path) -> ClassifierHead:
-    from mm.checkpoint import read_json, read_tensors
-
-    d = Path(path)
-    t = read_tensors(d / "head.safetensors")
-    return ClassifierHead(list(read_json(d / "classes.json")), t["weight"].float().numpy(), t["bias"].float().numpy())
-
-
-def fit_linear_head(x: np.ndarray, y: np.ndarray, n_classes: int, *, weight_decay: float = 1e-4,
-                    max_iters: int = 200, init: tuple[np.ndarray, np.ndarray] | None = None,
-                    log_to: list | None = None) -> ClassifierHead:
-    """Multinomial logistic regression, full batch, L-BFGS: CE + weight_decay * ||W||^2."""
-    xt = torch.from_numpy(np.asarray(x, np.float32))
-    yt = torch.from_numpy(np.asarray(y, np.int64))
-    lin = nn.Linear(xt.shape[1], n_classes)
-    with torch.no_grad():
-        if init is not None:
-            lin.weight.copy_(torch.from_numpy(init[0]))
-            lin.bias.copy_(torch.from_numpy(init[1]))
-        else:
-            lin.weight.zero_()
-            lin.bias.zero_()
-    opt = torch.optim.LBFGS(lin.parameters(), lr=1.0, max_iter=max_iters, history_size=20,
-                            line_search_fn="strong_wolfe")
-    calls = []
-
-    def closure():
-        opt.zero_grad()
-        loss = F.cross_entropy(lin(xt), yt) + weight_decay * lin.weight.pow(2).sum()
-        loss.backward()
-        calls.append(float(loss))
-        return loss
-
-    opt.step(closure)
-    if log_to is not None:
-        log_to.extend({"step": i + 1, "loss/probe": v} for i, v in enumerate(calls))
-    return ClassifierHead([str(i) for i in range(n_classes)], lin.weight.detach().numpy().copy(),
-                          lin.bias.detach().numpy().copy())
 
 
 # ----------------------------------------------------------------------------- training pieces
@@ -573,7 +510,6 @@ def retention(curve: list[dict], task: str) -> dict:
     return out
 
 
-__all__ = ["StrategyConfig", "FinetuneConfig", "ClassifierHead", "save_classifier", "load_classifier",
-           "fit_linear_head", "Classify", "ClassifyFactory", "PrepareModel", "merge_lora_state",
+__all__ = ["StrategyConfig", "FinetuneConfig", "Classify", "ClassifyFactory", "PrepareModel", "merge_lora_state",
            "interpolate_states", "prompt_lookup", "finetune", "evaluate_finetune", "retention", "write_prompt_view",
            "cached_embeddings"]

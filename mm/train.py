@@ -63,7 +63,7 @@ log = logging.getLogger(__name__)
 @dataclass(frozen=True)
 class TrainConfig:
     num_workers: int = 2
-    cpus_per_worker: float | None = None  # default: jobs.runtime.worker_cpus (fractional on small machines)
+    cpus_per_worker: float | None = None  # default: core.runtime.worker_cpus (fractional on small machines)
     use_gpu: bool = False
     parallel: Literal["ddp", "fsdp"] = "ddp"  # fsdp: FSDP2 (fully_shard) per block; saves memory on GPUs
     max_steps: int = 200
@@ -119,8 +119,8 @@ def fit(cfg: PretrainConfig, corpora: Sequence[str], run_dir: str, init: str | N
     import ray.train
     from ray.train.torch import TorchTrainer
 
-    from jobs.lineage import code_version
-    from jobs.runtime import init_ray, worker_cpus
+    from core.lineage import code_version
+    from core.runtime import init_ray, worker_cpus
 
     if not corpora:
         raise ValueError("no corpus given")
@@ -234,8 +234,8 @@ def frozen_feature_dataset(cfg: PretrainConfig, info: CorpusInfo, out: Path, pre
 
     import ray.data
 
-    from jobs.lineage import source_refs
-    from jobs.runtime import worker_cpus
+    from core.lineage import source_refs
+    from core.runtime import worker_cpus
 
     weights = [p for p in (cfg.model.vision.pretrained_path, cfg.model.text.pretrained_path, init) if p]
     # Not the preprocessing seed: it draws only augmentations, which check_frozen_features refuses,

@@ -37,22 +37,17 @@ import pyarrow as pa
 import pyarrow.csv as pacsv
 import pyarrow.fs as pafs
 
+from core.storage import resolve
 from pipelines.captions import decode_caption
+from pipelines.inputs import INPUT_SCHEMA, VIDEO_EXTS
 
 CAPTION_RULES = ("all", "first", "longest", "random")
 
 
-def _schema() -> pa.Schema:
-    from pipelines.sources import INPUT_SCHEMA  # the readers' shared record schema
-
-    return INPUT_SCHEMA
-
-
 def resolve_fs(path: str) -> tuple[pafs.FileSystem, str]:
     """``(filesystem, path)`` for a local path or a URI (``s3://``, ``gs://``, ``file://``)."""
-    if "://" in path:
-        return pafs.FileSystem.from_uri(path)
-    return pafs.LocalFileSystem(), posixpath.abspath(path)
+    fs, p, _ = resolve(path)
+    return fs, p
 
 
 def _uri(fs: pafs.FileSystem, path: str) -> str:
@@ -61,8 +56,6 @@ def _uri(fs: pafs.FileSystem, path: str) -> str:
 
 def index_videos(videos_dir: str, exts: tuple[str, ...] | None = None) -> dict[str, str]:
     """Map ``stem`` and ``relative/stem`` to the URI of every video file under ``videos_dir``."""
-    from pipelines.video import VIDEO_EXTS
-
     exts = exts or VIDEO_EXTS
     fs, root = resolve_fs(videos_dir)
     try:
@@ -197,7 +190,7 @@ def read_msrvtt(path: str, videos_dir: str | None = None, caption_rule: str = "a
         recs = msrvtt_records(data, path, videos_dir or posixpath.dirname(p) or ".", caption_rule)
     except ValueError as e:
         recs = [_record(path, "#file", None, [], {}, error="corrupt_annotations", detail=str(e)[:200])]
-    return pa.Table.from_pylist(recs, schema=_schema())
+    return pa.Table.from_pylist(recs, schema=INPUT_SCHEMA)
 
 
 def webvid_records(batch: pa.Table, source: str, videos_dir: str,
@@ -233,7 +226,7 @@ def webvid_records(batch: pa.Table, source: str, videos_dir: str,
                                detail=f"video {vid} not under {videos_dir} (contentUrl {url!r} is not fetched)"))
             continue
         out.append(_record(source, vid, uri, [caption] if caption else [], extra))
-    return pa.Table.from_pylist(out, schema=_schema())
+    return pa.Table.from_pylist(out, schema=INPUT_SCHEMA)
 
 
 WEBVID_CONVERT = pacsv.ConvertOptions(column_types={"videoid": pa.string(), "name": pa.binary(),
@@ -250,7 +243,7 @@ def read_webvid(path: str, videos_dir: str | None = None) -> pa.Table:
             table = pacsv.read_csv(f, convert_options=WEBVID_CONVERT)
     except (pa.ArrowInvalid, OSError) as e:
         return pa.Table.from_pylist([_record(path, "#file", None, [], {}, error="corrupt_annotations",
-                                             detail=str(e)[:200])], schema=_schema())
+                                             detail=str(e)[:200])], schema=INPUT_SCHEMA)
     if "videoid" not in table.column_names:
         raise ValueError(f"{path}: a WebVid CSV needs a 'videoid' column; found {', '.join(table.column_names)}")
     return webvid_records(table, path, videos_dir or posixpath.dirname(p) or ".")

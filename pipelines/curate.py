@@ -37,7 +37,6 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
-import os
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -47,14 +46,16 @@ import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.fs as pafs
 
-from jobs.config import to_dict
-from jobs.lineage import code_version
+from core.config import to_dict
+from core.lineage import code_version
+from core.storage import resolve
 from pipelines import stats as stats_mod
 from pipelines.captions import CaptionConfig, check_language_support
 from pipelines.dedup import DROP_SCHEMA, DedupConfig, find_duplicates
 from pipelines.images import ImageConfig, process_image_batch
+from pipelines.inputs import SourceFile
 from pipelines.schema import REJECT_SCHEMA, assign_split, schema_for
-from pipelines.sources import SourceConfig, SourceFile, expand_sources, has_urls, read_inputs
+from pipelines.sources import SourceConfig, expand_sources, has_urls, read_inputs
 from pipelines.tokenize import TokenizerConfig, build_tokenizer, tokenize_batch
 from pipelines.video import VideoConfig
 
@@ -323,11 +324,8 @@ def _rows(ds) -> list[dict]:
 
 # --------------------------------------------------------------------------- output dir + manifest
 def _out_fs(out: str) -> tuple[Any, str, str]:
-    if "://" in out:
-        fs, path = pafs.FileSystem.from_uri(out)
-        scheme = out.split("://", 1)[0]
-        return fs, path.rstrip("/"), ("" if scheme == "file" else f"{scheme}://")
-    return pafs.LocalFileSystem(), os.path.abspath(out), ""
+    fs, path, prefix = resolve(out)
+    return fs, path.rstrip("/"), prefix
 
 
 def _clean(fs: Any, root: str, work: str) -> None:

@@ -256,7 +256,7 @@ IMAGE_WORK_SCHEMA = pa.schema([
 
 
 def process_image_batch(batch: pa.Table, cfg: ImageConfig, captions: CaptionConfig) -> pa.Table:
-    """Input records (sources.INPUT_SCHEMA) → work rows: one per input, kept candidate or reject."""
+    """Input records (inputs.INPUT_SCHEMA) → work rows: one per input, kept candidate or reject."""
     cols = {name: batch.column(name).to_pylist() for name in
             ("source", "key", "media", "media_name", "caption_raw", "meta", "error", "error_detail")}
     rows: dict[str, list] = {f.name: [] for f in IMAGE_WORK_SCHEMA}

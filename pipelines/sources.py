@@ -57,25 +57,21 @@ from ray.data.block import BlockMetadata
 from ray.data.datasource import Datasource, ReadTask
 from ray.data.datasource.file_based_datasource import FileBasedDatasource
 
+from core.storage import expand_braces, is_uri, resolve
 from pipelines.captions import decode_caption
+from pipelines.inputs import (
+    INPUT_SCHEMA,
+    MANIFEST_EXTS,
+    MEDIA_EXTS,
+    SIDECAR_EXTS,
+    SUBTITLE_EXTS,
+    TAR_SUFFIXES,
+    VIDEO_EXTS,
+    SourceFile,
+    input_record,
+)
 
 log = logging.getLogger(__name__)
-
-IMAGE_EXTS = ("jpg", "jpeg", "png", "webp", "gif", "bmp", "tif", "tiff")
-VIDEO_EXTS = ("mp4", "webm", "mkv", "mov", "avi", "mpg", "mpeg")
-MEDIA_EXTS = IMAGE_EXTS + VIDEO_EXTS
-SUBTITLE_EXTS = ("srt", "vtt")
-SIDECAR_EXTS = ("txt", "json", "cls") + SUBTITLE_EXTS
-MANIFEST_EXTS = ("parquet", "jsonl", "csv")
-TAR_SUFFIXES = (".tar", ".tar.gz", ".tgz")
-
-INPUT_SCHEMA = pa.schema([
-    pa.field("source", pa.string(), nullable=False), pa.field("key", pa.string(), nullable=False),
-    pa.field("media", pa.binary()), pa.field("media_name", pa.string()), pa.field("media_uri", pa.string()),
-    pa.field("caption_raw", pa.string()), pa.field("meta", pa.string()), pa.field("url", pa.string()),
-    pa.field("error", pa.string()), pa.field("error_detail", pa.string()),
-])
-
 
 @dataclass(frozen=True)
 class SourceConfig:
@@ -110,47 +106,7 @@ class SourceConfig:
             raise ValueError("download_threads and download_per_host must be > 0, download_retries >= 0")
 
 
-@dataclass(frozen=True)
-class SourceFile:
-    """One resolved input: a tar shard, a manifest file or a folder (listed at read time)."""
-
-    uri: str          # as it appears in the ``source`` column
-    path: str         # path inside ``fs``
-    kind: str         # "tar" | "manifest" | "folder"
-    size: int
-    fs: Any           # pyarrow.fs.FileSystem (picklable)
-
-
 # --------------------------------------------------------------------------- source expansion
-def expand_braces(pattern: str) -> list[str]:
-    """``a{1..3}b`` → a1b a2b a3b (zero padding kept), ``{x,y}`` → x y; nested and repeated."""
-    m = re.search(r"\{([^{}]*)\}", pattern)
-    if not m:
-        return [pattern]
-    head, body, tail = pattern[: m.start()], m.group(1), pattern[m.end():]
-    rng = re.fullmatch(r"(-?\d+)\.\.(-?\d+)", body)
-    if rng:
-        lo, hi = rng.group(1), rng.group(2)
-        width = len(lo) if lo.startswith("0") or hi.startswith("0") else 0
-        step = 1 if int(hi) >= int(lo) else -1
-        items = [str(i).zfill(width) for i in range(int(lo), int(hi) + step, step)]
-    elif "," in body:
-        items = body.split(",")
-    else:
-        items = ["{" + body + "}"]  # not a brace expression; keep literally
-        return [head + items[0] + t for t in expand_braces(tail)]
-    return [e for item in items for e in expand_braces(head + item + tail)]
-
-
-def _resolve(src: str) -> tuple[Any, str, str]:
-    """(filesystem, path inside it, URI prefix to rebuild URIs)."""
-    if re.match(r"^[a-zA-Z][a-zA-Z0-9+.\-]*://", src):
-        fs, path = pafs.FileSystem.from_uri(src)
-        scheme = src.split("://", 1)[0]
-        return fs, path, ("" if scheme == "file" else f"{scheme}://")
-    return pafs.LocalFileSystem(), os.path.abspath(os.path.expanduser(src)), ""
-
-
 def _kind_of(path: str) -> str | None:
     low = path.lower()
     if low.endswith(TAR_SUFFIXES):
@@ -167,7 +123,7 @@ def expand_sources(srcs: list[str]) -> list[SourceFile]:
     for src in srcs:
         found: list[SourceFile] = []
         for pattern in expand_braces(src):
-            fs, path, prefix = _resolve(pattern)
+            fs, path, prefix = resolve(pattern)
             if any(c in path for c in "*?["):
                 found += _glob(fs, path, prefix)
                 continue
@@ -259,12 +215,6 @@ def _expand_dir(fs: Any, path: str, prefix: str) -> list[SourceFile]:
 
 
 # --------------------------------------------------------------------------- record assembly
-def _record(source: str, key: str, **kw: Any) -> dict:
-    rec = {f.name: None for f in INPUT_SCHEMA}
-    rec.update(source=source, key=key, **kw)
-    return rec
-
-
 def _ext(name: str) -> str:
     base = posixpath.basename(name)
     return base.rsplit(".", 1)[-1].lower() if "." in base else ""
@@ -305,14 +255,14 @@ def assemble_group(source: str, key: str, files: dict[str, bytes], cfg: SourceCo
             meta["subtitles"], meta["subtitles_format"] = decode_caption(files[by_ext[sub]]), sub
     meta_json = json.dumps(meta, ensure_ascii=False, sort_keys=True) if meta else None
     if not media:
-        return [_record(source, key, caption_raw=caption, meta=meta_json, error="missing_media",
+        return [input_record(source, key, caption_raw=caption, meta=meta_json, error="missing_media",
                         error_detail=", ".join(sorted(files)))]
     out = []
     for i, name in enumerate(media):
         k = key if i == 0 else f"{key}.{_ext(name)}"
         has_text = caption is not None or "subtitles" in meta  # subtitles caption a video's clips
         err = errors.get(name) or caption_error or (None if has_text else ("missing_caption", None))
-        out.append(_record(source, k, media=None if err else files.get(name), media_name=posixpath.basename(name),
+        out.append(input_record(source, k, media=None if err else files.get(name), media_name=posixpath.basename(name),
                            media_uri=None if err else uris.get(name),
                            caption_raw=caption, meta=meta_json, error=err[0] if err else None,
                            error_detail=err[1] if err else None))
@@ -389,7 +339,7 @@ class _TarRecords:
             if group_key is not None and not files and not errors:
                 group_key = None
             flush()
-            buf.append(_record(uri, f"{last_key}#tail" if last_key else "#tail", error="corrupt_shard",
+            buf.append(input_record(uri, f"{last_key}#tail" if last_key else "#tail", error="corrupt_shard",
                                error_detail=f"{type(e).__name__}: {str(e)[:160]}"))
         else:
             flush()
@@ -411,9 +361,9 @@ class _ManifestRecords:
         for i, row in enumerate(self._rows(f, ext)):
             key = f"{i:09d}"
             if isinstance(row, Exception):
-                buf.append(_record(uri, key, error="bad_manifest_row", error_detail=str(row)[:200]))
+                buf.append(input_record(uri, key, error="bad_manifest_row", error_detail=str(row)[:200]))
             else:
-                buf.append(self._row_record(uri, key, row, base_dir, prefix))
+                buf.append(self._rowinput_record(uri, key, row, base_dir, prefix))
             if len(buf) >= self.cfg.rows_per_block:
                 yield _to_table(buf)
                 buf = []
@@ -451,7 +401,7 @@ class _ManifestRecords:
                 except ValueError as e:
                     yield e
 
-    def _row_record(self, uri: str, key: str, row: dict, base_dir: str, prefix: str) -> dict:
+    def _rowinput_record(self, uri: str, key: str, row: dict, base_dir: str, prefix: str) -> dict:
         cfg = self.cfg
         caption = _first(row, cfg.caption_columns)
         media = name = url = None
@@ -483,14 +433,14 @@ class _ManifestRecords:
                 and not (isinstance(v, str) and len(v) > 4096)}
         if cfg.label_field in row and row[cfg.label_field] is not None:
             meta["label"] = row[cfg.label_field]
-        return _record(uri, key, media=media, media_name=name, url=url,
+        return input_record(uri, key, media=media, media_name=name, url=url,
                        caption_raw=caption if isinstance(caption, str) else decode_caption(caption),
                        meta=json.dumps(meta, ensure_ascii=False, sort_keys=True, default=str) if meta else None,
                        error=error[0] if error else None, error_detail=error[1] if error else None)
 
     def _read_path(self, name: str, base_dir: str) -> tuple[bytes | None, tuple[str, str] | None]:
         try:
-            if re.match(r"^[a-zA-Z][a-zA-Z0-9+.\-]*://", name):
+            if is_uri(name):
                 fs, path = pafs.FileSystem.from_uri(name)
             else:
                 fs, path = self.fs, name if name.startswith("/") else posixpath.normpath(posixpath.join(base_dir, name))
@@ -672,6 +622,5 @@ def has_urls(files: list[SourceFile]) -> bool:
     return any(f.kind == "manifest" for f in files)
 
 
-__all__ = ["SourceConfig", "SourceFile", "INPUT_SCHEMA", "IMAGE_EXTS", "VIDEO_EXTS", "MEDIA_EXTS",
-           "expand_sources", "expand_braces", "read_inputs", "assemble_group", "webdataset_key",
+__all__ = ["SourceConfig", "expand_sources", "read_inputs", "assemble_group", "webdataset_key",
            "list_folder_groups", "has_urls"]

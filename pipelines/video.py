@@ -50,7 +50,6 @@ from pipelines.images import compute_phash, hamming
 from pipelines.schema import Reject, make_sample_id
 from pipelines.subtitles import Segment, SubtitleError, merge_segments, parse_subtitles
 
-VIDEO_EXTS = ("mp4", "webm", "mkv", "mov", "avi", "mpg", "mpeg", "m4v")
 # Demuxers that mean "a still image", whatever the file is called.
 _IMAGE_FORMATS = ("image2", "jpeg_pipe", "png_pipe", "webp_pipe", "gif", "bmp_pipe", "tiff_pipe")
 
@@ -618,7 +617,7 @@ input that kept others were dropped (``detail`` holds how many; one row per reas
 
 
 def process_video_batch(batch: pa.Table, cfg: VideoConfig, captions: CaptionConfig) -> pa.Table:
-    """Input records (``sources.INPUT_SCHEMA``) -> ``VIDEO_WORK_SCHEMA`` rows; ``batch_format="pyarrow"``.
+    """Input records (``inputs.INPUT_SCHEMA``) -> ``VIDEO_WORK_SCHEMA`` rows; ``batch_format="pyarrow"``.
 
     The media is ``media`` (bytes, e.g. a tar member) or ``media_uri`` (a path/URI opened
     lazily through ``pyarrow.fs``); a reader ``error`` passes through as the reject reason.
@@ -687,7 +686,7 @@ def _label(meta: dict) -> str | None:
     return None if value is None else str(value)
 
 
-__all__ = ["VIDEO_EXTS", "VideoConfig", "VideoReject", "VideoProbe", "Clip", "VIDEO_WORK_SCHEMA", "open_video",
+__all__ = ["VideoConfig", "VideoReject", "VideoProbe", "Clip", "VIDEO_WORK_SCHEMA", "open_video",
            "probe_video", "validate_probe", "iter_frames_at", "sample_times", "histogram_distance",
            "detect_shots", "spans_from_cuts", "spans_from_segments", "frame_size", "encode_frame", "is_static",
            "extract_clips", "plan_clips", "process_video", "process_video_batch"]

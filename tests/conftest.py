@@ -24,7 +24,7 @@ os.environ.pop("RAY_ADDRESS", None)
 def ray_session():
     import ray
 
-    from jobs.runtime import init_ray
+    from core.runtime import init_ray
 
     if not ray.is_initialized():
         ray.init(num_cpus=2, object_store_memory=256 * 1024 * 1024, include_dashboard=False,

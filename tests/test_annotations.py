@@ -14,7 +14,7 @@ from pipelines.annotations import (
     read_msrvtt,
     read_webvid,
 )
-from pipelines.sources import INPUT_SCHEMA
+from pipelines.inputs import INPUT_SCHEMA
 
 
 @pytest.fixture()

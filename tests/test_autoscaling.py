@@ -122,7 +122,7 @@ def test_curation_job_scales_cpu_workers_up_then_down(tmp_path):
     cluster = LocalCluster(num_cpus=head_cpus, env={"RAY_FAKE_CLUSTER": "1", "AUTOSCALER_UPDATE_INTERVAL_S": "1"})
     # Two CPU workers at most. Ray Data's Parquet reader used to ask for 32 CPUs of footer-reader
     # actors per read_parquet, which outgrew them and brought up gpu_train for its CPUs (seen);
-    # jobs/runtime.py now sizes that pool to the cluster's CPUs. Curation tasks ask only for CPUs,
+    # core/runtime.py now sizes that pool to the cluster's CPUs. Curation tasks ask only for CPUs,
     # so a curation demand larger than every cpu_curate node can still spill onto gpu_train.
     cluster.autoscaling_config = fake_config(cluster.gcs_address, max_cpu_workers=2)
     cluster.start()

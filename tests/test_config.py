@@ -8,7 +8,7 @@ from typing import Literal
 
 import pytest
 
-from jobs.config import ConfigError, load_config
+from core.config import ConfigError, load_config
 
 
 @dataclass(frozen=True)

@@ -23,7 +23,7 @@ sys.path.insert(0, str(Path(__file__).parent))
 import hostile  # noqa: E402
 from test_video import video_bytes, write_video
 
-from jobs.config import load_config
+from core.config import load_config
 from pipelines.curate import CurateConfig, run_curate
 
 SETS = ["modality=video", "video.frames_per_clip=4", "video.frame_px=64", "video.min_clip_s=1.0",

@@ -144,8 +144,8 @@ def test_every_long_wait_has_a_bound_from_config():
     overridable from config, and really applied."""
     import dataclasses
 
-    from jobs.config import load_config
-    from jobs.runtime import DEFAULT_NO_PROGRESS_TIMEOUT_S
+    from core.config import load_config
+    from core.runtime import DEFAULT_NO_PROGRESS_TIMEOUT_S
     from pipelines.curate import CurateConfig
 
     assert 0 < DEFAULT_NO_PROGRESS_TIMEOUT_S <= 1800
@@ -169,7 +169,8 @@ def test_stalled_http_server_is_a_reject_within_the_configured_bound():
     import pyarrow as pa
 
     from pipelines.download import download_batch
-    from pipelines.sources import INPUT_SCHEMA, SourceConfig
+    from pipelines.inputs import INPUT_SCHEMA
+    from pipelines.sources import SourceConfig
 
     srv = socket.socket()
     srv.bind(("127.0.0.1", 0))
@@ -213,10 +214,10 @@ def faults_corpus(tmp_path_factory):
 @pytest.fixture(scope="module")
 def patient_data_context(ray_session):
     """On a shared 2-core machine a fresh Ray worker can take minutes to start: these runs get the
-    production no-progress bound (jobs.runtime default) instead of the suite's 120 s."""
+    production no-progress bound (core.runtime default) instead of the suite's 120 s."""
     from ray.data import DataContext
 
-    from jobs.runtime import DEFAULT_NO_PROGRESS_TIMEOUT_S
+    from core.runtime import DEFAULT_NO_PROGRESS_TIMEOUT_S
 
     ctx = DataContext.get_current()
     old = ctx.execution_no_progress_timeout_s
@@ -227,7 +228,7 @@ def patient_data_context(ray_session):
 
 @pytest.fixture(scope="module")
 def clean_run(faults_corpus, tmp_path_factory, patient_data_context):
-    from jobs.config import load_config
+    from core.config import load_config
     from pipelines.curate import CurateConfig, run_curate
 
     out = tmp_path_factory.mktemp("clean") / "out"
@@ -287,7 +288,7 @@ def _worker_pids(tag: str) -> list[int]:
 @pytest.mark.slow
 def test_ray_data_worker_killed_mid_curate_loses_no_row(faults_corpus, clean_run, tmp_path):
     """SIGKILL the worker process running the decode stage (Ray's task retry re-runs its block)."""
-    from jobs.config import load_config
+    from core.config import load_config
     from pipelines.curate import CurateConfig, run_curate
 
     out = tmp_path / "out"
@@ -332,7 +333,7 @@ def _digest(out: Path) -> dict[str, bytes]:
 
 @pytest.mark.slow
 def test_full_and_read_only_output_fail_clearly_and_keep_the_previous_outputs(patient_data_context, tmp_path):
-    from jobs.config import load_config
+    from core.config import load_config
     from pipelines.curate import CurateConfig, run_curate
 
     cfg = load_config(CurateConfig, None, CURATE_SET)

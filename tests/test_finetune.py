@@ -10,17 +10,14 @@ import torch
 
 from mm.config import ModelConfig, TextConfig, VisionConfig
 from mm.finetune import (
-    ClassifierHead,
     Classify,
     PrepareModel,
-    fit_linear_head,
     interpolate_states,
-    load_classifier,
     merge_lora_state,
     prompt_lookup,
-    save_classifier,
 )
 from mm.models import VLModel
+from mm.probe import ClassifierHead, fit_linear_head, load_classifier, save_classifier
 
 TINY = ModelConfig(vision=VisionConfig(image_px=32, patch_px=8, width=32, depth=2, heads=2),
                    text=TextConfig(width=32, depth=2, heads=2, max_tokens=16), embed_dim=16)

@@ -32,7 +32,7 @@ import hostile  # noqa: E402
 
 from pipelines.captions import CaptionConfig  # noqa: E402
 from pipelines.images import IMAGE_WORK_SCHEMA, ImageConfig, ImageReject, process_image, process_image_batch  # noqa: E402
-from pipelines.sources import INPUT_SCHEMA  # noqa: E402
+from pipelines.inputs import INPUT_SCHEMA  # noqa: E402
 
 BASE = hostile.base_images(seed=3, px=64)
 CFG = ImageConfig(image_px=32, min_side_px=16)

@@ -22,7 +22,7 @@ from pipelines.images import (
     process_image_batch,
     to_rgb,
 )
-from pipelines.sources import INPUT_SCHEMA
+from pipelines.inputs import INPUT_SCHEMA
 
 CFG = ImageConfig(image_px=64, min_side_px=16)
 

@@ -65,7 +65,7 @@ def test_digits_source(tmp_path):
 
 
 def test_converter_config_layers(tmp_path):
-    from jobs.config import ConfigError
+    from core.config import ConfigError
     from jobs.data import load_curate_config
 
     cfg = load_curate_config("emoji", None, [])

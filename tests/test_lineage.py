@@ -1,4 +1,4 @@
-"""jobs/lineage.py: skip/resume decisions, manifest stamps, the atomic pointer and the storage lock.
+"""core/lineage.py: skip/resume decisions, manifest stamps, the atomic pointer and the storage lock.
 
 Real files and real processes (a lock holder is a child process killed with SIGKILL; racing
 contenders are separate processes). No Ray. Run: ``.venv/bin/pytest tests/test_lineage.py``.
@@ -18,7 +18,7 @@ from pathlib import Path
 
 import pytest
 
-from jobs import lineage as L
+from core import lineage as L
 
 
 def _make_output(d: Path, payload: str = "x") -> None:
@@ -137,7 +137,7 @@ def test_lock_heartbeat_keeps_it_fresh(tmp_path):
 
 _HOLD = """
 import sys, time
-from jobs.lineage import StorageLock
+from core.lineage import StorageLock
 StorageLock(sys.argv[1], owner="crasher", stale_after_s=3600).acquire()
 print("held", flush=True)
 time.sleep(600)

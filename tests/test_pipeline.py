@@ -17,9 +17,9 @@ from pathlib import Path
 
 import pytest
 
-from jobs import lineage as L
+from core import lineage as L
+from core.config import load_config
 from jobs import pipeline as P
-from jobs.config import load_config
 
 ROOT = Path(__file__).resolve().parents[1]
 

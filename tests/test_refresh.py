@@ -25,9 +25,9 @@ import pyarrow.parquet as pq
 import pytest
 from PIL import Image, ImageEnhance
 
-from jobs import lineage as L
+from core import lineage as L
+from core.config import load_config
 from jobs import refresh as R
-from jobs.config import load_config
 
 ROOT = Path(__file__).resolve().parents[1]
 

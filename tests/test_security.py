@@ -96,7 +96,7 @@ def test_only_safetensors_and_json_are_looked_for(tmp_path):
 
 
 def test_yaml_config_with_python_tags_is_refused(tmp_path, cli_errors):
-    from jobs.config import ConfigError, load_config
+    from core.config import ConfigError, load_config
     from jobs.curate import main
     from pipelines.curate import CurateConfig
 

@@ -17,11 +17,11 @@ import pyarrow.parquet as pq
 import pytest
 from PIL import Image
 
+from core.storage import expand_braces
 from pipelines.download import download_batch
+from pipelines.inputs import INPUT_SCHEMA
 from pipelines.sources import (
-    INPUT_SCHEMA,
     SourceConfig,
-    expand_braces,
     expand_sources,
     glob_regex,
     read_inputs,

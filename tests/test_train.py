@@ -27,7 +27,7 @@ sys.path.insert(0, str(Path(__file__).parent))
 from test_data import make_corpus  # noqa: E402
 
 import mm  # noqa: E402
-from jobs.config import load_config  # noqa: E402
+from core.config import load_config  # noqa: E402
 from mm.optim import OptimConfig, build_optimizer, lr_factor  # noqa: E402
 from mm.train import PretrainConfig, fit, read_metrics  # noqa: E402
 

@@ -48,10 +48,12 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal
 
+from core.storage import expand_braces
+
 log = logging.getLogger(__name__)
 
 ROOT = Path(__file__).resolve().parents[1]
-SOURCE_PACKAGES = ("jobs", "mm", "pipelines")
+SOURCE_PACKAGES = ("core", "jobs", "mm", "pipelines")
 
 
 # --------------------------------------------------------------------------- hashing
@@ -149,8 +151,6 @@ def source_refs(paths: Iterable[str]) -> list[dict]:
     Directories are walked (hidden files skipped); globs and brace patterns are expanded as the
     curate readers expand them. Used for the skip key only; the refresh ledger uses checksums.
     """
-    from pipelines.sources import expand_braces
-
     out: list[dict] = []
     for src in paths:
         for pattern in expand_braces(src):

@@ -1,0 +1,55 @@
+"""Storage helpers: local paths and ``pyarrow.fs`` URIs, brace patterns.
+
+    fs, path, prefix = resolve("s3://bucket/corpus")   # S3FileSystem, "bucket/corpus", "s3://"
+    expand_braces("shard-{000..002}.tar")               # shard-000.tar shard-001.tar shard-002.tar
+
+``prefix`` rebuilds a URI from a path inside ``fs`` (``prefix + path``); it is empty for local
+paths and ``file://`` URIs. Tested in tests/test_sources.py (braces) and tests/test_lineage.py.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+from typing import Any
+
+import pyarrow.fs as pafs
+
+_URI = re.compile(r"^[a-zA-Z][a-zA-Z0-9+.\-]*://")
+
+
+def is_uri(path: str) -> bool:
+    """``scheme://...`` (``s3://``, ``gs://``, ``file://``), as opposed to a local path."""
+    return bool(_URI.match(str(path)))
+
+
+def resolve(src: str) -> tuple[Any, str, str]:
+    """(filesystem, path inside it, URI prefix to rebuild URIs) for a local path or a URI."""
+    if is_uri(src):
+        fs, path = pafs.FileSystem.from_uri(src)
+        scheme = src.split("://", 1)[0]
+        return fs, path, ("" if scheme == "file" else f"{scheme}://")
+    return pafs.LocalFileSystem(), os.path.abspath(os.path.expanduser(src)), ""
+
+
+def expand_braces(pattern: str) -> list[str]:
+    """``a{1..3}b`` → a1b a2b a3b (zero padding kept), ``{x,y}`` → x y; nested and repeated."""
+    m = re.search(r"\{([^{}]*)\}", pattern)
+    if not m:
+        return [pattern]
+    head, body, tail = pattern[: m.start()], m.group(1), pattern[m.end():]
+    rng = re.fullmatch(r"(-?\d+)\.\.(-?\d+)", body)
+    if rng:
+        lo, hi = rng.group(1), rng.group(2)
+        width = len(lo) if lo.startswith("0") or hi.startswith("0") else 0
+        step = 1 if int(hi) >= int(lo) else -1
+        items = [str(i).zfill(width) for i in range(int(lo), int(hi) + step, step)]
+    elif "," in body:
+        items = body.split(",")
+    else:
+        items = ["{" + body + "}"]  # not a brace expression; keep literally
+        return [head + items[0] + t for t in expand_braces(tail)]
+    return [e for item in items for e in expand_braces(head + item + tail)]
+
+
+__all__ = ["is_uri", "resolve", "expand_braces"]
