@@ -80,6 +80,8 @@ def test_three_lines_give_evaluations_embeddings(run, tmp_path):
         got_text = model.encode_text(**model.tokenize(CAPTIONS[:2]))
         got_batch = model.encode_image(model.preprocess([small, large]))
     assert got_small.shape == (1, CFG.embed_dim)
+    as_array = np.asarray(Image.open(io.BytesIO(small)).convert("RGB"))  # e.g. a decoded video frame
+    assert torch.equal(model.preprocess(as_array), model.preprocess(Image.open(io.BytesIO(small))))
     np.testing.assert_allclose(got_small[0].numpy(), want["media_emb/0"][0], atol=1e-6)
     np.testing.assert_allclose(got_large[0].numpy(), want["media_emb/0"][1], atol=1e-6)
     np.testing.assert_allclose(got_batch.numpy(), want["media_emb/0"], atol=1e-6)
