@@ -6,8 +6,13 @@ This module turns a YAML mapping plus overrides into an instance, and fails befo
 one line that names the bad key and the valid choices.
 
     cfg = load_config(CurateConfig, "configs/curate.yaml", ["images.image_px=128"])
+    path = packaged_config("pretrain.yaml")        # a shipped config, wherever the package lives
 
-Tested in tests/test_config.py.
+The shipped configs (YAML experiments, templates.json) are package data in ``core/configs/``, so
+a plain ``pip install`` carries them; a clone's top-level ``configs`` is a link to that folder,
+so ``--config configs/pretrain.yaml`` keeps working there.
+
+Tested in tests/test_config.py and tests/test_package.py (the configs inside a built wheel).
 """
 
 from __future__ import annotations
@@ -19,9 +24,20 @@ from typing import Any, Literal, Union, get_args, get_origin, get_type_hints
 
 import yaml
 
+CONFIGS_DIR = Path(__file__).resolve().parent / "configs"
+
 
 class ConfigError(ValueError):
     """A config file or override that cannot be mapped onto the typed config."""
+
+
+def packaged_config(name: str) -> Path:
+    """The shipped config file ``name`` (e.g. ``"pretrain.yaml"``, ``"templates.json"``)."""
+    path = CONFIGS_DIR / name
+    if not path.is_file():
+        shipped = ", ".join(sorted(p.name for p in CONFIGS_DIR.iterdir())) if CONFIGS_DIR.is_dir() else "none"
+        raise ConfigError(f"no shipped config {name!r}; shipped: {shipped}")
+    return path
 
 
 def load_config(cls: type, path: str | None = None, overrides: list[str] | tuple[str, ...] = ()) -> Any:
@@ -162,4 +178,4 @@ def field_names(cls: type) -> list[str]:
     return [f.name for f in dataclasses.fields(cls)]
 
 
-__all__ = ["ConfigError", "load_config", "build", "to_dict", "field_names"]
+__all__ = ["CONFIGS_DIR", "ConfigError", "packaged_config", "load_config", "build", "to_dict", "field_names"]

@@ -28,11 +28,10 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
-from core.config import load_config
+from core.config import load_config, packaged_config
 from jobs.cli import add_common, check_out_dir, run
 
 log = logging.getLogger("mm.demo")
-REPO = Path(__file__).resolve().parent.parent
 
 
 @dataclass(frozen=True)
@@ -40,13 +39,13 @@ class DemoConfig:
     n_images: int = 1500                # clean distinct images (planted faults come on top)
     n_videos: int = 96                  # clean distinct videos (>= 2 workers x batch after the val split)
     seed: int = 0
-    curate_config: str = str(REPO / "configs" / "curate.yaml")
+    curate_config: str = str(packaged_config("curate.yaml"))
     curate_overrides: tuple[str, ...] = ("images.image_px=64", "output.val_fraction=0.2")
-    pretrain_config: str = str(REPO / "configs" / "pretrain.yaml")
+    pretrain_config: str = str(packaged_config("pretrain.yaml"))
     pretrain_overrides: tuple[str, ...] = ()
-    finetune_config: str = str(REPO / "configs" / "finetune.yaml")
+    finetune_config: str = str(packaged_config("finetune.yaml"))
     finetune_overrides: tuple[str, ...] = ("finetune.strategy=head_only",)  # a linear probe: seconds, no Ray Train
-    evaluate_config: str = str(REPO / "configs" / "evaluate.yaml")
+    evaluate_config: str = str(packaged_config("evaluate.yaml"))
     evaluate_overrides: tuple[str, ...] = ()
 
     def __post_init__(self) -> None:

@@ -1,10 +1,12 @@
-"""`mm export`: write a run's towers as Hugging Face transformers models (mm/export.py).
+"""`mm export`: write a run's towers in a format other libraries load (mm/export.py).
 
-    mm export --model RUN --out EXPORT_DIR
+    mm export --model RUN --to openclip|hf --out EXPORT_DIR
 
-EXPORT_DIR/vision (ViTModel), EXPORT_DIR/text (BertModel + tokenizer), projection.safetensors and
-export_config.json; loadable with transformers alone (``mm.export.load_hf_export`` shows how).
-No Ray needed. Bad paths fail with one line and exit code 2. Tested in tests/test_export.py.
+``hf``: EXPORT_DIR/vision (a timm model dir), EXPORT_DIR/text (transformers + tokenizer),
+projection.safetensors and export_config.json. ``openclip``: open_clip_config.json +
+open_clip_model.safetensors, loaded with ``open_clip.create_model_and_transforms("local-dir:DIR")``.
+No Ray needed. Bad paths and a model part the format cannot hold fail with one line and exit
+code 2, before anything is written. Tested in tests/test_export.py.
 """
 
 from __future__ import annotations
@@ -22,6 +24,8 @@ log = logging.getLogger("mm.export")
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="mm export", description=__doc__.split("\n\n")[0])
     p.add_argument("--model", required=True, help="run dir (with model/) or model dir")
+    p.add_argument("--to", required=True, choices=("openclip", "hf"),
+                   help="openclip: OpenCLIP local-dir; hf: timm + transformers directories")
     p.add_argument("--out", required=True, help="export directory to write (replaced)")
     add_common(p, config=False)
     return p
@@ -29,7 +33,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 def _main(args: argparse.Namespace) -> int:
     from mm.evaluate import resolve_model_dir
-    from mm.export import export_hf
+    from mm.export import ExportError, export
 
     try:
         resolve_model_dir(args.model)
@@ -37,10 +41,10 @@ def _main(args: argparse.Namespace) -> int:
         raise UsageError(str(e)) from None
     check_out_dir(args.out)
     try:
-        out = export_hf(args.model, args.out)
-    except ValueError as e:
+        out = export(args.model, args.out, args.to)
+    except ExportError as e:
         raise UsageError(str(e)) from None
-    log.info("exported %s to %s (Hugging Face transformers towers)", args.model, out)
+    log.info("exported %s to %s (%s)", args.model, out, args.to)
     return 0
 
 

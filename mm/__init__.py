@@ -1,20 +1,23 @@
 """The model library: towers, objectives, the training loop, checkpoints.
 
     import mm
-    model = mm.load("runs/demo")          # a run dir or its model/; eval mode, no Ray needed
+    model = mm.load("runs/demo")     # a run dir, its model/, or a URI (s3://...); eval mode, no Ray
+    image = model.encode_image(model.preprocess(pil_image))           # (1, D)
+    text = model.encode_text(**model.tokenize(["a red circle"]))      # (1, D)
 
-Submodules: config, models, losses, masking, objectives, data, optim, checkpoint, train.
+``mm.load`` is ``mm.pretrained.load`` (the transform and tokenizer it attaches are described
+there). Submodules: config, models, losses, masking, objectives, data, optim, checkpoint, train,
+evaluate, export, pretrained.
 """
 
 from __future__ import annotations
 
 
-def load(path: str):
-    """Load a saved model (safetensors + JSON only) in eval mode."""
-    from mm.checkpoint import load_model
+def load(path, cache_dir=None):
+    """A saved model in eval mode with ``preprocess`` and ``tokenize`` (see ``mm.pretrained``)."""
+    from mm.pretrained import load as load_pretrained
 
-    model, _ = load_model(path)
-    return model.eval()
+    return load_pretrained(path, cache_dir)
 
 
 __all__ = ["load"]

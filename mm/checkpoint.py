@@ -5,6 +5,10 @@ Exported model (DESIGN.md "Runs"):
     save_model(model, cfg, out_dir, tokenizer_dir)  # model.safetensors, config.json, tokenizer/
     model, cfg = load_model(path)                   # path: a model dir or a run dir holding model/
 
+``config.json`` starts with ``format`` (mm-vlmodel/1), ``library`` (mm) and a ``model_type``
+transformers refuses with a message naming it (``MARKER``); a user loads the dir with
+``mm.load`` (mm/pretrained.py), or exports it with ``mm export`` (mm/export.py).
+
 Training state (one directory per step checkpoint, handed to Ray Train):
 
     save_train_state(dir, model_state, optim_state, state)   # state.safetensors, optim.safetensors,
@@ -32,6 +36,13 @@ from safetensors.torch import load_file, save_file
 from mm.config import ModelConfig, from_json, to_json
 
 FORMAT = "mm-vlmodel/1"
+# config.json sits beside model.safetensors as in a transformers model directory, but is not one:
+# ``model_type`` makes transformers' Auto* loaders refuse it ("model type `mm-vlmodel` ... does not
+# recognize this architecture") instead of guessing a class from the path (a dir named
+# "bert_run/model" loaded as a BertConfig with random weights), and the note says what to do.
+MARKER = {"format": FORMAT, "library": "mm", "model_type": "mm-vlmodel",
+          "note": "an mm model, not a transformers one: load it with mm.load(path); "
+                  "`mm export --model RUN --to hf|openclip` writes timm/transformers/OpenCLIP models"}
 
 
 class CheckpointError(ValueError):
@@ -112,7 +123,7 @@ def save_model(model: torch.nn.Module, cfg: ModelConfig, out_dir: str | os.PathL
         raise TypeError(f"save_model expects a VLModel, got {type(bare).__name__}")
     write_tensors(out / "model.safetensors", state if state is not None else bare.state_dict(),
                   metadata={"format": FORMAT})
-    meta = {"format": FORMAT, "vocab_size": bare.vocab_size, "model": to_json(cfg)}
+    meta = {**MARKER, "vocab_size": bare.vocab_size, "model": to_json(cfg)}
     if cfg.text.pretrained_path:
         # The pretrained tower's own architecture (width, positions, norms): TextConfig's fields do
         # not describe it, and its original directory may not exist where the model is loaded.
@@ -229,5 +240,5 @@ def load_train_state(directory: str | os.PathLike) -> tuple[dict[str, torch.Tens
     return model_state, optim_state, state
 
 
-__all__ = ["CheckpointError", "save_model", "load_model", "model_dir", "unwrap", "save_train_state",
+__all__ = ["FORMAT", "MARKER", "CheckpointError", "save_model", "load_model", "model_dir", "unwrap", "save_train_state",
            "load_train_state", "restore_state", "write_json", "read_json", "write_tensors", "read_tensors"]

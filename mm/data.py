@@ -118,11 +118,18 @@ def _crop_box(w: int, h: int, cfg: PreprocessConfig, rng: np.random.Generator | 
     return x, y, x + s, y + s
 
 
-def _decode(jpeg: bytes, cfg: PreprocessConfig, rng: np.random.Generator | None,
-            flip: bool) -> np.ndarray:
-    """JPEG bytes -> (3, H, W) float32, normalised."""
+def decode_image(jpeg: bytes, cfg: PreprocessConfig, rng: np.random.Generator | None = None,
+                 flip: bool = False) -> np.ndarray:
+    """Encoded image bytes (JPEG, PNG...) -> (3, H, W) float32, normalised."""
     img = Image.open(io.BytesIO(jpeg))
     img.draft("RGB", (cfg.image_px * 2, cfg.image_px * 2))  # JPEG DCT scaling: decode smaller
+    return transform_image(img, cfg, rng, flip)
+
+
+def transform_image(img: Image.Image, cfg: PreprocessConfig, rng: np.random.Generator | None = None,
+                    flip: bool = False) -> np.ndarray:
+    """A PIL image -> (3, H, W) float32: crop, resize to ``image_px``, normalise (``mm.load``'s
+    ``preprocess`` calls it on images a user already holds)."""
     img = img.convert("RGB")
     box = _crop_box(img.width, img.height, cfg, rng)
     img = img.resize((cfg.image_px, cfg.image_px), Image.BICUBIC, box=box)
@@ -154,6 +161,12 @@ def pad_ids(rows, pad_id: int, max_tokens: int, pad_to_longest: bool) -> tuple[n
     return ids, mask
 
 
+def frame_indices(n: int, t: int) -> np.ndarray:
+    """The ``t`` frames of an ``n``-frame clip the model sees: evenly spaced; a short clip repeats
+    frames rather than padding, so every frame is real."""
+    return np.linspace(0, n - 1, t).round().astype(int)
+
+
 def preprocess_batch(batch: dict[str, np.ndarray], cfg: PreprocessConfig) -> dict[str, np.ndarray]:
     """Curated rows (numpy batch format) -> {"pixels" (B,3,H,W) | "frames" (B,T,3,H,W),
     "input_ids" (B,L), "attention_mask" (B,L)} plus ``cfg.keep_columns``."""
@@ -164,7 +177,7 @@ def preprocess_batch(batch: dict[str, np.ndarray], cfg: PreprocessConfig) -> dic
         pixels = np.empty((n, 3, cfg.image_px, cfg.image_px), np.float32)
         for i in range(n):
             rng, flip = _clip_params(cfg, ids_col[i])
-            pixels[i] = _decode(batch["image"][i], cfg, rng, flip)
+            pixels[i] = decode_image(batch["image"][i], cfg, rng, flip)
         out["pixels"] = pixels
     elif "frames" in batch:
         t = cfg.max_frames
@@ -173,15 +186,13 @@ def preprocess_batch(batch: dict[str, np.ndarray], cfg: PreprocessConfig) -> dic
             clip = batch["frames"][i]
             if len(clip) == 0:
                 raise ValueError(f"video row {ids_col[i]} has no frames")
-            # Evenly spaced frame indices; a short clip repeats frames rather than padding, so
-            # every frame the model sees is real.
-            idx = np.linspace(0, len(clip) - 1, t).round().astype(int)
+            idx = frame_indices(len(clip), t)
             rng, flip = _clip_params(cfg, ids_col[i])
             state = rng.bit_generator.state if rng is not None else None
             for j, k in enumerate(idx):
                 if rng is not None:
                     rng.bit_generator.state = state  # same crop for every frame of the clip
-                frames[i, j] = _decode(clip[k], cfg, rng, flip)
+                frames[i, j] = decode_image(clip[k], cfg, rng, flip)
         out["frames"] = frames
     else:
         raise ValueError("batch has neither an 'image' nor a 'frames' column")
@@ -283,5 +294,6 @@ def build_dataset(corpus: str | CorpusInfo, split: str | None, pre: PreprocessCo
     return ds
 
 
-__all__ = ["DataConfig", "TokenInfo", "PreprocessConfig", "CorpusInfo", "preprocess_batch", "pad_ids",
-           "trim_padding", "decoded_mb", "check_corpus", "corpus_info", "load_token_info", "build_dataset"]
+__all__ = ["DataConfig", "TokenInfo", "PreprocessConfig", "CorpusInfo", "preprocess_batch", "decode_image",
+           "transform_image", "frame_indices", "pad_ids", "trim_padding", "decoded_mb", "check_corpus", "corpus_info",
+           "load_token_info", "build_dataset"]

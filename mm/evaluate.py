@@ -37,12 +37,13 @@ from typing import Literal
 
 import numpy as np
 
+from core.config import packaged_config
 from mm import metrics as M
 
 log = logging.getLogger(__name__)
 
 Task = Literal["zeroshot", "retrieval", "classify", "linear_probe", "masked"]
-DEFAULT_TEMPLATES = Path(__file__).resolve().parent.parent / "configs" / "templates.json"
+DEFAULT_TEMPLATES = packaged_config("templates.json")  # the shipped prompts (package data)
 
 
 @dataclass(frozen=True)
