@@ -23,7 +23,7 @@ records to rows carrying ``WORK_COLUMNS`` — ``row_id`` (unique per row), ``sam
 ``source``, ``key``, ``caption``, ``content_hash``, ``hashes`` (list<int64>), ``area``,
 ``orig_width``, ``orig_height``, ``label``, ``stage``/``reason``/``detail`` (reason null = kept
 candidate) — plus the columns of its output schema. Images: ``images.process_image_batch``;
-video: ``video.process_video_batch``.
+video: ``video_clips.process_video_batch``.
 
 Reruns: a run starts by removing ``_work/``; outputs are written under ``_work/out/`` and renamed
 into place only when complete, then ``stats.json`` is written last, so a directory with
@@ -110,7 +110,7 @@ class CurateConfig:
 def process_batch(batch: pa.Table, cfg: CurateConfig) -> pa.Table:
     """The per-input stage: INPUT_SCHEMA records → work rows, by modality (pure, pyarrow)."""
     if cfg.modality == "video":
-        from pipelines.video import process_video_batch
+        from pipelines.video_clips import process_video_batch
 
         return process_video_batch(batch, cfg.video, cfg.captions)
     return process_image_batch(batch, cfg.images, cfg.captions)

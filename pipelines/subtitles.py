@@ -3,7 +3,7 @@
 HowTo100M-style corpora pair a video with its (often automatic) subtitles: each timed cue is a
 short piece of narration, so a clip is a run of cues long enough to show something. This
 module turns subtitle bytes into clean, ordered, non-overlapping ``Segment``s and merges short
-ones; ``pipelines/video.py`` cuts and samples the clips.
+ones; ``pipelines/video_clips.py`` cuts and samples the clips.
 
 Bad input is handled, never raised: bytes are UTF-16 (with a BOM) or decoded as captions are
 (UTF-8, cp1252, latin-1); only broken UTF-16 fails, with ``SubtitleError("bad_encoding")``;
