@@ -146,7 +146,7 @@ def discover(sources: Sequence[str], ledger: pa.Table, ensure_ray=lambda: None) 
     import pyarrow.fs as pafs
 
     from pipelines.curate import checksum_inputs
-    from pipelines.sources import expand_sources
+    from pipelines.listing import expand_sources
 
     files = []
     for src in sources:
@@ -627,7 +627,7 @@ def check_config(cfg: RefreshConfig) -> None:
             raise UsageError(f"{what} {path} does not exist")
     if not cfg.heldout_sources:
         raise UsageError("heldout_sources is empty: the promotion gate needs a fixed held-out set")
-    from pipelines.sources import expand_sources
+    from pipelines.listing import expand_sources
 
     try:
         expand_sources(list(cfg.heldout_sources))

@@ -5,7 +5,7 @@
 
 Passes (each a streaming Ray Data plan; memory stays flat as the corpus grows):
 
-1. **process**: read every source (pipelines/sources.py) → download URL rows
+1. **process**: read every source (pipelines/listing.py, datasources.py) → download URL rows
    (pipelines/download.py) → ``process_batch`` (the modality's pure batch function: captions,
    decode/validate/resize, hashes) → ``DIR/_work/processed/*.parquet``: one *work row* per
    input (image) or per clip (video), kept candidate or reject.
@@ -51,11 +51,13 @@ from core.lineage import code_version
 from core.storage import resolve
 from pipelines import stats as stats_mod
 from pipelines.captions import CaptionConfig, check_language_support
+from pipelines.datasources import has_urls, read_inputs
 from pipelines.dedup import DROP_SCHEMA, DedupConfig, find_duplicates
 from pipelines.images import ImageConfig, process_image_batch
 from pipelines.inputs import SourceFile
+from pipelines.listing import expand_sources
 from pipelines.schema import REJECT_SCHEMA, assign_split, schema_for
-from pipelines.sources import SourceConfig, expand_sources, has_urls, read_inputs
+from pipelines.sources import SourceConfig
 from pipelines.tokenize import TokenizerConfig, build_tokenizer, tokenize_batch
 from pipelines.video import VideoConfig
 
