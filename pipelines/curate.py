@@ -65,6 +65,11 @@ log = logging.getLogger(__name__)
 
 WORK_COLUMNS = ("row_id", "sample_id", "source", "key", "caption", "content_hash", "hashes", "area",
                 "orig_width", "orig_height", "label", "stage", "reason", "detail")
+#: A run's scratch under DIR, removed at the end unless ``output.keep_work``. Its ``processed/``
+#: holds every work row (WORK_COLUMNS + the modality's columns) as Parquet; pipelines/incremental.py
+#: reads the kept rows' dedup columns and original sizes there to index a snapshot.
+WORK_DIR = "_work"
+WORK_ROWS_DIR = f"{WORK_DIR}/processed"
 
 
 @dataclass(frozen=True)
@@ -184,7 +189,7 @@ def _run_curate(sources: list[str], out: str, cfg: CurateConfig) -> dict:
     check_language_support(cfg.captions)
     files = expand_sources(list(sources))
     fs, root, uri_prefix = _out_fs(out)
-    work = f"{root}/_work"
+    work = f"{root}/{WORK_DIR}"
     stage = f"{work}/out"  # outputs are staged here and swapped in at the end (_commit)
     _clean(fs, root, work)
     ex = cfg.execution
@@ -201,10 +206,10 @@ def _run_curate(sources: list[str], out: str, cfg: CurateConfig) -> dict:
     ds = ds.map_batches(process_batch, fn_kwargs={"cfg": cfg}, batch_format="pyarrow",
                         batch_size=cfg.video.videos_per_task if cfg.modality == "video" else ex.batch_rows,
                         num_cpus=ex.num_cpus_per_task)
-    ds.write_parquet(uri_prefix + f"{work}/processed", filesystem=None if uri_prefix else fs,
+    ds.write_parquet(uri_prefix + f"{root}/{WORK_ROWS_DIR}", filesystem=None if uri_prefix else fs,
                      min_rows_per_file=ex.work_rows_per_file)
     t_process = time.time()
-    processed = uri_prefix + f"{work}/processed"
+    processed = uri_prefix + f"{root}/{WORK_ROWS_DIR}"
 
     def read(columns=None):
         ds = ray.data.read_parquet(processed, filesystem=None if uri_prefix else fs)
@@ -405,6 +410,6 @@ def _checksum_row(row: dict, files: list[SourceFile]) -> dict:
     return {"i": row["i"], "uri": f.uri, "kind": f.kind, "size": f.size, "checksum": f"{kind}:{h.hexdigest()}"}
 
 
-__all__ = ["CurateConfig", "OutputConfig", "ExecutionConfig", "WORK_COLUMNS", "run_curate", "process_batch",
-           "finalize_kept", "finalize_rejects", "build_manifest", "checksum_inputs",
+__all__ = ["CurateConfig", "OutputConfig", "ExecutionConfig", "WORK_COLUMNS", "WORK_DIR", "WORK_ROWS_DIR",
+           "run_curate", "process_batch", "finalize_kept", "finalize_rejects", "build_manifest", "checksum_inputs",
            "DROP_SCHEMA"]
