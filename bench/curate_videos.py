@@ -137,7 +137,8 @@ _MEASURE = r"""
 import json, sys, threading, time
 import psutil
 from pipelines.captions import CaptionConfig
-from pipelines.video import VideoConfig, process_video
+from pipelines.video import VideoConfig
+from pipelines.video_clips import process_video
 proc, peak, done = psutil.Process(), [0], threading.Event()
 def sample():  # the resident set every 5 ms while the video is processed
     while not done.is_set():
@@ -160,7 +161,8 @@ def stage_one_core(videos: list[Path]) -> dict:
     import pyarrow as pa
 
     from pipelines.captions import CaptionConfig
-    from pipelines.video import VideoConfig, process_video_batch
+    from pipelines.video import VideoConfig
+    from pipelines.video_clips import process_video_batch
 
     cfg = VideoConfig(shot_detector="none")
     t0 = time.perf_counter()

@@ -24,13 +24,14 @@ import torch.nn as nn
 
 
 def render(n: int, rng: np.random.Generator) -> tuple[torch.Tensor, torch.Tensor]:
-    from pipelines import demo_corpus as dc
+    from pipelines import demo_render as dr
+    from pipelines.demo_corpus import plan_attributes
 
-    axes = {"shape": dc.SHAPES, "colour": tuple(dc.COLOURS), "size": dc.SIZES, "position": dc.POSITIONS}
+    axes = {"shape": dr.SHAPES, "colour": tuple(dr.COLOURS), "size": dr.SIZES, "position": dr.POSITIONS}
     xs, ys = [], []
-    for a in dc._attr_plan(rng, n, axes):  # the demo corpus's own balanced attribute draw
-        xs.append(dc.render_image(a, rng, 64))
-        ys.append(dc.SHAPES.index(a["shape"]))
+    for a in plan_attributes(rng, n, axes):  # the demo corpus's own balanced attribute draw
+        xs.append(dr.render_image(a, rng, 64))
+        ys.append(dr.SHAPES.index(a["shape"]))
     x = torch.tensor(np.stack(xs)).permute(0, 3, 1, 2).float() / 255.0
     return (x - 0.5) / 0.25, torch.tensor(ys)
 

@@ -56,15 +56,6 @@ def check_out_dir(out: str) -> Path:
     return p
 
 
-def check_input_dir(path: str, what: str, must_contain: str | None = None) -> Path:
-    p = Path(path)
-    if not p.exists():
-        raise UsageError(f"{what} {path} does not exist")
-    if must_contain and not (p / must_contain).exists():
-        raise UsageError(f"{what} {path} has no {must_contain} (is it the right directory?)")
-    return p
-
-
 def main(argv: Sequence[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     if not argv or argv[0] in ("-h", "--help"):

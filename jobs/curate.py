@@ -34,7 +34,7 @@ def build_parser() -> argparse.ArgumentParser:
 def main_args(args: argparse.Namespace) -> int:
     from pipelines.captions import check_language_support
     from pipelines.curate import CurateConfig, run_curate
-    from pipelines.sources import expand_sources
+    from pipelines.listing import expand_sources
 
     overrides = list(args.overrides)
     if args.modality:

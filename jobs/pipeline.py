@@ -43,20 +43,15 @@ from pathlib import Path
 from typing import Literal
 
 from core import lineage as L
-from core.config import ConfigError, load_config, to_dict
+from core.config import load_config, to_dict
 from jobs.cli import UsageError, add_common, run
+from jobs.stages import StageConfig, StageFailed, load_stage_config
 
 log = logging.getLogger("mm.pipeline")
 STAGES = ("curate", "pretrain", "finetune", "evaluate")
 CONFIG_CLASSES = {"curate": ("pipelines.curate", "CurateConfig"), "pretrain": ("mm.train", "PretrainConfig"),
                   "finetune": ("mm.finetune", "FinetuneConfig"), "evaluate": ("mm.evaluate", "EvalConfig")}
 ROOT = Path(__file__).resolve().parents[1]
-
-
-@dataclass(frozen=True)
-class StageConfig:
-    config: str | None = None          # the stage's own YAML (configs/curate.yaml, ...); None: defaults
-    overrides: tuple[str, ...] = ()    # KEY=VALUE on top of it, as --set
 
 
 @dataclass(frozen=True)
@@ -97,10 +92,6 @@ class PipelineConfig:
     evaluate: EvaluateStage = field(default_factory=EvaluateStage)
 
 
-class StageFailed(RuntimeError):
-    pass
-
-
 # --------------------------------------------------------------------------- stage plans
 @dataclass
 class Stage:
@@ -130,13 +121,7 @@ def resolve_stage_config(name: str, stage: StageConfig, extra: Sequence[str] = (
     """Load the stage's own config class with its YAML and overrides: a bad key fails here, before
     any stage runs, with the stage named."""
     module, cls = CONFIG_CLASSES[name]
-    if stage.config and not Path(stage.config).is_file():
-        raise UsageError(f"{name}.config {stage.config} does not exist")
-    try:
-        return to_dict(load_config(getattr(importlib.import_module(module), cls), stage.config,
-                                   [*stage.overrides, *extra]))
-    except ConfigError as e:
-        raise ConfigError(f"{name} stage: {e}") from None
+    return to_dict(load_stage_config(name, getattr(importlib.import_module(module), cls), stage, extra))
 
 
 def plan(cfg: PipelineConfig) -> list[Stage]:

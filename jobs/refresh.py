@@ -5,19 +5,15 @@
 
 One run, under a lock in storage (``CORPUS/_refresh.lock``; a second run exits at once, code 3):
 
-1. **discover** the inputs (tar shards, manifests, folders) under ``sources`` and compare them with
-   the ledger ``CORPUS/_ledger.parquet`` (uri, kind, size, mtime_ns, checksum, snapshot): an input
-   whose size and mtime match its ledger row is unchanged without being read; otherwise it is
-   checksummed, and it is new or changed when no ledger row has that checksum. Nothing new: the
-   run stops here (no curation, no training) and says so.
-2. **curate** the new and changed inputs with ``jobs.curate`` (the corpus tokenizer once one
-   exists) into a staging dir, then dedup them against the *whole existing corpus* through the
-   persistent index ``CORPUS/_index/*.parquet`` (exact content hash + pHash LSH bands, one file
-   per snapshot plus the held-out set) with ``pipelines.dedup.find_duplicates``: existing rows get
-   priority 0 (never dropped), the held-out set -1, new rows 1. Cross-snapshot duplicates move from
-   ``data/`` to ``rejects/`` (reason ``duplicate``/``near_duplicate``, the existing keeper's
-   sample_id in detail) and ``stats.json`` is corrected so the invariant still holds.
-   The fixed held-out set (``heldout.sources``) is curated once into ``CORPUS/heldout``.
+1. **discover** the inputs (tar shards, manifests, folders) under ``sources`` that the ledger
+   ``CORPUS/_ledger.parquet`` does not hold yet, or holds with another checksum
+   (pipelines/ledger.py). Nothing new: the run stops here (no curation, no training) and says so.
+2. **curate** the new and changed inputs (the corpus tokenizer once one exists) into a staging
+   dir, then dedup them against the *whole existing corpus* through the index
+   ``CORPUS/_index/*.parquet`` (pipelines/incremental.py): cross-snapshot duplicates move from
+   ``data/`` to ``rejects/cross_snapshot.parquet`` and ``stats.json`` is corrected so the
+   invariant still holds. The fixed held-out set (``heldout_sources``) is curated once into
+   ``CORPUS/heldout``.
 3. **commit**: the snapshot's index rows are written, the staging dir is renamed to
    ``CORPUS/snapshot=YYYYMMDDTHHMM/`` (a partition, readable with
    ``ray.data.read_parquet("CORPUS/snapshot=*/data")``) and the ledger gains its inputs.
@@ -26,8 +22,15 @@ One run, under a lock in storage (``CORPUS/_refresh.lock``; a second run exits a
    batches replay old data) for ``train.max_steps`` steps, into ``MODELS/run-<snapshot>``.
 5. **evaluate** the candidate (and the promoted model, once per held-out version) on the held-out
    set; **promote** (``MODELS/current`` swapped atomically) only if ``gate.metric`` is no worse
-   than the promoted model's by more than ``gate.tolerance``; otherwise keep it and say why.
+   than the promoted model's by more than ``gate.tolerance``; otherwise keep it and say why
+   (jobs/gate.py).
 6. **report**: ``REPORTS/refresh-<id>.json``, and a summary line on stdout.
+
+Each stage runs the library function its own command runs (``run_curate``, ``fit``,
+``evaluate_run``) with its config object: the stage's YAML and overrides (``curate``, ``train``,
+``evaluate``: jobs/stages.py), loaded once when a step first needs it, with the refresh's own
+changes made by ``dataclasses.replace`` (modality, tokenizer, step budget, mix weights, split).
+A bad stage config fails that step. Lineage keys hash the resolved config objects.
 
 Crash safety: every step's result goes to ``CORPUS/_refresh_state.json``; a rerun resumes the
 unfinished refresh (same snapshot id, same input list) at the step that failed. Curation restarts
@@ -40,31 +43,25 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import functools
 import json
 import logging
 import shutil
 import sys
 import time
 from collections.abc import Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Literal
-
-import pyarrow as pa
-import pyarrow.compute as pc
-import pyarrow.parquet as pq
 
 from core import lineage as L
 from core.config import load_config, to_dict
 from jobs.cli import UsageError, add_common, run
+from jobs.gate import GateConfig, decide, heldout_metric
+from jobs.stages import StageConfig, StageFailed, load_stage_config, stage_errors
 
 log = logging.getLogger("mm.refresh")
 EXIT_LOCKED = 3
-LEDGER_SCHEMA = pa.schema([pa.field("uri", pa.string()), pa.field("kind", pa.string()),
-                           pa.field("size", pa.int64()), pa.field("mtime_ns", pa.int64()),
-                           pa.field("checksum", pa.string()), pa.field("snapshot", pa.string()),
-                           pa.field("recorded_at", pa.string())])
-INDEX_COLUMNS = ["row_id", "sample_id", "source", "key", "content_hash", "hashes", "area", "caption"]
 
 
 # --------------------------------------------------------------------------- config
@@ -76,15 +73,10 @@ class StorageConfig:
 
 
 @dataclass(frozen=True)
-class StageConfig:
-    config: str | None = None        # the stage's own YAML (configs/curate.yaml, ...); None: defaults
-    overrides: tuple[str, ...] = ()  # KEY=VALUE applied on top, as --set
+class TrainStage(StageConfig):
+    """The pretraining stage of a refresh: its config reference plus the refresh's step budget and replay."""
 
-
-@dataclass(frozen=True)
-class TrainConfig:
     config: str | None = "configs/pretrain.yaml"
-    overrides: tuple[str, ...] = ()
     max_steps: int = 200             # step budget of one refresh's (continued) pretraining
     replay_ratio: float = 0.5        # fraction of batches drawn from older snapshots
 
@@ -94,213 +86,16 @@ class TrainConfig:
 
 
 @dataclass(frozen=True)
-class GateConfig:
-    task: Literal["retrieval", "zeroshot"] = "retrieval"
-    metric: str = "image_retrieval_recall@5"   # a key of eval.json's metrics[task]; higher is better
-    tolerance: float = 0.02                    # absolute: promote if new >= current - tolerance
-
-
-@dataclass(frozen=True)
 class RefreshConfig:
     sources: tuple[str, ...] = ()    # URIs/paths/globs the inputs arrive under
     modality: Literal["image", "video"] = "image"
     heldout_sources: tuple[str, ...] = ()  # the fixed held-out inputs (never trained on)
     storage: StorageConfig = field(default_factory=StorageConfig)
     curate: StageConfig = field(default_factory=StageConfig)
-    train: TrainConfig = field(default_factory=TrainConfig)
+    train: TrainStage = field(default_factory=TrainStage)
     evaluate: StageConfig = field(default_factory=StageConfig)
     gate: GateConfig = field(default_factory=GateConfig)
     lock_stale_after_s: float = 900.0  # a lock without heartbeat for this long belongs to a dead run
-
-
-class StageFailed(RuntimeError):
-    pass
-
-
-# --------------------------------------------------------------------------- ledger + discovery
-def ledger_path(corpus: Path) -> Path:
-    return corpus / "_ledger.parquet"
-
-
-def read_ledger(corpus: Path) -> pa.Table:
-    p = ledger_path(corpus)
-    return pq.read_table(p).cast(LEDGER_SCHEMA) if p.is_file() else LEDGER_SCHEMA.empty_table()
-
-
-def write_ledger_rows(corpus: Path, rows: list[dict], snapshot: str) -> None:
-    """Append ``rows`` for ``snapshot`` (replacing any rows of that snapshot: idempotent), atomically."""
-    old = read_ledger(corpus)
-    old = old.filter(pc.not_equal(old.column("snapshot"), snapshot))
-    now = L.now_utc()
-    new = pa.Table.from_pylist([{**{k: r[k] for k in ("uri", "kind", "size", "mtime_ns", "checksum")},
-                                 "snapshot": snapshot, "recorded_at": now} for r in rows], schema=LEDGER_SCHEMA)
-    p = ledger_path(corpus)
-    tmp = p.with_name(f".{p.name}.tmp")
-    pq.write_table(pa.concat_tables([old, new]), tmp)
-    tmp.replace(p)
-
-
-def discover(sources: Sequence[str], ledger: pa.Table, ensure_ray=lambda: None) -> dict:
-    """Inputs under ``sources`` → {"new": [...], "changed": [...], "unchanged": n}; each input a
-    ledger-shaped dict. Files whose size and mtime match the ledger are not read."""
-    import pyarrow.fs as pafs
-
-    from pipelines.curate import checksum_inputs
-    from pipelines.sources import expand_sources
-
-    files = []
-    for src in sources:
-        try:
-            files += expand_sources([src])
-        except ValueError as e:
-            if "holds no inputs" not in str(e):
-                raise
-            log.info("source %s holds no inputs yet", src)
-    known = {(r["uri"], r["size"], r["mtime_ns"]): r["checksum"] for r in ledger.to_pylist()}
-    sums_by_uri: dict[str, set] = {}
-    for r in ledger.to_pylist():
-        sums_by_uri.setdefault(r["uri"], set()).add(r["checksum"])
-    records, to_hash = [], []
-    for f in files:
-        info = f.fs.get_file_info(f.path)
-        mtime = int(info.mtime_ns or 0)
-        if f.kind == "folder":  # a folder's mtime says little: its checksum is a cheap listing digest
-            mtime = max((i.mtime_ns or 0 for i in f.fs.get_file_info(pafs.FileSelector(f.path, recursive=True))),
-                        default=0)
-        rec = {"uri": f.uri, "kind": f.kind, "size": int(f.size), "mtime_ns": mtime,
-               "checksum": known.get((f.uri, int(f.size), mtime))}
-        records.append(rec)
-        if rec["checksum"] is None:
-            to_hash.append(f)
-    if to_hash:
-        ensure_ray()  # checksums are computed in parallel Ray tasks
-        sums = {r["uri"]: r["checksum"] for r in checksum_inputs(to_hash)}
-        for rec in records:
-            rec["checksum"] = rec["checksum"] or sums[rec["uri"]]
-    out: dict = {"new": [], "changed": [], "unchanged": 0}
-    for rec in records:
-        seen = sums_by_uri.get(rec["uri"])
-        if seen is None:
-            out["new"].append(rec)
-        elif rec["checksum"] not in seen:
-            out["changed"].append(rec)
-        else:
-            out["unchanged"] += 1
-    return out
-
-
-# --------------------------------------------------------------------------- cross-snapshot dedup
-def _work_rows(curated: Path) -> pa.Table:
-    return pq.read_table(curated / "_work" / "processed")
-
-
-def _join_keys(t: pa.Table, modality: str) -> list[tuple]:
-    cols = ["source", "key"] + (["start_s"] if modality == "video" else [])
-    values = [t.column(c).to_pylist() for c in cols]
-    return [tuple(round(v, 3) if isinstance(v, float) else v for v in row) for row in zip(*values)]
-
-
-def kept_index_rows(curated: Path, modality: str, namespace: str) -> pa.Table:
-    """Index rows (INDEX_COLUMNS) of the rows ``curated/data`` kept, from its ``_work`` rows; the
-    row_id is namespaced so the same (source, key) in two snapshots never collides."""
-    from pipelines.schema import make_sample_id
-
-    data = pq.read_table(curated / "data", columns=["source", "key"] + (["start_s"] if modality == "video" else []))
-    kept = set(_join_keys(data, modality))
-    work = _work_rows(curated)
-    work = work.filter(pc.is_null(work.column("reason")))
-    mask = pa.array([k in kept for k in _join_keys(work, modality)], pa.bool_())
-    rows = work.filter(mask).select(INDEX_COLUMNS)
-    rid = pa.array([make_sample_id(namespace, r) for r in rows.column("row_id").to_pylist()], pa.string())
-    return rows.set_column(0, "row_id", rid)
-
-
-def dedup_against_index(curated: Path, index_files: list[Path], modality: str, dedup_cfg, namespace: str) -> dict:
-    """Reject rows of ``curated`` that duplicate a row of the index (existing corpus, held-out set).
-    Returns {"duplicate": n, "near_duplicate": n, "heldout": n}; rewrites data/, rejects/, stats.json."""
-    import ray
-
-    from pipelines.dedup import find_duplicates
-    from pipelines.schema import REJECT_SCHEMA
-
-    new = kept_index_rows(curated, modality, namespace)
-    counts = {"duplicate": 0, "near_duplicate": 0, "heldout": 0}
-    if new.num_rows == 0 or not index_files:
-        return counts
-    parts = [new.append_column("priority", pa.array([1] * new.num_rows, pa.int64()))]
-    heldout_ids: set[str] = set()
-    for f in index_files:
-        t = pq.read_table(f).select(INDEX_COLUMNS)
-        prio = -1 if f.stem == "heldout" else 0
-        if prio < 0:
-            heldout_ids.update(t.column("sample_id").to_pylist())
-        parts.append(t.append_column("priority", pa.array([prio] * t.num_rows, pa.int64())))
-    rows = ray.data.from_arrow(pa.concat_tables(parts))
-    drops = find_duplicates(rows, dedup_cfg)
-    new_ids = set(new.column("row_id").to_pylist())
-    drops = drops.filter(pa.array([r in new_ids for r in drops.column("row_id").to_pylist()], pa.bool_()))
-    if drops.num_rows == 0:
-        return counts
-    by_rid = {r: i for i, r in enumerate(new.column("row_id").to_pylist())}
-    idx = pa.array([by_rid[r] for r in drops.column("row_id").to_pylist()], pa.int64())
-    dropped = new.take(idx)
-    rejects = pa.table({"source": dropped.column("source"), "key": dropped.column("key"),
-                        "stage": pa.array(["dedup"] * drops.num_rows), "reason": drops.column("reason"),
-                        "detail": drops.column("keeper")}).cast(REJECT_SCHEMA)
-    pq.write_table(rejects, curated / "rejects" / "cross_snapshot.parquet")
-    gone = set(_join_keys(dropped, modality))
-    removed = _rewrite_data(curated, gone, modality)
-    for reason, keeper in zip(drops.column("reason").to_pylist(), drops.column("keeper").to_pylist()):
-        counts[reason] += 1
-        counts["heldout"] += keeper in heldout_ids
-    _correct_stats(curated, removed, drops.column("reason").to_pylist(), modality)
-    return counts
-
-
-def _rewrite_data(curated: Path, gone: set, modality: str) -> pa.Table:
-    """Drop rows keyed in ``gone`` from every data/ file (each rewritten atomically); return the
-    removed rows' (split, caption, input_ids) for the stats correction."""
-    removed = []
-    for f in sorted((curated / "data").glob("*.parquet")):
-        t = pq.read_table(f)
-        mask = pa.array([k in gone for k in _join_keys(t, modality)], pa.bool_())
-        if not pc.any(mask).as_py():
-            continue
-        removed.append(t.filter(mask).select(["sample_id", "split", "caption", "input_ids"]))
-        tmp = f.with_name(f".{f.name}.tmp")
-        pq.write_table(t.filter(pc.invert(mask)), tmp)
-        tmp.replace(f)
-    return pa.concat_tables(removed)
-
-
-def _correct_stats(curated: Path, removed: pa.Table, reasons: list[str], modality: str) -> None:
-    from pipelines import stats as stats_mod
-
-    st = json.loads((curated / "stats.json").read_text())
-    n = removed.num_rows
-    st["kept"] -= n
-    for r in reasons:
-        st["rejected"][r] = st["rejected"].get(r, 0) + 1
-    st["rejected_total"] = sum(st["rejected"].values())
-    st["rejected_by_stage"]["dedup"] = st["rejected_by_stage"].get("dedup", 0) + len(reasons)
-    for s in removed.column("split").to_pylist():
-        st["splits"][s] -= 1
-    # Subtract the removed rows' caption histograms (bins are fixed, counts add up exactly).
-    work = _work_rows(curated).select(["sample_id", "orig_width", "orig_height"])
-    dims = {s: (w, h) for s, w, h in zip(*(work.column(c).to_pylist() for c in work.column_names))}
-    ids = removed.column("sample_id").to_pylist()
-    part = stats_mod.histogram_partials(pa.table({
-        "orig_width": pa.array([dims[s][0] for s in ids], pa.int32()),
-        "orig_height": pa.array([dims[s][1] for s in ids], pa.int32()),
-        "caption": removed.column("caption"), "input_ids": removed.column("input_ids"),
-        "split": removed.column("split")})).to_pylist()[0]
-    for name, h in st["histograms"].items():
-        h["counts"] = [a - b for a, b in zip(h["counts"], part[name])]
-    st["cross_snapshot_duplicates"] = len(reasons)
-    st["duplicates_dropped"] = st.get("duplicates_dropped", 0) + len(reasons)
-    if modality == "image":
-        st["invariant_ok"] = st["inputs"] == st["kept"] + st["rejected_total"]
-    L.write_json_atomic(curated / "stats.json", st)
 
 
 # --------------------------------------------------------------------------- the run
@@ -318,6 +113,28 @@ class Refresh:
         self.state_path = self.corpus / "_refresh_state.json"
         self.argv_config = argv_config
         self.state: dict = {}
+
+    # -- stage configs: loaded once, when a step first needs one -----------------------------
+    @functools.cached_property
+    def curate_config(self):
+        from pipelines.curate import CurateConfig
+
+        with stage_errors():
+            return replace(load_stage_config("curate", CurateConfig, self.cfg.curate), modality=self.cfg.modality)
+
+    @functools.cached_property
+    def pretrain_config(self):
+        from mm.train import PretrainConfig
+
+        with stage_errors():
+            return load_stage_config("train", PretrainConfig, self.cfg.train)
+
+    @functools.cached_property
+    def evaluate_config(self):
+        from mm.evaluate import EvalConfig
+
+        with stage_errors():  # the held-out set is curated into one split, train (output.val_fraction=0)
+            return replace(load_stage_config("evaluate", EvalConfig, self.cfg.evaluate), split="train")
 
     # -- state -------------------------------------------------------------------------------
     def load_or_start(self) -> None:
@@ -362,6 +179,10 @@ class Refresh:
     def run_dir(self) -> Path:
         return self.models / f"run-{self.sid}"
 
+    @property
+    def index_dir(self) -> Path:
+        return self.corpus / "_index"
+
     # -- driver ------------------------------------------------------------------------------
     def run(self) -> dict:
         self.load_or_start()
@@ -394,6 +215,8 @@ class Refresh:
         init_ray(self.address)
 
     def step_discover(self) -> dict:
+        from pipelines.ledger import discover, read_ledger
+
         found = discover(self.cfg.sources, read_ledger(self.corpus), self.ensure_ray)
         todo = found["new"] + found["changed"]
         log.info("discovered %d new, %d changed, %d unchanged inputs", len(found["new"]), len(found["changed"]),
@@ -401,73 +224,59 @@ class Refresh:
         return {**found, "stop": not todo,
                 "why": "no new or changed inputs: nothing to curate or train" if not todo else None}
 
-    def _curate(self, uris: list[str], out: Path, extra: list[str]) -> None:
-        import jobs.curate
-
-        argv = [*uris, "--out", str(out), "--modality", self.cfg.modality]
-        if self.cfg.curate.config:
-            argv += ["--config", self.cfg.curate.config]
-        for o in (*self.cfg.curate.overrides, "output.keep_work=true", *extra):
-            argv += ["--set", o]
-        rc = jobs.curate.main(argv)
-        if rc:
-            raise StageFailed(f"curate of {out} exited with code {rc}")
-
-    def _dedup_cfg(self):
-        from pipelines.curate import CurateConfig
-
-        cfg = load_config(CurateConfig, self.cfg.curate.config, list(self.cfg.curate.overrides))
-        return cfg.dedup
+    def _with_tokenizer(self, cfg, **output):
+        """The curate config with the corpus tokenizer (and ``output`` fields) put in."""
+        cfg = replace(cfg, tokenizer=replace(cfg.tokenizer, path=str(self.corpus / "tokenizer")))
+        return replace(cfg, output=replace(cfg.output, **output)) if output else cfg
 
     def step_curate(self) -> dict:
+        from pipelines.incremental import curate_snapshot, dedup_against_index
+
         d = self.state["steps"]["discover"]
         uris = [r["uri"] for r in d["new"] + d["changed"]]
         tok = self.corpus / "tokenizer"
+        cfg = self._with_tokenizer(self.curate_config) if tok.is_dir() else self.curate_config
         shutil.rmtree(self.staging, ignore_errors=True)
-        self._curate(uris, self.staging, [f"tokenizer.path={tok}"] if tok.is_dir() else [])
+        with stage_errors(f"curate of {self.staging}"):
+            curate_snapshot(uris, self.staging, cfg)
         if not tok.is_dir():  # the first snapshot's tokenizer becomes the corpus tokenizer
             shutil.copytree(self.staging / "tokenizer", tok.with_name(".tokenizer.tmp"), dirs_exist_ok=True)
             tok.with_name(".tokenizer.tmp").rename(tok)
-        heldout = self.ensure_heldout()
-        index = sorted((self.corpus / "_index").glob("snapshot=*.parquet"))
-        index = [f for f in index if f.stem != f"snapshot={self.sid}"]
-        if heldout:
-            index.append(self.corpus / "_index" / "heldout.parquet")
-        dups = dedup_against_index(self.staging, index, self.cfg.modality, self._dedup_cfg(), self.sid)
+        self.ensure_heldout()
+        dups = dedup_against_index(self.staging, self.index_dir, self.sid, self.cfg.modality, cfg.dedup)
         st = json.loads((self.staging / "stats.json").read_text())
         log.info("curated %d inputs into snapshot=%s: %d kept; cross-snapshot %s", st["inputs"], self.sid,
                  st["kept"], dups)
         return {"inputs": st["inputs"], "kept": st["kept"], "rejected": st["rejected"],
                 "train_rows": st["splits"]["train"], "cross_snapshot": dups, "invariant_ok": st.get("invariant_ok")}
 
-    def ensure_heldout(self) -> Path | None:
+    def ensure_heldout(self) -> None:
         """Curate the fixed held-out set once, with the corpus tokenizer, all rows in one split."""
         if not self.cfg.heldout_sources:
-            return None
+            return
+        from pipelines.incremental import HELDOUT, curate_snapshot, index_snapshot
+
         out = self.corpus / "heldout"
-        key = L.stage_key("heldout", L.source_refs(self.cfg.heldout_sources),
-                          {"curate": [self.cfg.curate.config, list(self.cfg.curate.overrides)]})
+        key = L.stage_key("heldout", L.source_refs(self.cfg.heldout_sources), {"curate": to_dict(self.curate_config)})
         plan = L.plan_stage(out, key)
         if plan.action != "skip":
             L.begin_stage(out, key, L.Plan("fresh", plan.reason))
-            self._curate(list(self.cfg.heldout_sources), out,
-                         [f"tokenizer.path={self.corpus / 'tokenizer'}", "output.val_fraction=0.0"])
-            rows = kept_index_rows(out, self.cfg.modality, "heldout")
-            _write_parquet_atomic(rows, self.corpus / "_index" / "heldout.parquet")
-            shutil.rmtree(out / "_work", ignore_errors=True)
+            with stage_errors(f"curate of {out}"):
+                curate_snapshot(list(self.cfg.heldout_sources), out,
+                                self._with_tokenizer(self.curate_config, val_fraction=0.0))
+            index_snapshot(out, self.index_dir, HELDOUT, self.cfg.modality)
             L.stamp(out, L.lineage_record("heldout", key, L.source_refs(self.cfg.heldout_sources), {}))
-        return out
 
     def step_commit(self) -> dict:
+        from pipelines.incremental import index_snapshot
+        from pipelines.ledger import write_ledger_rows
+
         if self.staging.exists():
-            rows = kept_index_rows(self.staging, self.cfg.modality, self.sid)
-            _write_parquet_atomic(rows, self.corpus / "_index" / f"snapshot={self.sid}.parquet")
-            shutil.rmtree(self.staging / "_work", ignore_errors=True)
+            index_snapshot(self.staging, self.index_dir, self.sid, self.cfg.modality)
             d = self.state["steps"]["discover"]
             inputs = [{"uri": r["uri"], "size": r["size"], "checksum": r["checksum"]} for r in d["new"] + d["changed"]]
             L.stamp(self.staging, L.lineage_record("curate", L.sha256_json(inputs), inputs,
-                                                   {"curate": [self.cfg.curate.config, list(self.cfg.curate.overrides)]},
-                                                   {"snapshot": self.sid}))
+                                                   {"curate": to_dict(self.curate_config)}, {"snapshot": self.sid}))
             self.staging.rename(self.snapshot_dir)
             with contextlib.suppress(OSError):
                 self.staging.parent.rmdir()  # _staging/ when no other staging dir is left
@@ -480,96 +289,40 @@ class Refresh:
         return {"snapshot_dir": str(self.snapshot_dir), "stop": kept == 0,
                 "why": "every new input was rejected or a duplicate: nothing new to train on" if kept == 0 else None}
 
-    def old_snapshots(self) -> list[tuple[Path, int]]:
-        out = []
-        for d in sorted(self.corpus.glob("snapshot=*")):
-            st = L.read_json(d / "stats.json") or {}
-            rows = (st.get("splits") or {}).get("train", 0)
-            if d != self.snapshot_dir and rows > 0 and (L.read_manifest(d) or {}).get("lineage"):
-                out.append((d, rows))
-        return out
-
     def step_train(self) -> dict:
-        import jobs.pretrain
+        from mm.train import fit
+        from pipelines.incremental import replay_mix
 
         init = L.read_pointer(self.models / "current")
-        old = self.old_snapshots()
-        corpora = [self.snapshot_dir] + [d for d, _ in old]
-        replay = self.cfg.train.replay_ratio if old else 0.0
-        total_old = sum(n for _, n in old) or 1
-        weights = [1.0 - replay] + [replay * n / total_old for _, n in old]
-        overrides = [*self.cfg.train.overrides, f"train.max_steps={self.cfg.train.max_steps}",
-                     "data.mix_weights=[" + ",".join(f"{w:.6f}" for w in weights) + "]"]
+        corpora, weights = replay_mix(self.corpus, self.snapshot_dir, self.cfg.train.replay_ratio)
+        base = self.pretrain_config
+        cfg = replace(base, train=replace(base.train, max_steps=self.cfg.train.max_steps),
+                      data=replace(base.data, mix_weights=tuple(weights)))
         inputs = [L.manifest_ref(c) for c in corpora] + ([L.manifest_ref(init)] if init else [])
-        config = {"config": self.cfg.train.config, "overrides": overrides}
+        config = to_dict(cfg)
         key = L.stage_key("pretrain", inputs, config)
         plan = L.plan_stage(self.run_dir, key)
         if plan.action != "skip":
             L.begin_stage(self.run_dir, key, plan)
-            argv = [a for c in corpora for a in ("--data", str(c))] + ["--out", str(self.run_dir)]
-            argv += ["--init", str(init)] if init else []
-            argv += ["--config", self.cfg.train.config] if self.cfg.train.config else []
-            argv += [a for o in overrides for a in ("--set", o)]
-            rc = jobs.pretrain.main(argv)
-            if rc:
-                raise StageFailed(f"pretrain exited with code {rc}")
+            with stage_errors("pretrain"):
+                fit(cfg, [str(c) for c in corpora], str(self.run_dir), init=str(init) if init else None)
             L.stamp(self.run_dir, L.lineage_record("pretrain", key, inputs, config))
         lines = [json.loads(x) for x in (self.run_dir / "metrics.jsonl").read_text().splitlines() if x.strip()]
         return {"run_dir": str(self.run_dir), "init": str(init) if init else None, "plan": plan.action,
                 "corpora": [str(c) for c in corpora], "mix_weights": weights,
                 "steps": lines[-1]["step"] if lines else 0}
 
-    def evaluate(self, run: Path) -> dict:
-        """The gate task's metrics of ``run`` on the held-out set, cached per held-out version."""
-        import jobs.evaluate
-
-        heldout = self.corpus / "heldout"
-        out = run / "heldout" / "eval.json"
-        ref = L.manifest_ref(heldout)
-        cached = L.read_json(out)
-        if isinstance(cached, dict) and cached.get("heldout_manifest_sha256") == ref["manifest_sha256"]:
-            return cached
-        argv = ["--model", str(run), "--data", str(heldout), "--out", str(out), "--task", self.cfg.gate.task,
-                "--set", "split=train"]
-        argv += ["--config", self.cfg.evaluate.config] if self.cfg.evaluate.config else []
-        argv += [a for o in self.cfg.evaluate.overrides for a in ("--set", o)]
-        rc = jobs.evaluate.main(argv)
-        if rc:
-            raise StageFailed(f"evaluate of {run} exited with code {rc}")
-        result = json.loads(out.read_text())
-        result["heldout_manifest_sha256"] = ref["manifest_sha256"]
-        L.write_json_atomic(out, result)
-        return result
-
-    def metric(self, result: dict) -> float:
-        g = self.cfg.gate
-        try:
-            return float(result["metrics"][g.task][g.metric])
-        except KeyError:
-            have = sorted((result.get("metrics") or {}).get(g.task, {}))
-            raise StageFailed(f"gate metric {g.task}.{g.metric} not in the evaluation; have: {', '.join(have)}; "
-                              f"skipped: {result.get('skipped')}") from None
-
     def step_evaluate(self) -> dict:
         if not self.cfg.heldout_sources:
             raise StageFailed("heldout_sources is empty: a refresh needs a fixed held-out set to gate on")
-        cand = self.metric(self.evaluate(self.run_dir))
-        cur_run = self.state["steps"]["train"]["init"]
-        cur = self.metric(self.evaluate(Path(cur_run))) if cur_run else None
+        heldout, cur_run = self.corpus / "heldout", self.state["steps"]["train"]["init"]
+        cand = heldout_metric(self.run_dir, heldout, self.evaluate_config, self.cfg.gate)
+        cur = heldout_metric(Path(cur_run), heldout, self.evaluate_config, self.cfg.gate) if cur_run else None
         return {"candidate": cand, "current": cur, "current_run": cur_run}
 
     def step_decide(self) -> dict:
-        e, g = self.state["steps"]["evaluate"], self.cfg.gate
-        name = f"{g.task}.{g.metric}"
-        if e["current"] is None:
-            action, why = "promoted", f"first model: {name} {e['candidate']:.4f}, nothing to compare against"
-        elif e["candidate"] >= e["current"] - g.tolerance:
-            action = "promoted"
-            why = f"{name} {e['candidate']:.4f} >= {e['current']:.4f} - tolerance {g.tolerance} (current)"
-        else:
-            action = "held"
-            why = (f"{name} {e['candidate']:.4f} < {e['current']:.4f} - tolerance {g.tolerance}: "
-                   f"kept {e['current_run']}")
+        e = self.state["steps"]["evaluate"]
+        action, why = decide(e["candidate"], e["current"], e["current_run"], self.cfg.gate)
         if action == "promoted":
             L.write_pointer(self.models / "current", self.run_dir)
         return {"action": action, "why": why, "current": str(L.read_pointer(self.models / "current"))}
@@ -586,13 +339,6 @@ class Refresh:
         L.write_json_atomic(self.reports / f"refresh-{rid}.json", report)
         self.state_path.unlink(missing_ok=True)
         return report
-
-
-def _write_parquet_atomic(t: pa.Table, path: Path) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp")
-    pq.write_table(t, tmp)
-    tmp.replace(path)
 
 
 def summarize(report: dict) -> str:
@@ -627,7 +373,7 @@ def check_config(cfg: RefreshConfig) -> None:
             raise UsageError(f"{what} {path} does not exist")
     if not cfg.heldout_sources:
         raise UsageError("heldout_sources is empty: the promotion gate needs a fixed held-out set")
-    from pipelines.sources import expand_sources
+    from pipelines.listing import expand_sources
 
     try:
         expand_sources(list(cfg.heldout_sources))
@@ -672,5 +418,4 @@ if __name__ == "__main__":
     sys.exit(main())
 
 
-__all__ = ["RefreshConfig", "Refresh", "discover", "read_ledger", "write_ledger_rows", "dedup_against_index",
-           "kept_index_rows", "summarize", "main"]
+__all__ = ["RefreshConfig", "TrainStage", "GateConfig", "Refresh", "summarize", "main"]

@@ -2,7 +2,7 @@
 
 An input is one annotated video (one JSON video id, one CSV row). Records carry the video's
 location (``media_uri``; the bytes are read later, only the parts a clip needs), the caption(s)
-and, when the annotation has them, timed spans. ``pipelines/video.py`` cuts the clips.
+and, when the annotation has them, timed spans. ``pipelines/video_clips.py`` cuts the clips.
 
 JSON shapes read (``read_msrvtt``):
 * MSR-VTT's own ``{"videos": [{"video_id": ...}], "sentences": [{"video_id", "caption"}]}``;

@@ -5,7 +5,7 @@
 
 Passes (each a streaming Ray Data plan; memory stays flat as the corpus grows):
 
-1. **process**: read every source (pipelines/sources.py) → download URL rows
+1. **process**: read every source (pipelines/listing.py, datasources.py) → download URL rows
    (pipelines/download.py) → ``process_batch`` (the modality's pure batch function: captions,
    decode/validate/resize, hashes) → ``DIR/_work/processed/*.parquet``: one *work row* per
    input (image) or per clip (video), kept candidate or reject.
@@ -23,7 +23,7 @@ records to rows carrying ``WORK_COLUMNS`` — ``row_id`` (unique per row), ``sam
 ``source``, ``key``, ``caption``, ``content_hash``, ``hashes`` (list<int64>), ``area``,
 ``orig_width``, ``orig_height``, ``label``, ``stage``/``reason``/``detail`` (reason null = kept
 candidate) — plus the columns of its output schema. Images: ``images.process_image_batch``;
-video: ``video.process_video_batch``.
+video: ``video_clips.process_video_batch``.
 
 Reruns: a run starts by removing ``_work/``; outputs are written under ``_work/out/`` and renamed
 into place only when complete, then ``stats.json`` is written last, so a directory with
@@ -51,11 +51,13 @@ from core.lineage import code_version
 from core.storage import resolve
 from pipelines import stats as stats_mod
 from pipelines.captions import CaptionConfig, check_language_support
+from pipelines.datasources import has_urls, read_inputs
 from pipelines.dedup import DROP_SCHEMA, DedupConfig, find_duplicates
 from pipelines.images import ImageConfig, process_image_batch
 from pipelines.inputs import SourceFile
+from pipelines.listing import expand_sources
 from pipelines.schema import REJECT_SCHEMA, assign_split, schema_for
-from pipelines.sources import SourceConfig, expand_sources, has_urls, read_inputs
+from pipelines.sources import SourceConfig
 from pipelines.tokenize import TokenizerConfig, build_tokenizer, tokenize_batch
 from pipelines.video import VideoConfig
 
@@ -63,6 +65,11 @@ log = logging.getLogger(__name__)
 
 WORK_COLUMNS = ("row_id", "sample_id", "source", "key", "caption", "content_hash", "hashes", "area",
                 "orig_width", "orig_height", "label", "stage", "reason", "detail")
+#: A run's scratch under DIR, removed at the end unless ``output.keep_work``. Its ``processed/``
+#: holds every work row (WORK_COLUMNS + the modality's columns) as Parquet; pipelines/incremental.py
+#: reads the kept rows' dedup columns and original sizes there to index a snapshot.
+WORK_DIR = "_work"
+WORK_ROWS_DIR = f"{WORK_DIR}/processed"
 
 
 @dataclass(frozen=True)
@@ -110,7 +117,7 @@ class CurateConfig:
 def process_batch(batch: pa.Table, cfg: CurateConfig) -> pa.Table:
     """The per-input stage: INPUT_SCHEMA records → work rows, by modality (pure, pyarrow)."""
     if cfg.modality == "video":
-        from pipelines.video import process_video_batch
+        from pipelines.video_clips import process_video_batch
 
         return process_video_batch(batch, cfg.video, cfg.captions)
     return process_image_batch(batch, cfg.images, cfg.captions)
@@ -182,7 +189,7 @@ def _run_curate(sources: list[str], out: str, cfg: CurateConfig) -> dict:
     check_language_support(cfg.captions)
     files = expand_sources(list(sources))
     fs, root, uri_prefix = _out_fs(out)
-    work = f"{root}/_work"
+    work = f"{root}/{WORK_DIR}"
     stage = f"{work}/out"  # outputs are staged here and swapped in at the end (_commit)
     _clean(fs, root, work)
     ex = cfg.execution
@@ -199,10 +206,10 @@ def _run_curate(sources: list[str], out: str, cfg: CurateConfig) -> dict:
     ds = ds.map_batches(process_batch, fn_kwargs={"cfg": cfg}, batch_format="pyarrow",
                         batch_size=cfg.video.videos_per_task if cfg.modality == "video" else ex.batch_rows,
                         num_cpus=ex.num_cpus_per_task)
-    ds.write_parquet(uri_prefix + f"{work}/processed", filesystem=None if uri_prefix else fs,
+    ds.write_parquet(uri_prefix + f"{root}/{WORK_ROWS_DIR}", filesystem=None if uri_prefix else fs,
                      min_rows_per_file=ex.work_rows_per_file)
     t_process = time.time()
-    processed = uri_prefix + f"{work}/processed"
+    processed = uri_prefix + f"{root}/{WORK_ROWS_DIR}"
 
     def read(columns=None):
         ds = ray.data.read_parquet(processed, filesystem=None if uri_prefix else fs)
@@ -403,6 +410,6 @@ def _checksum_row(row: dict, files: list[SourceFile]) -> dict:
     return {"i": row["i"], "uri": f.uri, "kind": f.kind, "size": f.size, "checksum": f"{kind}:{h.hexdigest()}"}
 
 
-__all__ = ["CurateConfig", "OutputConfig", "ExecutionConfig", "WORK_COLUMNS", "run_curate", "process_batch",
-           "finalize_kept", "finalize_rejects", "build_manifest", "checksum_inputs",
+__all__ = ["CurateConfig", "OutputConfig", "ExecutionConfig", "WORK_COLUMNS", "WORK_DIR", "WORK_ROWS_DIR",
+           "run_curate", "process_batch", "finalize_kept", "finalize_rejects", "build_manifest", "checksum_inputs",
            "DROP_SCHEMA"]

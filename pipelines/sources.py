@@ -1,7 +1,8 @@
-"""Source readers: every supported input format to one stream of generic input records (Ray Data).
+"""Source formats: a tar stream, a manifest file or a folder's key groups to input records.
 
-    files = expand_sources(["shards/{00000..00009}.tar", "folder/", "urls.parquet"], cfg)  # driver
-    ds = read_inputs(files, cfg)            # one Ray Data dataset of INPUT_SCHEMA rows, any mix
+    for block in TarRecords(cfg).read(stream, uri): ...        # pa.Table blocks of INPUT_SCHEMA rows
+    for block in ManifestRecords(cfg, fs).read(f, uri, path): ...
+    records = assemble_group(source, key, {"0001.jpg": b"...", "0001.txt": b"a cat"}, cfg)
 
 An *input* (DESIGN.md) is one record here: a tar key group, a media file with its sidecars, a
 manifest row. Records carry the raw media bytes and caption; nothing is decoded here, so the image
@@ -21,18 +22,16 @@ and the video pipelines share these readers. Columns (INPUT_SCHEMA):
                   unsupported_member, corrupt_shard, bad_manifest_row, read_error), else null
     error_detail
 
-Formats: WebDataset tars (brace patterns and globs; ``.tar``, ``.tar.gz``, ``.tgz``); folders
-with sidecar captions (``x.jpg`` + ``x.txt`` or ``x.json`` with a ``caption`` field); manifests
-(``.parquet``, ``.jsonl``, ``.csv``) with a caption column and a path, bytes (img2dataset / HF
-``{"bytes", "path"}`` structs) or URL column. Every ``SRC`` is a local path or a ``pyarrow.fs`` URI.
+Formats: WebDataset tars (``.tar``, ``.tar.gz``, ``.tgz``; members streamed, never extracted:
+a member name like ``../../etc/x.jpg`` is only a string); folders with sidecar captions (``x.jpg``
++ ``x.txt`` or ``x.json`` with a ``caption`` field); manifests (``.parquet``, ``.jsonl``, ``.csv``)
+with a caption column and a path, bytes (img2dataset / HF ``{"bytes", "path"}`` structs) or URL
+column. Damage (a truncated tar, a split key group, a bad manifest line) becomes reject records,
+never an exception: one corrupt input never stops a run. ``SourceConfig`` is the ``sources``
+section of the curate config (readers and pipelines/download.py).
 
-Why custom datasources instead of ``ray.data.read_webdataset``/``read_csv``: those raise on a
-truncated tar, a split key group or a bad manifest line (one corrupt input would stop the run) and
-give no row numbers to name manifest inputs by. Ours are ``FileBasedDatasource`` subclasses (same
-file listing, retries and filesystem handling) that turn such damage into reject records. Tar
-members are streamed and never extracted: a member name like ``../../etc/x.jpg`` is only a string.
-
-Tested in tests/test_sources.py.
+Which files to read: pipelines/listing.py; the Ray Data plan over these readers:
+pipelines/datasources.py. Tested in tests/test_sources.py.
 """
 
 from __future__ import annotations
@@ -40,38 +39,27 @@ from __future__ import annotations
 import csv
 import io
 import json
-import logging
-import os
 import posixpath
-import re
-import stat
 import tarfile
 from collections.abc import Iterator
 from dataclasses import dataclass
-from functools import partial
 from typing import Any, Literal
 
 import pyarrow as pa
 import pyarrow.fs as pafs
-from ray.data.block import BlockMetadata
-from ray.data.datasource import Datasource, ReadTask
-from ray.data.datasource.file_based_datasource import FileBasedDatasource
 
-from core.storage import expand_braces, is_uri, resolve
+from core.storage import is_uri
 from pipelines.captions import decode_caption
 from pipelines.inputs import (
     INPUT_SCHEMA,
-    MANIFEST_EXTS,
     MEDIA_EXTS,
     SIDECAR_EXTS,
     SUBTITLE_EXTS,
-    TAR_SUFFIXES,
     VIDEO_EXTS,
     SourceFile,
     input_record,
 )
 
-log = logging.getLogger(__name__)
 
 @dataclass(frozen=True)
 class SourceConfig:
@@ -104,114 +92,6 @@ class SourceConfig:
             raise ValueError("max_media_bytes, rows_per_block and files_per_read_task must be > 0")
         if self.download_threads <= 0 or self.download_per_host <= 0 or self.download_retries < 0:
             raise ValueError("download_threads and download_per_host must be > 0, download_retries >= 0")
-
-
-# --------------------------------------------------------------------------- source expansion
-def _kind_of(path: str) -> str | None:
-    low = path.lower()
-    if low.endswith(TAR_SUFFIXES):
-        return "tar"
-    if low.rsplit(".", 1)[-1] in MANIFEST_EXTS:
-        return "manifest"
-    return None
-
-
-def expand_sources(srcs: list[str]) -> list[SourceFile]:
-    """Resolve SRC arguments (paths, URIs, brace patterns, globs) to input files; raise ValueError
-    with one clear line for a missing or empty SRC or an unknown file type."""
-    out: list[SourceFile] = []
-    for src in srcs:
-        found: list[SourceFile] = []
-        for pattern in expand_braces(src):
-            fs, path, prefix = resolve(pattern)
-            if any(c in path for c in "*?["):
-                found += _glob(fs, path, prefix)
-                continue
-            info = fs.get_file_info(path)
-            if info.type == pafs.FileType.NotFound:
-                raise ValueError(f"source {pattern} does not exist")
-            if info.type == pafs.FileType.Directory:
-                found += _expand_dir(fs, path, prefix)
-            else:
-                kind = _kind_of(path)
-                if kind in (None, "manifest"):
-                    from pipelines.annotations import is_annotation_file
-
-                    kind = "annotations" if is_annotation_file(fs, path) else kind
-                if kind is None:
-                    raise ValueError(f"source {pattern}: unknown file type; expected a folder, a .tar "
-                                     f"shard, a manifest (.parquet, .jsonl, .csv) or video annotations "
-                                     f"(MSR-VTT .json, WebVid .csv)")
-                found.append(SourceFile(prefix + path, path, kind, info.size or 0, fs))
-        if not found:
-            raise ValueError(f"source {src} holds no inputs (no tar shards, manifests or media files)")
-        out += found
-    seen: set[str] = set()
-    return [s for s in out if not (s.uri in seen or seen.add(s.uri))]
-
-
-def glob_regex(pattern: str) -> re.Pattern:
-    """Shell glob → regex: ``*`` and ``?`` stay inside one path segment, ``**`` crosses them."""
-    out, i = [], 0
-    while i < len(pattern):
-        c = pattern[i]
-        if pattern.startswith("**", i):
-            out.append(".*")
-            i += 2
-            continue
-        if c == "*":
-            out.append("[^/]*")
-        elif c == "?":
-            out.append("[^/]")
-        elif c == "[":
-            j = pattern.find("]", i + 1)
-            if j < 0:
-                out.append(re.escape(c))
-            else:
-                body = pattern[i + 1:j].replace("\\", "\\\\")
-                out.append("[" + ("^" + body[1:] if body.startswith("!") else body) + "]")
-                i = j
-        else:
-            out.append(re.escape(c))
-        i += 1
-    return re.compile("".join(out) + r"\Z")
-
-
-def _glob(fs: Any, pattern: str, prefix: str) -> list[SourceFile]:
-    parts = pattern.split("/")
-    fixed = next(i for i, p in enumerate(parts) if any(c in p for c in "*?["))
-    base = "/".join(parts[:fixed]) or "/"
-    recursive = "**" in pattern or len(parts) - fixed > 1
-    try:
-        infos = fs.get_file_info(pafs.FileSelector(base, recursive=recursive))
-    except (FileNotFoundError, OSError):
-        return []
-    regex = glob_regex(pattern)
-    files = []
-    for info in sorted(infos, key=lambda i: i.path):
-        if info.type == pafs.FileType.File and regex.match(info.path):
-            kind = _kind_of(info.path)
-            if kind is not None:
-                files.append(SourceFile(prefix + info.path, info.path, kind, info.size or 0, fs))
-        elif info.type == pafs.FileType.Directory and regex.match(info.path):
-            files += _expand_dir(fs, info.path, prefix)
-    return files
-
-
-def _expand_dir(fs: Any, path: str, prefix: str) -> list[SourceFile]:
-    """A folder of tar shards (img2dataset output: its .parquet/.json metadata is ignored), a folder
-    of manifests, or a folder of media files with sidecars."""
-    infos = [pafs.FileInfo(p, pafs.FileType.File, size=size) for p, size, _, is_file in list_tree(fs, path)
-             if is_file and not posixpath.basename(p).startswith(".")]
-    infos.sort(key=lambda i: i.path)
-    tars = [i for i in infos if _kind_of(i.path) == "tar"]
-    if tars:
-        return [SourceFile(prefix + i.path, i.path, "tar", i.size or 0, fs) for i in tars]
-    exts = {posixpath.basename(i.path).rsplit(".", 1)[-1].lower() for i in infos if "." in i.path}
-    if exts & set(MEDIA_EXTS) or exts & {"txt"}:
-        return [SourceFile(prefix + path, path, "folder", sum(i.size or 0 for i in infos), fs)]
-    return [SourceFile(prefix + i.path, i.path, "manifest", i.size or 0, fs)
-            for i in infos if _kind_of(i.path) == "manifest"]
 
 
 # --------------------------------------------------------------------------- record assembly
@@ -283,9 +163,8 @@ def webdataset_key(name: str) -> tuple[str, str]:
     stem = base.split(".", 1)[0]
     return (f"{d}/{stem}" if d else stem), base
 
-
-# --------------------------------------------------------------------------- datasources
-class _TarRecords:
+# --------------------------------------------------------------------------- readers
+class TarRecords:
     """Streams one tar shard into key-group records; damage becomes reject records, never raises."""
 
     def __init__(self, cfg: SourceConfig):
@@ -347,7 +226,7 @@ class _TarRecords:
             yield _to_table(buf)
 
 
-class _ManifestRecords:
+class ManifestRecords:
     """One manifest file (parquet, jsonl, csv) → records keyed by zero-padded row number."""
 
     def __init__(self, cfg: SourceConfig, fs: Any):
@@ -478,96 +357,8 @@ class _RawAdapter(io.RawIOBase):
         return len(data)
 
 
-class InputFilesDatasource(FileBasedDatasource):
-    """Tar shards or manifests of one kind on one filesystem (Ray handles listing, retries, splits)."""
-
-    _FILE_EXTENSIONS = None
-
-    def __init__(self, kind: str, files: list[SourceFile], cfg: SourceConfig):
-        super().__init__([f.path for f in files], filesystem=files[0].fs)
-        self._kind, self._cfg, self._fs = kind, cfg, files[0].fs
-        self._uris = {f.path: f.uri for f in files}
-
-    def _open_input_source(self, filesystem, path, **open_args):
-        if self._kind == "manifest" and path.lower().endswith(".parquet"):
-            return filesystem.open_input_file(path)  # parquet needs random access
-        if self._kind == "tar":
-            open_args["compression"] = None  # tarfile's "r|*" detects gzip itself
-        return super()._open_input_source(filesystem, path, **open_args)
-
-    def _read_stream(self, f, path):
-        uri = self._uris.get(path, path)
-        if self._kind == "tar":
-            yield from _TarRecords(self._cfg).read(f, uri)
-        else:
-            yield from _ManifestRecords(self._cfg, self._fs).read(f, uri, path)
-
-
-class FolderDatasource(Datasource):
-    """Media files + sidecars in a folder tree: listed on the driver, read in parallel tasks."""
-
-    def __init__(self, folder: SourceFile, cfg: SourceConfig):
-        self._folder, self._cfg = folder, cfg
-        self._groups = list_folder_groups(folder)
-
-    def estimate_inmemory_data_size(self):
-        return self._folder.size
-
-    def get_read_tasks(self, parallelism, per_task_row_limit=None, data_context=None):
-        groups, cfg = self._groups, self._cfg
-        n = max(1, min(len(groups), max(parallelism, -(-len(groups) // cfg.files_per_read_task))))
-        tasks = []
-        for i in range(n):
-            chunk = groups[i * len(groups) // n:(i + 1) * len(groups) // n]
-            if chunk:
-                meta = BlockMetadata(num_rows=None, size_bytes=sum(s for _, m in chunk for _, s in m),
-                                     exec_stats=None, input_files=None)
-                tasks.append(ReadTask(partial(_read_folder_chunk, self._folder, chunk, cfg), meta,
-                                      per_task_row_limit=per_task_row_limit))
-        return tasks
-
-
-def list_folder_groups(folder: SourceFile) -> list[tuple[str, list[tuple[str, int]]]]:
-    """[(key, [(path, size), ...])]: files grouped by folder-relative path minus the extension."""
-    groups: dict[str, list[tuple[str, int]]] = {}
-    root = folder.path.rstrip("/") + "/"
-    for path, size, regular, _ in list_tree(folder.fs, folder.path):
-        rel = path[len(root):] if path.startswith(root) else posixpath.basename(path)
-        base = posixpath.basename(rel)
-        if base.startswith(".") or "." not in base:
-            continue
-        ext = base.rsplit(".", 1)[-1].lower()
-        if ext in MANIFEST_EXTS or (ext not in MEDIA_EXTS and ext not in SIDECAR_EXTS):
-            continue  # READMEs, manifests, stray files are not inputs of a folder source
-        # size -1: a symlink, FIFO or device: a reject, never opened (a FIFO blocks, a link leaves the folder)
-        groups.setdefault(rel.rsplit(".", 1)[0], []).append((path, size if regular else -1))
-    return sorted(groups.items())
-
-
-def list_tree(fs: Any, path: str) -> list[tuple[str, int, bool, bool]]:
-    """Files under ``path``: (path, size, regular and not a symlink, a file or a link to one).
-
-    A local tree is walked without following symlinks: pyarrow's recursive listing follows
-    them, so a link out of a source folder read files outside it, and a link loop listed the
-    same files 40 times over (two loops: exponentially many). Other filesystems have no links.
-    """
-    if not isinstance(fs, pafs.LocalFileSystem):
-        return [(i.path, i.size or 0, True, True) for i in fs.get_file_info(pafs.FileSelector(path, recursive=True))
-                if i.type == pafs.FileType.File]
-    out = []
-    for d, _, names in os.walk(path, followlinks=False):
-        for name in names:
-            p = os.path.join(d, name)
-            try:
-                st, lst = os.stat(p), os.lstat(p)
-            except OSError:  # a dangling link
-                out.append((p, 0, False, False))
-                continue
-            out.append((p, st.st_size, stat.S_ISREG(lst.st_mode), stat.S_ISREG(st.st_mode)))
-    return out
-
-
-def _read_folder_chunk(folder: SourceFile, chunk: list, cfg: SourceConfig) -> Iterator[pa.Table]:
+def read_folder_chunk(folder: SourceFile, chunk: list, cfg: SourceConfig) -> Iterator[pa.Table]:
+    """Key groups of a folder (``listing.list_folder_groups``) → blocks of records; videos are left unread."""
     buf: list[dict] = []
     for key, members in chunk:
         files: dict[str, bytes] = {}
@@ -597,30 +388,4 @@ def _read_folder_chunk(folder: SourceFile, chunk: list, cfg: SourceConfig) -> It
         yield _to_table(buf)
 
 
-def read_inputs(files: list[SourceFile], cfg: SourceConfig):
-    """One Ray Data dataset of INPUT_SCHEMA records over every source, whatever the mix."""
-    import ray
-
-    parts = []
-    by_kind: dict[tuple[str, str], list[SourceFile]] = {}
-    for f in files:
-        if f.kind == "folder":
-            parts.append(ray.data.read_datasource(FolderDatasource(f, cfg)))
-        elif f.kind == "annotations":
-            from pipelines.annotations import read_annotations
-
-            parts.append(ray.data.from_arrow(read_annotations(f.uri, cfg.videos_dir or None, cfg.caption_rule)))
-        else:
-            by_kind.setdefault((f.kind, type(f.fs).__name__), []).append(f)
-    for (kind, _), group in sorted(by_kind.items()):
-        parts.append(ray.data.read_datasource(InputFilesDatasource(kind, group, cfg)))
-    ds = parts[0]
-    return ds.union(*parts[1:]) if len(parts) > 1 else ds
-
-
-def has_urls(files: list[SourceFile]) -> bool:
-    return any(f.kind == "manifest" for f in files)
-
-
-__all__ = ["SourceConfig", "expand_sources", "read_inputs", "assemble_group", "webdataset_key",
-           "list_folder_groups", "has_urls"]
+__all__ = ["SourceConfig", "assemble_group", "webdataset_key", "TarRecords", "ManifestRecords", "read_folder_chunk"]

@@ -3,7 +3,7 @@
 HowTo100M-style corpora pair a video with its (often automatic) subtitles: each timed cue is a
 short piece of narration, so a clip is a run of cues long enough to show something. This
 module turns subtitle bytes into clean, ordered, non-overlapping ``Segment``s and merges short
-ones; ``pipelines/video.py`` cuts and samples the clips.
+ones; ``pipelines/video_clips.py`` cuts and samples the clips.
 
 Bad input is handled, never raised: bytes are UTF-16 (with a BOM) or decoded as captions are
 (UTF-8, cp1252, latin-1); only broken UTF-16 fails, with ``SubtitleError("bad_encoding")``;
@@ -25,9 +25,8 @@ from collections import Counter
 from dataclasses import dataclass
 
 from pipelines.captions import decode_caption
+from pipelines.inputs import SUBTITLE_EXTS
 from pipelines.schema import Reject
-
-SUBTITLE_EXTS = ("srt", "vtt")
 
 # [-][hh:]mm:ss[.,]mmm ; hours optional (WebVTT), comma (SRT) or dot (WebVTT) before millis.
 _TS = r"(-?)(?:(\d+):)?(\d{1,2}):(\d{1,2})(?:[.,](\d{1,3}))?"
@@ -185,11 +184,5 @@ def merge_segments(segments: list[Segment], min_clip_s: float, max_clip_s: float
     return out
 
 
-def subtitle_format(name: str) -> str | None:
-    """``"srt"``/``"vtt"`` from a file name, else None."""
-    ext = name.rsplit(".", 1)[-1].lower() if "." in name else ""
-    return ext if ext in SUBTITLE_EXTS else None
-
-
-__all__ = ["Segment", "SubtitleError", "SUBTITLE_EXTS", "decode_text", "parse_subtitles",
-           "resolve_overlaps", "merge_segments", "clean_cue_text", "subtitle_format"]
+__all__ = ["Segment", "SubtitleError", "decode_text", "parse_subtitles", "resolve_overlaps", "merge_segments",
+           "clean_cue_text"]

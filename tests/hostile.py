@@ -1,6 +1,6 @@
 """Generators of broken and hostile media, shared by the reliability tests.
 
-Base media are real: demo-corpus pictures (``pipelines.demo_corpus.render_image``) encoded by
+Base media are real: demo-corpus pictures (``pipelines.demo_render.render_image``) encoded by
 Pillow as JPEG/PNG/WebP and demo videos encoded by PyAV as H.264 MP4. Everything else here
 damages them the way the web does (byte flips, truncations, lying headers) or builds inputs
 meant to hurt the pipeline (decompression bombs, path-traversing tar members, symlinks out of
@@ -23,7 +23,7 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 
-from pipelines.demo_corpus import COLOURS, POSITIONS, SHAPES, SIZES, _encode_mp4, render_image, render_video
+from pipelines.demo_render import COLOURS, POSITIONS, SHAPES, SIZES, encode_mp4, render_image, render_video
 
 
 # -- real base media --------------------------------------------------------------------------
@@ -50,7 +50,7 @@ def base_mp4(seed: int = 0, px: int = 64, n_frames: int = 24, fps: int = 12) -> 
     rng = np.random.default_rng([seed, 11])
     attrs = {"shape": SHAPES[seed % len(SHAPES)], "colour": list(COLOURS)[seed % len(COLOURS)],
              "size": "large", "direction": ("left", "right", "up", "down")[seed % 4]}
-    return _encode_mp4(render_video(attrs, rng, px, n_frames), fps)
+    return encode_mp4(render_video(attrs, rng, px, n_frames), fps)
 
 
 # -- damage ------------------------------------------------------------------------------------

@@ -16,17 +16,10 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from pipelines.demo_corpus import (
-    CLASS_PROMPTS,
-    COLOURS,
-    DIRECTIONS,
-    NEAR_MAX_BITS,
-    SHAPES,
-    caption_for,
-    generate_demo_corpus,
-    video_caption_for,
-    zeroshot_prompts,
-)
+from pipelines.demo_captions import CLASS_PROMPTS, caption_for, video_caption_for, zeroshot_prompts
+from pipelines.demo_corpus import generate_demo_corpus
+from pipelines.demo_faults import NEAR_MAX_BITS
+from pipelines.demo_render import COLOURS, DIRECTIONS, SHAPES
 
 SMALL = {"n_images": 220, "n_videos": 6, "image_px": 64, "video_px": 32, "seed": 3}
 MEDIA_EXTS = ("jpg", "png", "mp4")

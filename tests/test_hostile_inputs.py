@@ -169,7 +169,8 @@ def _video_batch(blobs: list[bytes]) -> pa.Table:
 
 
 def _fuzz_video(seed: int, flips: int, cut: float, mode: str) -> None:
-    from pipelines.video import VideoConfig, process_video_batch
+    from pipelines.video import VideoConfig
+    from pipelines.video_clips import process_video_batch
 
     rng = np.random.default_rng(seed)
     data = MP4

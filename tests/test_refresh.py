@@ -1,7 +1,7 @@
-"""``mm refresh``: ledger, discovery, the promotion gate, the lock, and the three-refresh story.
+"""``mm refresh``: the promotion gate, the lock, bad configs, and the three-refresh story.
 
-Fast tests check the ledger (idempotent per snapshot), discovery (new / changed / unchanged; an
-input whose size and mtime match is not re-read), the gate's decisions and the lock's message.
+Fast tests check the gate's decisions, the lock's message and that a bad config fails before any
+work (the ledger and discovery are tested in tests/test_ledger.py).
 The slow test is the issue's "done when", on real shards from ``pipelines.demo_corpus``: a refresh
 on an empty corpus builds it and promotes the first model; adding new shards (one of them exact and
 near duplicates of old samples) curates only the new inputs, rejects the cross-snapshot duplicates,
@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import io
 import json
-import os
 import tarfile
 import time
 from pathlib import Path
@@ -28,6 +27,7 @@ from PIL import Image, ImageEnhance
 from core import lineage as L
 from core.config import load_config
 from jobs import refresh as R
+from pipelines.ledger import read_ledger
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -88,54 +88,6 @@ def duplicate_shard(src: Path, dst: Path, n_exact: int, n_near: int) -> list[str
 
 
 # --------------------------------------------------------------------------- fast
-def test_ledger_rows_are_replaced_per_snapshot(tmp_path):
-    rows = [{"uri": "/a.tar", "kind": "tar", "size": 3, "mtime_ns": 1, "checksum": "c1"}]
-    R.write_ledger_rows(tmp_path, rows, "20260101T0000")
-    R.write_ledger_rows(tmp_path, rows, "20260101T0000")  # a rerun of the same commit
-    R.write_ledger_rows(tmp_path, [{**rows[0], "checksum": "c2"}], "20260102T0000")
-    t = R.read_ledger(tmp_path)
-    assert t.num_rows == 2
-    assert t.column("snapshot").to_pylist() == ["20260101T0000", "20260102T0000"]
-    assert R.read_ledger(tmp_path / "missing").num_rows == 0
-
-
-def test_discover_new_changed_unchanged(tmp_path, ray_session):
-    src = tmp_path / "incoming"
-    a = _tar(src / "a.tar", {"0.jpg": _jpeg(1), "0.txt": b"a red square"})
-    b = _tar(src / "b.tar", {"0.jpg": _jpeg(2), "0.txt": b"a blue circle"})
-    first = R.discover([str(src)], R.read_ledger(tmp_path))
-    assert sorted(Path(r["uri"]).name for r in first["new"]) == ["a.tar", "b.tar"]
-    assert all(r["checksum"].startswith("blake2b") for r in first["new"])
-    R.write_ledger_rows(tmp_path, first["new"], "s1")
-
-    again = R.discover([str(src)], R.read_ledger(tmp_path))
-    assert again["new"] == again["changed"] == [] and again["unchanged"] == 2
-
-    # Same size and mtime as the ledger says: not re-read (a bogus ledger checksum is believed).
-    ledger = R.read_ledger(tmp_path).to_pylist()
-    for r in ledger:
-        r["checksum"] = "bogus"
-    R.write_ledger_rows(tmp_path, ledger, "s1")
-    assert R.discover([str(src)], R.read_ledger(tmp_path))["unchanged"] == 2
-
-    _tar(a, {"0.jpg": _jpeg(3), "0.txt": b"a green star!"})  # rewritten: new mtime, new bytes
-    st = b.stat()
-    os.utime(b, ns=(st.st_atime_ns, st.st_mtime_ns + 10**9))  # touched only: same bytes
-    ledger = [r for r in R.read_ledger(tmp_path).to_pylist()]
-    for r, f in zip(ledger, first["new"]):
-        r["checksum"] = f["checksum"]
-    R.write_ledger_rows(tmp_path, ledger, "s1")
-    found = R.discover([str(src)], R.read_ledger(tmp_path))
-    assert [Path(r["uri"]).name for r in found["changed"]] == ["a.tar"]
-    assert found["new"] == [] and found["unchanged"] == 1
-
-
-def test_discover_tolerates_an_empty_source(tmp_path):
-    (tmp_path / "incoming").mkdir()
-    assert R.discover([str(tmp_path / "incoming")], R.read_ledger(tmp_path)) == {"new": [], "changed": [],
-                                                                                   "unchanged": 0}
-
-
 def _refresh_with_eval(tmp_path, cand: float, cur: float | None, tolerance: float = 0.02) -> R.Refresh:
     cfg = load_config(R.RefreshConfig, None, [f"storage.corpus_root={tmp_path / 'corpus'}",
                                               f"storage.models_root={tmp_path / 'models'}",
@@ -270,7 +222,7 @@ def test_three_refreshes_build_then_grow_then_do_nothing(tmp_path, ray_session, 
     assert rep2["steps"]["train"]["corpora"] == [str(snap2), str(snap1)]
     assert rep2["decision"]["action"] == "held" and "tolerance -1.0" in rep2["decision"]["why"]
     assert L.read_pointer(models / "current") == run1, "the old model stays promoted"
-    ledger = R.read_ledger(corpus).to_pylist()
+    ledger = read_ledger(corpus).to_pylist()
     assert sorted((Path(r["uri"]).name, r["snapshot"]) for r in ledger) == sorted(
         [("shard-a.tar", snap1.name.split("=")[1])] + [(n, state["snapshot"]) for n in ("shard-b.tar", "shard-c.tar")])
 

@@ -18,15 +18,11 @@ import pytest
 from PIL import Image
 
 from core.storage import expand_braces
+from pipelines.datasources import read_inputs
 from pipelines.download import download_batch
 from pipelines.inputs import INPUT_SCHEMA
-from pipelines.sources import (
-    SourceConfig,
-    expand_sources,
-    glob_regex,
-    read_inputs,
-    webdataset_key,
-)
+from pipelines.listing import expand_sources, glob_regex
+from pipelines.sources import SourceConfig, webdataset_key
 
 
 def jpeg(seed: int = 0, w: int = 96, h: int = 64) -> bytes:

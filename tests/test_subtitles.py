@@ -12,7 +12,6 @@ from pipelines.subtitles import (
     decode_text,
     merge_segments,
     parse_subtitles,
-    subtitle_format,
 )
 
 SRT = """1
@@ -125,12 +124,6 @@ def test_merge_respects_max_clip_and_gap():
     # a short tail joins the clip before it when that fits
     tail = merge_segments([Segment(0.0, 3.0, "x"), Segment(3.2, 3.8, "y")], 2.0, 10.0, 1.0)
     assert tail == [Segment(0.0, 3.8, "x y")]
-
-
-def test_subtitle_format():
-    assert subtitle_format("a/b.SRT") == "srt"
-    assert subtitle_format("x.vtt") == "vtt"
-    assert subtitle_format("x.txt") is None
 
 
 _seg = st.tuples(st.floats(0, 100), st.floats(0.01, 10), st.text(min_size=1, max_size=5)).map(

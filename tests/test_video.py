@@ -26,17 +26,19 @@ from pipelines.video import (
     VideoConfig,
     VideoProbe,
     VideoReject,
-    detect_shots,
-    is_static,
     iter_frames_at,
     open_video,
     probe_video,
+    validate_probe,
+)
+from pipelines.video_clips import (
+    is_static,
     process_video_batch,
     sample_times,
     spans_from_cuts,
     spans_from_segments,
-    validate_probe,
 )
+from pipelines.video_shots import detect_shots
 
 PALETTES = [(200, 40, 40), (40, 170, 60), (40, 60, 210), (220, 200, 40), (150, 50, 200), (30, 200, 200)]
 
@@ -305,7 +307,6 @@ def test_process_video_batch_shots_subtitles_and_rejects(tmp_path):
 def test_input_accounting_after_dedup():
     """Clip-level drops are stats; an input left without clips by dedup is one reject."""
     from pipelines.dedup import DROP_SCHEMA
-    from pipelines.video import VIDEO_WORK_SCHEMA
     from pipelines.video_accounting import (
         account_partial,
         clip_candidates,
@@ -313,6 +314,7 @@ def test_input_accounting_after_dedup():
         sibling_drops,
         summarize_inputs,
     )
+    from pipelines.video_clips import VIDEO_WORK_SCHEMA
 
     probe = json.dumps({"codec": "h264", "container": "mp4", "vfr": False, "has_audio": True,
                         "duration_s": 9.0, "fps": 25.0})
