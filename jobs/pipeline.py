@@ -110,7 +110,7 @@ def _abs(path: str) -> str:
 def _job_path(path: str) -> str:
     """A config path as the job sees it: relative to the working dir when inside the repository
     (the job's cwd is the shipped working dir), absolute otherwise."""
-    p = Path(path).resolve()
+    p = Path(os.path.abspath(path))  # not resolve(): configs/ is a link the job's working dir also has
     try:
         return str(p.relative_to(ROOT))
     except ValueError:

@@ -129,7 +129,7 @@ def test_projection_heads_are_an_ensemble_each_trained_on_its_own_loss(loss, tmp
     from mm import losses
     from mm.checkpoint import load_model, save_model
     from mm.config import ProjectionConfig
-    from mm.export import export_hf
+    from mm.export import export
 
     torch.manual_seed(0)
     cfg = dataclasses.replace(CFG, loss=loss, proj=ProjectionConfig(vision="mlp", hidden=24, heads=3))
@@ -168,7 +168,7 @@ def test_projection_heads_are_an_ensemble_each_trained_on_its_own_loss(loss, tmp
         return model.vision_proj.heads[0][1].weight.grad.clone()
     assert torch.allclose(head0_grad(0.5), head0_grad(4.0), rtol=0, atol=1e-6)  # float rounding: ~1e-7
     assert model.logit_scale.grad[1:].abs().sum() > 0
-    # A checkpoint keeps the heads; the HF export (one projection pair) refuses the ensemble.
+    # A checkpoint keeps the heads; the export (one projection pair) refuses the ensemble.
     save_model(model, cfg, tmp_path / "model", tokenizer_dir=None)
     loaded, loaded_cfg = load_model(tmp_path / "model")
     assert loaded_cfg == cfg
@@ -176,5 +176,5 @@ def test_projection_heads_are_an_ensemble_each_trained_on_its_own_loss(loss, tmp
         assert torch.allclose(loaded.eval().encode_image(batch["pixels"]), model.encode_image(batch["pixels"]), atol=1e-6)
     with pytest.raises(ValueError, match="proj.heads"):
         ProjectionConfig(heads=0)
-    with pytest.raises(ValueError, match="mlp projection|ensemble of 3"):
-        export_hf(tmp_path / "model", tmp_path / "export")
+    with pytest.raises(ValueError, match="ensemble"):
+        export(tmp_path / "model", tmp_path / "export", to="hf")
