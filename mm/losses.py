@@ -1,7 +1,7 @@
 """Loss functions: pure tensor functions, one per objective. torch only, no Ray.
 
 * ``clip_loss``: symmetric InfoNCE (CLIP, Radford et al. 2021) over features gathered from every
-  worker *with gradients* (``torch.distributed.nn.functional.all_gather``), in OpenCLIP's two
+  worker *with gradients* (``gather_features``: an all-gather whose backward sums the ranks' gradients), in OpenCLIP's two
   variants: the full (world*B)^2 logit matrix on every rank, or ``local_loss`` where each rank
   scores only its own B rows against all world*B columns (same gradient, 1/world the compute).
 * ``siglip_loss``: pairwise sigmoid loss (SigLIP, Zhai et al. 2023): local images against all
@@ -32,9 +32,27 @@ def gather_features(x: torch.Tensor) -> torch.Tensor:
     rank, size = world()
     if size == 1:
         return x
-    from torch.distributed.nn.functional import all_gather
+    return _AllGather.apply(x)
 
-    return torch.cat(all_gather(x), dim=0)
+
+class _AllGather(torch.autograd.Function):
+    """All-gather whose backward sums every rank's gradient for this rank's rows (a
+    reduce-scatter, done as all_reduce + slice so gloo runs it too). Hand-written because the
+    autograd-aware ``torch.distributed.nn.functional.all_gather`` is deprecated (FutureWarning
+    every step) and its replacement in ``_functional_collectives`` is private."""
+
+    @staticmethod
+    def forward(ctx, x: torch.Tensor) -> torch.Tensor:
+        parts = [torch.empty_like(x) for _ in range(dist.get_world_size())]
+        dist.all_gather(parts, x.contiguous())
+        ctx.rank, ctx.rows = dist.get_rank(), x.shape[0]
+        return torch.cat(parts, dim=0)
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor) -> torch.Tensor:
+        grad = grad.contiguous().clone()
+        dist.all_reduce(grad)
+        return grad[ctx.rank * ctx.rows:(ctx.rank + 1) * ctx.rows]
 
 
 def clip_loss(image: torch.Tensor, text: torch.Tensor, logit_scale: torch.Tensor, *,
