@@ -41,7 +41,9 @@ def init_ray(address: str | None = None, *, num_cpus: int | None = None, dashboa
 
         os.environ["RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER"] = "0"
         ray_constants.ENABLE_RAY_CLUSTER = False
+        _say_if_a_cluster_runs_here()
         ray.init(
+            address="local",  # never the `ray start` cluster Ray would otherwise pick up on its own
             num_cpus=num_cpus or os.cpu_count() or 1,
             include_dashboard=dashboard,
             dashboard_host="127.0.0.1",
@@ -52,6 +54,20 @@ def init_ray(address: str | None = None, *, num_cpus: int | None = None, dashboa
     _configure_data_context(no_progress_timeout_s)
     _size_parquet_footer_readers()
     return ray.cluster_resources()
+
+
+def _say_if_a_cluster_runs_here() -> None:
+    """One line when a ``ray start`` cluster runs on this machine: this command starts its own
+    Ray anyway (local means local), and says how to use that one instead."""
+    try:
+        from ray._private.utils import read_ray_address
+
+        existing = read_ray_address()
+    except Exception:  # no such file, unreadable: nothing to say
+        existing = None
+    if existing:
+        log.warning("a Ray cluster was started on this machine (%s); this command starts its own local Ray. "
+                    "To run on that cluster instead, pass --address auto (or set RAY_ADDRESS)", existing)
 
 
 def _size_parquet_footer_readers() -> None:
