@@ -27,7 +27,7 @@ def ray_session():
     from core.runtime import init_ray
 
     if not ray.is_initialized():
-        ray.init(num_cpus=2, object_store_memory=256 * 1024 * 1024, include_dashboard=False,
+        ray.init(address="local", num_cpus=2, object_store_memory=256 * 1024 * 1024, include_dashboard=False,
                  _node_ip_address="127.0.0.1", logging_level="WARNING")
         init_ray(no_progress_timeout_s=120)  # applies the DataContext settings to this session
     yield ray
