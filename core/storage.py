@@ -52,4 +52,35 @@ def expand_braces(pattern: str) -> list[str]:
     return [e for item in items for e in expand_braces(head + item + tail)]
 
 
-__all__ = ["is_uri", "resolve", "expand_braces"]
+def move(fs: Any, src: str, dst: str) -> None:
+    """Move a file or a directory tree inside ``fs``. A rename where the filesystem has one
+    (local); on object stores (S3, GCS), which have no rename and whose ``move`` refuses
+    directories, every object is copied server-side and the source deleted after all copies
+    succeeded. Not atomic there: callers commit with a marker written last (curate's stats.json)."""
+    if isinstance(fs, pafs.LocalFileSystem):
+        fs.move(src, dst)
+        return
+    info = fs.get_file_info(src)
+    if info.type == pafs.FileType.File:
+        fs.copy_file(src, dst)
+        fs.delete_file(src)
+        return
+    if info.type != pafs.FileType.Directory:
+        raise FileNotFoundError(f"{src}: nothing to move")
+    fs.create_dir(dst, recursive=True)
+    for item in fs.get_file_info(pafs.FileSelector(src, recursive=True)):
+        if item.type == pafs.FileType.File:
+            fs.copy_file(item.path, dst + item.path[len(src):])
+    fs.delete_dir(src)
+
+
+def remove(fs: Any, path: str) -> None:
+    """Delete a file or a directory tree if it exists (object-store "directories" included)."""
+    info = fs.get_file_info(path)
+    if info.type == pafs.FileType.Directory:
+        fs.delete_dir(path)
+    elif info.type == pafs.FileType.File:
+        fs.delete_file(path)
+
+
+__all__ = ["is_uri", "resolve", "expand_braces", "move", "remove"]

@@ -48,7 +48,7 @@ import pyarrow.fs as pafs
 
 from core.config import to_dict
 from core.lineage import code_version
-from core.storage import resolve
+from core.storage import move, remove, resolve
 from pipelines import stats as stats_mod
 from pipelines.captions import CaptionConfig, check_language_support
 from pipelines.datasources import has_urls, read_inputs
@@ -276,7 +276,7 @@ def _run_curate(sources: list[str], out: str, cfg: CurateConfig) -> dict:
     _commit(fs, root, stage)
     st["seconds"]["total"] = round(time.time() - t0, 3)
     _write_text(fs, f"{work}/stats.json", stats_mod.dumps(st))
-    fs.move(f"{work}/stats.json", f"{root}/stats.json")  # last: the directory is complete from here
+    move(fs, f"{work}/stats.json", f"{root}/stats.json")  # last: the directory is complete from here
     if not cfg.output.keep_work:
         fs.delete_dir(work)
     log.info("curated %d inputs: %d kept, %d rejected (%s) in %.1f s", n_inputs, n_kept, n_rejected,
@@ -347,16 +347,12 @@ def _clean(fs: Any, root: str, work: str) -> None:
 
 def _commit(fs: Any, root: str, stage: str) -> None:
     """Swap the staged outputs in: the old stats.json goes first (from here the directory is
-    incomplete), then each output is replaced by a rename of its staged copy."""
-    if fs.get_file_info(f"{root}/stats.json").type == pafs.FileType.File:
-        fs.delete_file(f"{root}/stats.json")
+    incomplete), then each output is replaced by its staged copy (a rename on a local disk, a
+    server-side copy on an object store, which has no rename: core.storage.move)."""
+    remove(fs, f"{root}/stats.json")
     for name in ("data", "rejects", "tokenizer", "manifest.json"):
-        info = fs.get_file_info(f"{root}/{name}")
-        if info.type == pafs.FileType.Directory:
-            fs.delete_dir(f"{root}/{name}")
-        elif info.type == pafs.FileType.File:
-            fs.delete_file(f"{root}/{name}")
-        fs.move(f"{stage}/{name}", f"{root}/{name}")
+        remove(fs, f"{root}/{name}")
+        move(fs, f"{stage}/{name}", f"{root}/{name}")
 
 
 def _local_tokenizer_dir(root: str, uri_prefix: str) -> Path:
