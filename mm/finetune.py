@@ -353,7 +353,7 @@ def _merge_lora_run(run: Path, s: StrategyConfig) -> None:
 def finetune(init: str, data: str, task: Literal["classify", "retrieval"], out: str, cfg: FinetuneConfig) -> dict:
     """Fine-tune ``init`` (run or model dir) on ``data`` with ``cfg.finetune.strategy``; then WiSE-FT,
     eval.json and report.html in ``out``. Ray must be initialised. Returns the eval dict."""
-    from mm.evaluate import _load_model_and_tokenizer, resolve_model_dir, zeroshot_weights
+    from mm.evaluate import load_model_and_tokenizer, resolve_model_dir, zeroshot_weights
     from mm.train import fit
 
     t0 = time.time()
@@ -361,7 +361,7 @@ def finetune(init: str, data: str, task: Literal["classify", "retrieval"], out: 
     run = Path(out).resolve()
     run.mkdir(parents=True, exist_ok=True)
     init_dir = resolve_model_dir(init)
-    init_model, tok = _load_model_and_tokenizer(init_dir)
+    init_model, tok = load_model_and_tokenizer(init_dir)
     max_tokens = init_model.cfg.text.max_tokens
     adapts_vision = task == "classify" or s.towers in ("vision", "both")
     if s.strategy == "lora" and adapts_vision and init_model.cfg.vision.torchvision_name:
@@ -452,7 +452,7 @@ def evaluate_finetune(run: Path, init_dir: Path, data: str, task: str, cfg: Fine
     """
     import mm
     from mm.checkpoint import read_tensors, save_model
-    from mm.evaluate import _load_model_and_tokenizer, evaluate_models, zeroshot_weights
+    from mm.evaluate import evaluate_models, load_model_and_tokenizer, zeroshot_weights
 
     s = cfg.finetune
     # retrieval on the fine-tune data's own captions gives the report its sample retrievals
@@ -473,7 +473,7 @@ def evaluate_finetune(run: Path, init_dir: Path, data: str, task: str, cfg: Fine
         if "finetuned" in heads:
             z, f = heads["zeroshot"], heads["finetuned"]
             if s.strategy == "flyp":  # FLYP's classifier is the (interpolated) text tower's prompts
-                m_a, tok = _load_model_and_tokenizer(d / "model")
+                m_a, tok = load_model_and_tokenizer(d / "model")
                 w = zeroshot_weights(m_a, tok, z.classes, _templates(data, s)) * float(m_a.scale()[0].detach())
                 head = ClassifierHead(z.classes, w, z.bias)
             else:
