@@ -11,17 +11,46 @@ from __future__ import annotations
 
 import logging
 import os
+import sys
 
 log = logging.getLogger(__name__)
 
 DEFAULT_NO_PROGRESS_TIMEOUT_S = 600
+
+# What the user sees (set once by the CLI, jobs/cli.py, before Ray starts): progress None = auto
+# (on when stderr is a terminal or the command runs as a `ray job submit` entrypoint, whose log
+# is the user's terminal; off otherwise, e.g. in tests); verbose shows Ray Data's INFO lines.
+_OUTPUT = {"progress": None, "verbose": False}
+
+
+def set_output(*, progress: bool | None = None, verbose: bool = False) -> None:
+    """Choose progress display and verbosity for the Ray this process starts or joins."""
+    _OUTPUT.update(progress=progress, verbose=verbose)
+
+
+def progress_enabled() -> bool:
+    if _OUTPUT["progress"] is not None:
+        return bool(_OUTPUT["progress"])
+    return sys.stderr.isatty() or "RAY_JOB_CONFIG_JSON_ENV_VAR" in os.environ
+
+
+class _QuietRayData(logging.Filter):
+    """On Ray Data's console handler: warnings and errors pass, except the notice that its
+    progress bars are off (ours replace them); its per-dataset INFO lines ("Starting execution of
+    Dataset ...", "Execution plan ...", "Data sink Parquet finished") pass only with --verbose.
+    Its file log under the Ray session keeps everything."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        if _OUTPUT["verbose"]:
+            return True
+        return record.levelno >= logging.WARNING and not record.getMessage().startswith("Progress bars")
 
 
 def init_ray(address: str | None = None, *, num_cpus: int | None = None, dashboard: bool = False,
              no_progress_timeout_s: float = DEFAULT_NO_PROGRESS_TIMEOUT_S) -> dict:
     """Start or join Ray; return the cluster's resources (``{"CPU": 2.0, ...}``)."""
     os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
-    os.environ.setdefault("RAY_DATA_DISABLE_PROGRESS_BARS", "1")
+    os.environ.setdefault("RAY_DATA_DISABLE_PROGRESS_BARS", "1")  # ours instead: core/progress.py
     os.environ.setdefault("RAY_DATA_EXECUTION_NO_PROGRESS_TIMEOUT_S", str(int(no_progress_timeout_s)))
     import ray
 
@@ -91,7 +120,11 @@ def _configure_data_context(no_progress_timeout_s: float) -> None:
     from ray.data import DataContext
 
     ctx = DataContext.get_current()
-    ctx.enable_progress_bars = False
+    ctx.enable_progress_bars = False  # one line per long pass instead (core/progress.py)
+    for handler in logging.getLogger("ray.data").handlers:  # Ray Data's own config, set when it is imported
+        console = isinstance(handler, logging.StreamHandler)  # not its SessionFileHandler
+        if console and not any(isinstance(f, _QuietRayData) for f in handler.filters):
+            handler.addFilter(_QuietRayData())
     if hasattr(ctx, "execution_no_progress_timeout_s"):
         ctx.execution_no_progress_timeout_s = no_progress_timeout_s
 

@@ -32,7 +32,9 @@ def add_common(parser: argparse.ArgumentParser, *, config: bool = True) -> None:
                             help="override one config field, e.g. --set optim.lr=1e-3 (repeatable)")
     parser.add_argument("--address", default=None,
                         help="Ray cluster address (default: $RAY_ADDRESS, else a local Ray)")
-    parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
+    parser.add_argument("-v", "--verbose", action="store_true", help="debug logging, Ray Data's INFO lines included")
+    parser.add_argument("--progress", action=argparse.BooleanOptionalAction, default=None,
+                        help="live progress of each pass (default: on in a terminal and in `ray job submit` logs)")
 
 
 def run(main: Callable[[argparse.Namespace], int | None], parser: argparse.ArgumentParser,
@@ -41,6 +43,9 @@ def run(main: Callable[[argparse.Namespace], int | None], parser: argparse.Argum
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.DEBUG if getattr(args, "verbose", False) else logging.INFO,
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s", datefmt="%H:%M:%S")
+    from core.runtime import set_output
+
+    set_output(progress=getattr(args, "progress", None), verbose=getattr(args, "verbose", False))
     try:
         return int(main(args) or 0)
     except (ConfigError, UsageError) as e:

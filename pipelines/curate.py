@@ -48,6 +48,7 @@ import pyarrow.fs as pafs
 
 from core.config import to_dict
 from core.lineage import code_version
+from core.progress import Progress, report
 from core.storage import move, remove, resolve
 from pipelines import stats as stats_mod
 from pipelines.captions import CaptionConfig, check_language_support
@@ -114,13 +115,22 @@ class CurateConfig:
     execution: ExecutionConfig = field(default_factory=ExecutionConfig)
 
 
-def process_batch(batch: pa.Table, cfg: CurateConfig) -> pa.Table:
-    """The per-input stage: INPUT_SCHEMA records → work rows, by modality (pure, pyarrow)."""
+def process_batch(batch: pa.Table, cfg: CurateConfig, progress: Any = None) -> pa.Table:
+    """The per-input stage: INPUT_SCHEMA records → work rows, by modality (pure, pyarrow).
+    ``progress``: a core.progress handle told how many inputs (and media bytes) were done."""
     if cfg.modality == "video":
         from pipelines.video_clips import process_video_batch
 
-        return process_video_batch(batch, cfg.video, cfg.captions)
-    return process_image_batch(batch, cfg.images, cfg.captions)
+        out = process_video_batch(batch, cfg.video, cfg.captions)
+    else:
+        out = process_image_batch(batch, cfg.images, cfg.captions)
+    if progress is not None:  # bytes consumed ~ media + caption + two 512-byte tar headers and padding
+        nbytes = 1536 * batch.num_rows
+        for col in ("media", "caption_raw"):
+            if col in batch.column_names:
+                nbytes += pc.sum(pc.binary_length(batch.column(col))).as_py() or 0
+        report(progress, batch.num_rows, nbytes)
+    return out
 
 
 # --------------------------------------------------------------------------- finalise stages
@@ -203,11 +213,15 @@ def _run_curate(sources: list[str], out: str, cfg: CurateConfig) -> dict:
         ds = ds.map_batches(download_batch, fn_kwargs={"cfg": cfg.sources}, batch_format="pyarrow",
                             batch_size=max(ex.batch_rows, cfg.sources.download_threads * 2),
                             num_cpus=ex.download_num_cpus)
-    ds = ds.map_batches(process_batch, fn_kwargs={"cfg": cfg}, batch_format="pyarrow",
-                        batch_size=cfg.video.videos_per_task if cfg.modality == "video" else ex.batch_rows,
-                        num_cpus=ex.num_cpus_per_task)
-    ds.write_parquet(uri_prefix + f"{root}/{WORK_ROWS_DIR}", filesystem=None if uri_prefix else fs,
-                     min_rows_per_file=ex.work_rows_per_file)
+    known = all(f.kind == "tar" for f in files) and not has_urls(files)  # input bytes known: an ETA
+    with Progress("process", total_bytes=sum(f.size for f in files) if known else None,
+                  unit="videos" if cfg.modality == "video" else "inputs") as progress:
+        ds = ds.map_batches(process_batch, fn_kwargs={"cfg": cfg, "progress": progress.handle},
+                            batch_format="pyarrow",
+                            batch_size=cfg.video.videos_per_task if cfg.modality == "video" else ex.batch_rows,
+                            num_cpus=ex.num_cpus_per_task)
+        ds.write_parquet(uri_prefix + f"{root}/{WORK_ROWS_DIR}", filesystem=None if uri_prefix else fs,
+                         min_rows_per_file=ex.work_rows_per_file)
     t_process = time.time()
     processed = uri_prefix + f"{root}/{WORK_ROWS_DIR}"
 
@@ -279,8 +293,9 @@ def _run_curate(sources: list[str], out: str, cfg: CurateConfig) -> dict:
     move(fs, f"{work}/stats.json", f"{root}/stats.json")  # last: the directory is complete from here
     if not cfg.output.keep_work:
         fs.delete_dir(work)
-    log.info("curated %d inputs: %d kept, %d rejected (%s) in %.1f s", n_inputs, n_kept, n_rejected,
-             ", ".join(f"{k}={v}" for k, v in reject_counts.items()), st["seconds"]["total"])
+    log.info("curated %d inputs: %d kept, %d rejected (%s) in %.1f s (%s)", n_inputs, n_kept, n_rejected,
+             ", ".join(f"{k}={v}" for k, v in reject_counts.items()), st["seconds"]["total"],
+             ", ".join(f"{k} {v:.1f} s" for k, v in st["seconds"].items() if k != "total"))
     return st
 
 
