@@ -126,6 +126,37 @@ class FusionConfig:
 
 
 @dataclass(frozen=True)
+class DecoderConfig:
+    """Caption decoder (CoCa, Yu et al. 2022; BLIP's LM decoder, Li et al. 2022): causal
+    transformers BERT layers over the caption with cross-attention to the vision tower's tokens,
+    predicting the next token in the corpus tokenizer's vocabulary ([CLS] starts a caption,
+    [SEP] ends it). layers 0 builds none (the default: nothing else changes).
+
+    attn_pool_tokens > 0: CoCa's attentional pooler, that many learned queries attending to the
+    vision tokens, so the decoder cross-attends to a fixed number of tokens whatever the frame
+    count; 0: it attends to every vision token (projected to ``width``). max_tokens: the decoder's
+    positions, prompt included. prompt: BLIP's text prefix ("a picture of"), fed after [CLS] in
+    training and generation, never predicted and stripped from generated captions."""
+
+    layers: int = 0
+    width: int = 128
+    heads: int = 4
+    mlp_ratio: float = 4.0
+    attn_pool_tokens: int = 0
+    max_tokens: int = 64
+    dropout: float = 0.0
+    prompt: str = ""
+
+    def __post_init__(self) -> None:
+        if self.layers < 0 or self.attn_pool_tokens < 0:
+            raise ValueError("decoder.layers and decoder.attn_pool_tokens must be >= 0")
+        if self.layers and self.width % self.heads:
+            raise ValueError(f"decoder.width {self.width} is not divisible by decoder.heads {self.heads}")
+        if self.max_tokens < 4:
+            raise ValueError("decoder.max_tokens must be >= 4")
+
+
+@dataclass(frozen=True)
 class LockConfig:
     """LiT-style locking (Zhai et al. 2022): a locked tower gets no gradient, except its last
     ``*_unlocked_blocks`` transformer blocks (and, for vision, its projection)."""
@@ -169,6 +200,7 @@ class ModelConfig:
     vision: VisionConfig = field(default_factory=VisionConfig)
     text: TextConfig = field(default_factory=TextConfig)
     fusion: FusionConfig = field(default_factory=FusionConfig)
+    decoder: DecoderConfig = field(default_factory=DecoderConfig)
     lock: LockConfig = field(default_factory=LockConfig)
     embed_dim: int = 128
     proj: ProjectionConfig = field(default_factory=ProjectionConfig)
@@ -200,5 +232,5 @@ def from_json(data: dict[str, Any]) -> ModelConfig:
     return build(ModelConfig, data)
 
 
-__all__ = ["CLIP_MEAN", "CLIP_STD", "IMAGENET_MEAN", "IMAGENET_STD", "VisionConfig", "TextConfig", "FusionConfig", "LockConfig",
-           "ProjectionConfig", "ModelConfig", "to_json", "from_json"]
+__all__ = ["CLIP_MEAN", "CLIP_STD", "IMAGENET_MEAN", "IMAGENET_STD", "VisionConfig", "TextConfig", "FusionConfig", "DecoderConfig",
+           "LockConfig", "ProjectionConfig", "ModelConfig", "to_json", "from_json"]

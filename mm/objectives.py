@@ -8,6 +8,10 @@ come from config and a weight of 0 leaves the objective out.
   masking for video; per-patch-normalised pixel targets.
 * ``Matching`` (ITM/VTM): fused [CLS] -> match/no-match, with a hard negative image per text and
   a hard negative text per image sampled from the contrastive similarities (ALBEF).
+* ``Captioning`` (CoCa's captioning loss, BLIP's LM loss): the caption decoder
+  (``model.decoder``) predicts each next caption token from the vision tokens; padding (and
+  BLIP's prompt prefix) is not predicted. CoCa = contrastive + captioning (OpenCLIP weights them
+  1 and 2).
 
 ``ObjectiveSet`` is the one module the loop calls (and DDP wraps): one forward per micro-batch
 runs every objective on the same batch, sharing the towers' outputs through a per-batch cache.
@@ -26,6 +30,7 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 from mm import losses
@@ -75,18 +80,43 @@ class ITMConfig:
 
 
 @dataclass(frozen=True)
+class CaptioningConfig:
+    weight: float = 0.0  # CoCa (OpenCLIP coca_*): caption_loss_weight 2.0 beside contrastive 1.0
+    label_smoothing: float = 0.0
+
+    def __post_init__(self) -> None:
+        if not 0.0 <= self.label_smoothing < 1.0:
+            raise ValueError("label_smoothing must be in [0, 1)")
+
+
+@dataclass(frozen=True)
 class ObjectivesConfig:
     contrastive: ContrastiveConfig = field(default_factory=ContrastiveConfig)
     mlm: MLMConfig = field(default_factory=MLMConfig)  # text tower alone
     fusion_mlm: MLMConfig = field(default_factory=MLMConfig)  # image/video-conditioned
     mim: MIMConfig = field(default_factory=MIMConfig)
     itm: ITMConfig = field(default_factory=ITMConfig)
+    captioning: CaptioningConfig = field(default_factory=CaptioningConfig)
 
 
 # -- shared per-batch features ------------------------------------------------------------------
 def vision_input(batch: dict) -> torch.Tensor:
     """(B, T, 3, H, W): videos as they are, images as one-frame videos."""
     return batch["frames"] if "frames" in batch else batch["pixels"][:, None]
+
+
+def vision_tokens(model: VLModel, batch: dict) -> torch.Tensor:
+    """The unmasked vision tokens (B, 1 + T*N, Wv), computed once per batch (shared with
+    ``paired_features``); objectives that need no text features (captioning) call this alone."""
+    cache = batch.setdefault("_cache", {})
+    if "pair" in cache and "vision_tokens" in cache["pair"]:
+        return cache["pair"]["vision_tokens"]
+    if "vision_tokens" not in cache:
+        if "vision_feature" in batch:
+            raise ValueError("this objective needs the vision tower's tokens; train.frozen_features only "
+                             "keeps pooled features (turn it off)")
+        cache["vision_tokens"] = model.vision_tokens(vision_input(batch))
+    return cache["vision_tokens"]
 
 
 def paired_features(model: VLModel, batch: dict) -> dict[str, torch.Tensor]:
@@ -96,7 +126,7 @@ def paired_features(model: VLModel, batch: dict) -> dict[str, torch.Tensor]:
         cache["pair"] = {"vision": model.embed_vision_features(batch["vision_feature"]),
                          "text": model.embed_text_features(batch["text_feature"])}
     if "pair" not in cache:
-        v = model.vision_tokens(vision_input(batch))
+        v = vision_tokens(model, batch)
         t = model.text_tokens(batch["input_ids"], batch["attention_mask"])
         cache["pair"] = {"vision_tokens": v, "text_tokens": t, "vision": model.project_vision(v),
                          "text": model.project_text(t, batch["attention_mask"])}
@@ -252,6 +282,58 @@ class Matching(Objective):
         return losses.itm_loss(logits, labels), {"acc": acc}
 
 
+def caption_targets(input_ids: torch.Tensor, attention_mask: torch.Tensor, prompt_ids: Sequence[int] = (),
+                    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Corpus captions ``[CLS] words [SEP] [PAD]...`` -> decoder inputs, their mask and the labels
+    (B, L'): inputs drop the last position, labels are the ids shifted left with -100 on padding.
+    ``prompt_ids`` (BLIP's prompt, without specials) are inserted after [CLS]: fed to the decoder,
+    labelled -100 (not predicted)."""
+    ids, mask = input_ids, attention_mask
+    if len(prompt_ids):
+        b = ids.shape[0]
+        prompt = torch.as_tensor(list(prompt_ids), dtype=ids.dtype, device=ids.device).expand(b, -1)
+        ids = torch.cat([ids[:, :1], prompt, ids[:, 1:]], 1)
+        mask = torch.cat([mask[:, :1], torch.ones_like(prompt, dtype=mask.dtype), mask[:, 1:]], 1)
+    labels = ids[:, 1:].masked_fill(mask[:, 1:] == 0, -100)
+    if len(prompt_ids):
+        labels[:, :len(prompt_ids)] = -100
+    return ids[:, :-1], mask[:, :-1], labels
+
+
+class Captioning(Objective):
+    """Next-token cross-entropy of the caption decoder conditioned on the vision tokens (CoCa's
+    captioning loss, BLIP's LM loss), mean over the predicted tokens of the batch.
+
+    ``prompt_ids``: the tokens of ``model.decoder.prompt`` (the caller tokenises it with the
+    corpus tokenizer: ``mm.caption.captioning_factory``); they are fed after [CLS] and masked out
+    of the loss."""
+
+    name = "captioning"
+
+    def __init__(self, cfg: CaptioningConfig, model: VLModel, prompt_ids: Sequence[int] = ()) -> None:
+        super().__init__(cfg.weight)
+        if model.decoder is None:
+            raise ValueError("objectives.captioning needs a caption decoder: set model.decoder.layers > 0")
+        if model.cfg.decoder.prompt and not len(prompt_ids):
+            raise ValueError(f"model.decoder.prompt {model.cfg.decoder.prompt!r} must be tokenised by the corpus "
+                             "tokenizer: build this objective with mm.caption.captioning_factory")
+        self.label_smoothing = cfg.label_smoothing
+        self.prompt_ids = tuple(int(i) for i in prompt_ids)
+
+    def step(self, model, batch):
+        ids, mask, labels = caption_targets(batch["input_ids"], batch["attention_mask"], self.prompt_ids)
+        context = model.decoder.context(vision_tokens(model, batch))
+        logits = model.decoder(context, ids, mask)  # (B, L', V)
+        picked = labels != -100
+        if picked.any():
+            loss = F.cross_entropy(logits.flatten(0, 1).float(), labels.flatten(), ignore_index=-100,
+                                   label_smoothing=self.label_smoothing)
+        else:  # keeps the graph (and DDP's reducer) intact
+            loss = logits.sum() * 0.0
+        acc = (logits.detach().argmax(-1)[picked] == labels[picked]).float().mean()
+        return loss, {"acc": acc}
+
+
 ObjectiveFactory = Callable[[VLModel, TokenInfo], Objective]
 
 
@@ -270,6 +352,8 @@ def build_objectives(cfg: ObjectivesConfig, model: VLModel, tokens: TokenInfo,
         out.append(MaskedVision(cfg.mim, model))
     if cfg.itm.weight > 0:
         out.append(Matching(cfg.itm, model))
+    if cfg.captioning.weight > 0:
+        out.append(Captioning(cfg.captioning, model))
     out.extend(factory(model, tokens) for factory in extra)
     if not out:
         raise ValueError("no objective has a weight > 0")
@@ -277,18 +361,24 @@ def build_objectives(cfg: ObjectivesConfig, model: VLModel, tokens: TokenInfo,
 
 
 class ObjectiveSet(nn.Module):
-    """The model plus its objectives' heads: ``forward(batch) -> (weighted loss, metrics)``."""
+    """The model plus its objectives' heads: ``forward(batch) -> (weighted loss, metrics)``.
+
+    The objectives are keyed by name, in order, so their heads are saved and loaded by name:
+    ``objectives.<name>.*`` (``objectives.itm.head.fc.weight``), whatever else was trained."""
 
     def __init__(self, model: VLModel, objectives: Sequence[Objective]) -> None:
         super().__init__()
         self.model = model
-        self.objectives = nn.ModuleList(objectives)
+        names = [o.name for o in objectives]
+        if len(set(names)) != len(names) or any("." in n for n in names):
+            raise ValueError(f"objective names must be distinct and free of '.': {names}")
+        self.objectives = nn.ModuleDict({o.name: o for o in objectives})
 
     def forward(self, batch: dict) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
         batch = {**batch, "_cache": {}}
         total = torch.zeros((), device=next(v for v in batch.values() if isinstance(v, torch.Tensor)).device)
         metrics: dict[str, torch.Tensor] = {}
-        for obj in self.objectives:
+        for obj in self.objectives.values():
             loss, extra = obj.step(self.model, batch)
             total = total + obj.weight * loss.float()
             metrics[f"loss/{obj.name}"] = loss.detach().float()
@@ -296,6 +386,7 @@ class ObjectiveSet(nn.Module):
         return total, metrics
 
 
-__all__ = ["ContrastiveConfig", "MLMConfig", "MIMConfig", "ITMConfig", "ObjectivesConfig", "Objective",
-           "Contrastive", "MaskedLanguage", "MaskedVision", "Matching", "ObjectiveSet", "ObjectiveFactory",
-           "build_objectives", "sample_negatives", "vision_input", "paired_features"]
+__all__ = ["ContrastiveConfig", "MLMConfig", "MIMConfig", "ITMConfig", "CaptioningConfig", "ObjectivesConfig",
+           "Objective", "Contrastive", "MaskedLanguage", "MaskedVision", "Matching", "Captioning", "ObjectiveSet",
+           "ObjectiveFactory", "build_objectives", "sample_negatives", "vision_input", "vision_tokens",
+           "paired_features", "caption_targets"]

@@ -8,6 +8,8 @@ learnable logit scale (and bias for SigLIP), and an optional fusion encoder.
 
 Per-token methods (``vision_tokens``, ``text_tokens``, ``fuse``) serve the fusion and masked
 objectives; ``vision_features`` gives the pooled pre-projection feature for linear probes.
+With ``model.decoder.layers`` > 0 the model also holds a caption decoder (``model.decoder``,
+mm/models/decoder.py) and ``generate`` writes captions (mm/generate.py).
 Single-device code: no Ray, no distributed wrapping (that lives in mm/train.py).
 Tested in tests/test_models.py.
 """
@@ -21,6 +23,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from mm.config import LockConfig, ModelConfig, ProjectionConfig
+from mm.models.decoder import CaptionDecoder
 from mm.models.fusion import FusionEncoder
 from mm.models.text import TextTower
 from mm.models.vision import build_vision_tower
@@ -76,6 +79,7 @@ class VLModel(nn.Module):
         self.logit_bias = nn.Parameter(torch.full((cfg.proj.heads,), cfg.init_logit_bias()),
                                        requires_grad=cfg.loss == "siglip")
         self.fusion = FusionEncoder(cfg.fusion, self.text.width, self.vision.width) if cfg.fusion.depth else None
+        self.decoder = CaptionDecoder(cfg.decoder, self.vision.width, vocab_size) if cfg.decoder.layers else None
 
     # -- per-token features -------------------------------------------------------------------
     def vision_tokens(self, frames: torch.Tensor, keep_idx: torch.Tensor | None = None) -> torch.Tensor:
@@ -145,6 +149,16 @@ class VLModel(nn.Module):
         vision = self.encode_image(pixels) if pixels.ndim == 4 else self.encode_video(pixels)
         return vision, self.encode_text(input_ids, attention_mask), self.scale()[0]
 
+    # -- captions ------------------------------------------------------------------------------
+    def generate(self, images_or_videos, max_tokens: int = 20, num_beams: int = 1, **kwargs) -> list[str]:
+        """Captions of images or videos: what ``preprocess`` takes (PIL images, arrays, paths,
+        bytes, lists of clips) or its tensors, (B, 3, H, W) / (B, T, 3, H, W). Greedy with
+        ``num_beams`` 1, else beam search; needs a decoder and ``mm.load``'s tokenizer. See
+        ``mm.generate.generate``."""
+        from mm.generate import generate
+
+        return generate(self, images_or_videos, max_tokens=max_tokens, num_beams=num_beams, **kwargs)
+
     # -- switches --------------------------------------------------------------------------------
     def train(self, mode: bool = True) -> VLModel:
         """A wholly locked tower stays in eval mode: LiT's locked towers compute fixed features,
@@ -161,6 +175,8 @@ class VLModel(nn.Module):
         self.text.set_grad_checkpointing(enable)
         if self.fusion is not None:
             self.fusion.grad_checkpointing = enable
+        if self.decoder is not None:
+            self.decoder.set_grad_checkpointing(enable)
 
 
 def lock_towers(model: VLModel, cfg: LockConfig) -> list[str]:

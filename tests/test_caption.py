@@ -1,0 +1,291 @@
+"""Captioning: the decoder and its objective, generation (greedy, beam search), the caption
+metrics against hand-computed cases, and a short real training run through ``mm.train.fit``.
+
+    .venv/bin/pytest tests/test_caption.py -x -q
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+sys.path.insert(0, str(Path(__file__).parent))
+
+from mm.caption_metrics import bleu, caption_scores, cider, most_frequent_caption, rouge_l, tokenize  # noqa: E402
+from mm.config import DecoderConfig, ModelConfig, TextConfig, VisionConfig  # noqa: E402
+from mm.data import TokenInfo  # noqa: E402
+from mm.generate import generate_ids, sequence_logprob  # noqa: E402
+from mm.models import build_model  # noqa: E402
+from mm.objectives import (  # noqa: E402
+    CaptioningConfig,
+    ContrastiveConfig,
+    ObjectivesConfig,
+    ObjectiveSet,
+    build_objectives,
+    caption_targets,
+)
+
+CFG = ModelConfig(vision=VisionConfig(image_px=32, patch_px=8, width=32, depth=1, heads=2, max_frames=4),
+                  text=TextConfig(width=32, depth=1, heads=2, max_tokens=12), embed_dim=16,
+                  decoder=DecoderConfig(layers=1, width=32, heads=2, max_tokens=16))
+TOK = TokenInfo(vocab_size=40, pad_id=0, mask_id=4, cls_id=2, sep_id=3)
+COCA = ObjectivesConfig(captioning=CaptioningConfig(weight=2.0))
+
+
+def _batch(video: bool = False, b: int = 8, seed: int = 0) -> dict:
+    g = torch.Generator().manual_seed(seed)
+    ids = torch.randint(5, 40, (b, 8), generator=g)
+    ids[:, 0], ids[:, -1] = 2, 3
+    mask = torch.ones_like(ids)
+    ids[0, 5:], mask[0, 5:] = 0, 0  # one shorter caption: [CLS] w w w [SEP] [PAD]...
+    ids[0, 4] = 3
+    shape = (b, 4, 3, 32, 32) if video else (b, 3, 32, 32)
+    return {"frames" if video else "pixels": torch.randn(*shape, generator=g), "input_ids": ids,
+            "attention_mask": mask}
+
+
+# -- model and objective ----------------------------------------------------------------------
+def test_no_decoder_by_default_and_decoder_only_when_asked():
+    assert ModelConfig().decoder.layers == 0
+    assert build_model(dataclasses.replace(CFG, decoder=DecoderConfig()), 40).decoder is None
+    model = build_model(CFG, 40)
+    assert model.decoder is not None and model.decoder.lm.config.vocab_size == 40
+    # the LM head is tied to the decoder's input embeddings
+    assert model.decoder.lm.cls.predictions.decoder.weight is model.decoder.lm.bert.embeddings.word_embeddings.weight
+    with pytest.raises(ValueError, match="decoder.width"):
+        DecoderConfig(layers=1, width=30, heads=4)
+
+
+def test_caption_targets_shift_mask_padding_and_prompt():
+    ids = torch.tensor([[2, 10, 11, 3, 0], [2, 12, 13, 14, 3]])
+    mask = (ids != 0).long()
+    x, m, y = caption_targets(ids, mask)
+    assert x.tolist() == [[2, 10, 11, 3], [2, 12, 13, 14]]
+    assert y.tolist() == [[10, 11, 3, -100], [12, 13, 14, 3]]
+    assert m.tolist() == [[1, 1, 1, 1], [1, 1, 1, 1]]
+    x, m, y = caption_targets(ids, mask, prompt_ids=(30, 31))
+    assert x.tolist() == [[2, 30, 31, 10, 11, 3], [2, 30, 31, 12, 13, 14]]
+    assert y.tolist() == [[-100, -100, 10, 11, 3, -100], [-100, -100, 12, 13, 14, 3]]
+
+
+@pytest.mark.parametrize("video", [False, True])
+@pytest.mark.parametrize("pool", [0, 4])
+def test_coca_objectives_run_and_backprop(video, pool):
+    torch.manual_seed(0)
+    cfg = dataclasses.replace(CFG, decoder=dataclasses.replace(CFG.decoder, attn_pool_tokens=pool))
+    model = build_model(cfg, TOK.vocab_size)
+    objs = build_objectives(COCA, model, TOK)
+    assert [(o.name, o.weight) for o in objs] == [("contrastive", 1.0), ("captioning", 2.0)]
+    module = ObjectiveSet(model, objs)
+    total, metrics = module(_batch(video))
+    assert torch.isfinite(total) and torch.isfinite(metrics["loss/captioning"])
+    # near ln(vocab) at initialisation
+    assert abs(metrics["loss/captioning"].item() - math.log(40)) < 1.0
+    total.backward()
+    for n, p in module.named_parameters():
+        if p.requires_grad:
+            assert p.grad is not None, f"{n} got no gradient"
+
+
+def test_captioning_alone_needs_no_text_tower():
+    """Captioning by itself (caption fine-tuning) runs the vision tower and the decoder only."""
+    torch.manual_seed(0)
+    model = build_model(CFG, TOK.vocab_size)
+    cfg = ObjectivesConfig(contrastive=ContrastiveConfig(weight=0.0), captioning=CaptioningConfig(weight=1.0))
+    module = ObjectiveSet(model, build_objectives(cfg, model, TOK))
+    module(_batch())[0].backward()
+    assert all(p.grad is None for p in model.text.parameters())
+    assert all(p.grad is not None for p in model.decoder.parameters())
+
+
+def test_captioning_needs_a_decoder():
+    model = build_model(dataclasses.replace(CFG, decoder=DecoderConfig()), TOK.vocab_size)
+    with pytest.raises(ValueError, match="model.decoder.layers"):
+        build_objectives(COCA, model, TOK)
+
+
+def test_decoder_loss_falls_on_a_fixed_batch():
+    torch.manual_seed(0)
+    model = build_model(CFG, TOK.vocab_size)
+    cfg = ObjectivesConfig(contrastive=ContrastiveConfig(weight=0.0), captioning=CaptioningConfig(weight=1.0))
+    module = ObjectiveSet(model, build_objectives(cfg, model, TOK))
+    opt = torch.optim.AdamW(module.parameters(), lr=3e-3)
+    batch = _batch(b=8)
+    losses = []
+    for _ in range(30):
+        loss, _ = module(batch)
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+        losses.append(loss.item())
+    assert losses[-1] < 0.5 * losses[0], losses
+
+
+# -- generation --------------------------------------------------------------------------------
+def _manual_greedy(lm, context, bos, eos, steps):
+    ids = torch.full((context.shape[0], 1), bos)
+    with torch.no_grad():
+        for _ in range(steps):
+            nxt = lm(input_ids=ids, encoder_hidden_states=context, use_cache=False).logits[:, -1].argmax(-1)
+            ids = torch.cat([ids, nxt[:, None]], 1)
+    rows = []
+    for row in ids[:, 1:].tolist():
+        rows.append(row[:row.index(eos)] if eos in row else row)
+    return rows
+
+
+def _trained_decoder():
+    """A decoder fit for a few steps on a fixed batch, so its captions depend on the image."""
+    torch.manual_seed(0)
+    model = build_model(CFG, TOK.vocab_size)
+    cfg = ObjectivesConfig(contrastive=ContrastiveConfig(weight=0.0), captioning=CaptioningConfig(weight=1.0))
+    module = ObjectiveSet(model, build_objectives(cfg, model, TOK))
+    opt = torch.optim.AdamW(module.parameters(), lr=1e-2)
+    batch = _batch(b=8)
+    for _ in range(40):
+        loss, _ = module(batch)
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+    return model.eval(), batch
+
+
+def test_greedy_matches_step_by_step_argmax_and_one_beam_batched():
+    model, batch = _trained_decoder()
+    with torch.no_grad():
+        context = model.decoder.context(model.vision_tokens(batch["pixels"]))
+    kw = dict(bos_id=2, eos_id=3, pad_id=0, max_tokens=10)
+    greedy = generate_ids(model.decoder.lm, context, **kw)
+    assert greedy == _manual_greedy(model.decoder.lm, context, 2, 3, 10)
+    assert generate_ids(model.decoder.lm, context, num_beams=1, **kw) == greedy
+    # captions depend on the image: the fitted decoder writes each image's own caption
+    ids, mask = batch["input_ids"], batch["attention_mask"]
+    assert greedy == [row[1:n - 1] for row, n in zip(ids.tolist(), mask.sum(1).tolist())]
+    # batched equals one at a time, for greedy and beam search
+    for beams in (1, 3):
+        together = generate_ids(model.decoder.lm, context, num_beams=beams, **kw)
+        alone = [generate_ids(model.decoder.lm, context[i:i + 1], num_beams=beams, **kw)[0] for i in range(4)]
+        assert together[:4] == alone
+
+
+def _toy_lm():
+    """A decoder whose next-token distribution depends on the last token only, built so greedy
+    search is myopic: from [CLS] (1), A (3) has p 0.6 and B (4) 0.4, but after A every
+    continuation is unlikely (three words at 1/3) while after B one word (7) has p 0.95; every
+    word then ends the caption ([SEP], 2). Greedy: A x [SEP], p 0.6 / 3 = 0.2; best: B 7 [SEP], 0.38."""
+    from transformers import GenerationMixin, PretrainedConfig, PreTrainedModel
+    from transformers.modeling_outputs import CausalLMOutputWithCrossAttentions
+
+    p = torch.full((8, 8), 1e-6)
+    p[1, 3], p[1, 4] = 0.6, 0.4
+    p[3, 5] = p[3, 6] = p[3, 7] = 1 / 3
+    p[4, 7], p[4, 5] = 0.95, 0.05
+    p[5:, 2] = 1.0
+    p[2, 2] = 1.0
+    logp = (p / p.sum(1, keepdim=True)).log()
+
+    class ToyLM(PreTrainedModel, GenerationMixin):
+        config_class = PretrainedConfig
+
+        def __init__(self):
+            super().__init__(PretrainedConfig(vocab_size=8, is_decoder=True, num_hidden_layers=1))
+            self.unused = torch.nn.Parameter(torch.zeros(1))
+
+        def forward(self, input_ids, encoder_hidden_states=None, **kwargs):
+            return CausalLMOutputWithCrossAttentions(logits=logp[input_ids])
+
+    return ToyLM().eval()
+
+
+def test_beam_search_beats_myopic_greedy_on_a_toy_model():
+    lm = _toy_lm()
+    context = torch.zeros(2, 1, 4)
+    kw = dict(bos_id=1, eos_id=2, pad_id=0, max_tokens=5)
+    greedy = generate_ids(lm, context, num_beams=1, **kw)
+    beam = generate_ids(lm, context, num_beams=2, **kw)
+    assert greedy[0][0] == 3 and beam == [[4, 7], [4, 7]]
+
+    def likelihood(row):
+        return sequence_logprob(lm, context[:1], torch.tensor([[1, *row, 2]])).exp().item()
+
+    assert likelihood(greedy[0]) == pytest.approx(0.2, rel=1e-3)
+    assert likelihood(beam[0]) == pytest.approx(0.38, rel=1e-3)
+
+
+# -- metrics -----------------------------------------------------------------------------------
+def test_tokenize_as_ptb_tokenizer_then_punctuation_removed():
+    assert tokenize("A Red circle, moving LEFT.") == ["a", "red", "circle", "moving", "left"]
+    assert tokenize("Don't stop... it's a well-known dog!") == ["do", "n't", "stop", "it", "'s", "a", "well-known",
+                                                               "dog"]
+
+
+def test_bleu_rouge_by_hand():
+    # candidate vs reference: 1-grams 5/6 clipped matches, 2-grams 3/5, 3-grams 1/4, 4-grams 0/3
+    hyp = {"a": tokenize("the cat sat on the mat")}
+    ref = {"a": [tokenize("the cat is on the mat")]}
+    b1, b2, b3, b4 = bleu(hyp, ref)
+    assert b1 == pytest.approx(5 / 6)
+    assert b2 == pytest.approx(math.sqrt(5 / 6 * 3 / 5))
+    assert b3 == pytest.approx((5 / 6 * 3 / 5 * 1 / 4) ** (1 / 3))
+    # pycocoevalcap's smoothing: 0 matches count as 1e-15, so Bleu_4 is tiny, not 0
+    assert b4 == pytest.approx((5 / 6 * 3 / 5 * 1 / 4 * 1e-15 / 3) ** (1 / 4), rel=1e-6)
+    # LCS "the cat on the mat" = 5 of 6 both ways: F = 5/6 whatever beta
+    assert rouge_l(hyp["a"], ref["a"]) == pytest.approx(5 / 6)
+    # brevity penalty: c = 2, closest reference length r = 3 (of 3 and 6) -> exp(1 - 3/2)
+    b = bleu({"a": ["the", "cat"]}, {"a": [["the", "cat", "sat"], "the cat sat on the mat".split()]})
+    assert b[0] == pytest.approx(math.exp(1 - 3 / 2))
+    assert b[1] == pytest.approx(math.exp(1 - 3 / 2))
+    # ROUGE_L with beta 1.2: LCS 2, precision 2/2, recall 2/3 (the best reference)
+    p, r = 1.0, 2 / 3
+    assert rouge_l(["the", "cat"], [["the", "cat", "sat"]]) == pytest.approx((1 + 1.44) * p * r / (r + 1.44 * p))
+
+
+def test_bleu_is_corpus_level():
+    """Matches and lengths are summed over images before the ratio (not a mean of sentence BLEUs)."""
+    hyp = {"a": ["x", "y"], "b": ["p", "q", "r", "s"]}
+    ref = {"a": [["x", "z"]], "b": [["p", "q", "r", "s"]]}
+    assert bleu(hyp, ref)[0] == pytest.approx((1 + 4) / (2 + 4))
+    assert bleu(hyp, ref)[1] == pytest.approx(math.sqrt(5 / 6 * (0 + 3) / (1 + 3)))
+
+
+def test_cider_known_cases():
+    # Two images, no n-gram shared between their references: idf = log 2 everywhere, a candidate
+    # equal to its reference has cosine 1 for every n it has -> 10 x (orders present) / 4.
+    refs = {"a": ["a red circle moving left"], "b": ["two blue squares"]}
+    scores = cider({k: tokenize(v) for k, v in {"a": "a red circle moving left", "b": "two blue squares"}.items()},
+                   {k: [tokenize(r) for r in v] for k, v in refs.items()})
+    assert scores[1]["a"] == pytest.approx(10.0)
+    assert scores[1]["b"] == pytest.approx(7.5)  # no 4-gram in three words
+    # an n-gram in every image's references has idf 0: identical references give CIDEr 0
+    same = cider({"a": ["red", "circle"], "b": ["red", "circle"]}, {"a": [["red", "circle"]], "b": [["red", "circle"]]})
+    assert same[0] == 0.0
+    # the Gaussian length penalty, on the bigram count (pycocoevalcap): candidate "w1 w2" vs
+    # reference "w1 w2 w3 w4" in a set with an unrelated second image. 1-grams: cosine of
+    # [c, c] and [c, c, c, c] with clipping = 2c^2 / (sqrt(2)c * 2c) = 1/sqrt(2); 2-grams: 1 / sqrt(3);
+    # 3-, 4-grams 0; bigram counts 1 and 3 -> penalty exp(-4 / 72).
+    got = cider({"a": ["w1", "w2"], "b": ["z"]}, {"a": [["w1", "w2", "w3", "w4"]], "b": [["z"]]})[1]["a"]
+    assert got == pytest.approx(10 * (1 / math.sqrt(2) + 1 / math.sqrt(3)) / 4 * math.exp(-4 / 72))
+
+
+def test_caption_scores_names_and_perfect_candidates():
+    refs = {"1": ["a red circle on the left", "red circle"], "2": ["a blue square moving up", "blue square"],
+            "3": ["a green triangle", "green triangle on grey"]}
+    perfect = caption_scores({k: v[0] for k, v in refs.items()}, refs)
+    assert list(perfect) == ["Bleu_1", "Bleu_2", "Bleu_3", "Bleu_4", "ROUGE_L", "CIDEr"]
+    assert perfect["Bleu_1"] == pytest.approx(1.0) and perfect["ROUGE_L"] == pytest.approx(1.0)
+    baseline = caption_scores({k: "a red circle on the left" for k in refs}, refs)
+    assert all(baseline[m] < perfect[m] for m in perfect)
+    with pytest.raises(ValueError, match="no \\(non-empty\\) reference"):
+        caption_scores({"1": "x"}, {"1": ["  "]})
+
+
+def test_most_frequent_caption():
+    assert most_frequent_caption(["A cat.", "a cat", "dog", "Dog", "bird"]) == "a cat"  # tie -> alphabetical
+    assert most_frequent_caption(["x y", "z", "x y."]) == "x y"
+    with pytest.raises(ValueError):
+        most_frequent_caption(["", " "])
