@@ -317,6 +317,10 @@ class Captioning(Objective):
         if model.cfg.decoder.prompt and not len(prompt_ids):
             raise ValueError(f"model.decoder.prompt {model.cfg.decoder.prompt!r} must be tokenised by the corpus "
                              "tokenizer: build this objective with mm.caption.captioning_factory")
+        need = model.cfg.text.max_tokens - 1 + len(prompt_ids)
+        if need > model.cfg.decoder.max_tokens:
+            raise ValueError(f"captions of text.max_tokens {model.cfg.text.max_tokens} (plus a {len(prompt_ids)}-token "
+                             f"prompt) need decoder.max_tokens >= {need}, got {model.cfg.decoder.max_tokens}")
         self.label_smoothing = cfg.label_smoothing
         self.prompt_ids = tuple(int(i) for i in prompt_ids)
 

@@ -289,3 +289,49 @@ def test_most_frequent_caption():
     assert most_frequent_caption(["x y", "z", "x y."]) == "x y"
     with pytest.raises(ValueError):
         most_frequent_caption(["", " "])
+
+
+# -- a real training run -----------------------------------------------------------------------
+def test_coca_config_builds_contrastive_and_captioning():
+    from core.config import load_config, packaged_config
+    from mm.train import PretrainConfig
+
+    cfg = load_config(PretrainConfig, packaged_config("coca.yaml"), [])
+    model = build_model(cfg.model, 60)
+    objs = build_objectives(cfg.objectives, model, dataclasses.replace(TOK, vocab_size=60))
+    assert [(o.name, o.weight) for o in objs] == [("contrastive", 1.0), ("captioning", 2.0)]
+    assert model.decoder.context(torch.zeros(2, 257, 128)).shape == (2, 64, 128)  # the attentional pooler
+
+
+def test_captioning_trains_in_the_one_loop_and_the_run_generates(ray_session, tmp_path):
+    """CoCa (contrastive + captioning) through mm.train.fit on 2 Ray Train workers; the saved run
+    loads with mm.load and captions images without Ray."""
+    from test_data import draw, make_corpus
+    from test_train import TINY
+
+    import mm
+    from core.config import load_config
+    from mm.train import PretrainConfig, fit, read_metrics
+
+    corpus = make_corpus(tmp_path / "img", n=64, seed=2)
+    run = tmp_path / "run"
+    cfg = load_config(PretrainConfig, None, [
+        *TINY, "model.decoder.layers=1", "model.decoder.width=48", "model.decoder.heads=2",
+        "model.decoder.max_tokens=24", "objectives.captioning.weight=2.0", "train.max_steps=16",
+        "train.checkpoint_every_steps=16", "optim.lr=0.003"])
+    fit(cfg, [str(corpus)], str(run))
+    lines = read_metrics(run / "metrics.jsonl")
+    assert "loss/captioning" in lines[0] and "captioning/acc" in lines[0] and "loss/contrastive" in lines[0]
+    first, last = lines[0]["loss/captioning"], lines[-1]["loss/captioning"]
+    assert last < first - 0.5, [m["loss/captioning"] for m in lines]
+    model = mm.load(str(run))
+    assert model.decoder is not None and model.cfg.decoder.layers == 1
+    images = [draw("red", "circle", 32, 32, 12), draw("blue", "square", 30, 34, 10)]
+    greedy = model.generate(images, max_tokens=8)
+    beam = model.generate(images, max_tokens=8, num_beams=3)
+    assert len(greedy) == len(beam) == 2 and all(isinstance(c, str) for c in greedy + beam)
+    vocab = set(model.tokenize.tokenizer.get_vocab())
+    assert all(w in vocab for c in greedy + beam for w in c.split())
+    assert model.generate(torch.zeros(1, 4, 3, 32, 32), max_tokens=4)  # a video: one caption
+    with pytest.raises(ValueError, match="max_tokens 30 > 22"):
+        model.generate(images, max_tokens=30)
