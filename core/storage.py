@@ -83,4 +83,43 @@ def remove(fs: Any, path: str) -> None:
         fs.delete_file(path)
 
 
-__all__ = ["is_uri", "resolve", "expand_braces", "move", "remove"]
+def local_dir(src: str | os.PathLike) -> str:
+    """A local directory holding what ``src`` holds: ``src`` itself when it is local; for a URI
+    (a corpus's tokenizer/, a run's model/ on S3), a copy under ``$MM_CACHE_DIR`` (default
+    ~/.cache/mm) named by the URI and its listing (paths, sizes, mtimes), so a changed directory
+    is fetched again and an unchanged one never twice. Safe when several processes on a node
+    ask at once: each copies into its own temp dir and renames it into place (first one wins).
+    For small directories (tokenizers, model files); data is read from the store directly."""
+    import hashlib
+    import tempfile
+
+    src = str(src)
+    if not is_uri(src) or src.startswith("file://"):
+        return resolve(src)[1]
+    fs, path, _ = resolve(src)
+    path = path.rstrip("/")
+    infos = [i for i in fs.get_file_info(pafs.FileSelector(path, recursive=True, allow_not_found=True))
+             if i.type == pafs.FileType.File]
+    if not infos:
+        raise FileNotFoundError(f"{src} does not exist or is empty")
+    listing = "\n".join(f"{i.path}\0{i.size}\0{i.mtime_ns}" for i in sorted(infos, key=lambda i: i.path))
+    key = hashlib.sha256(src.encode()).hexdigest()[:16] + "-" + hashlib.sha256(listing.encode()).hexdigest()[:16]
+    root = os.path.join(os.environ.get("MM_CACHE_DIR") or os.path.expanduser("~/.cache/mm"), "mirror")
+    target = os.path.join(root, key, os.path.basename(path))
+    if os.path.isdir(target):
+        return target
+    os.makedirs(root, exist_ok=True)
+    tmp = tempfile.mkdtemp(prefix=".fetch-", dir=root)
+    os.makedirs(os.path.join(tmp, os.path.basename(path)))
+    pafs.copy_files(path, os.path.join(tmp, os.path.basename(path)), source_filesystem=fs,
+                    destination_filesystem=pafs.LocalFileSystem())
+    try:
+        os.rename(tmp, os.path.join(root, key))
+    except OSError:  # another process got there first: its copy is the same listing
+        import shutil
+
+        shutil.rmtree(tmp, ignore_errors=True)
+    return target
+
+
+__all__ = ["is_uri", "resolve", "expand_braces", "move", "remove", "local_dir"]

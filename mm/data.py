@@ -26,10 +26,13 @@ import io
 import json
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import numpy as np
+import pyarrow.fs as pafs
 from PIL import Image
 
+from core.storage import is_uri, local_dir, resolve
 from mm.config import ModelConfig
 
 
@@ -219,19 +222,35 @@ class CorpusInfo:
     manifest: dict
 
 
-def _data_files(corpus_dir: str) -> list[Path]:
-    return sorted((Path(corpus_dir) / "data").glob("*.parquet"))
+def _data_files(corpus_dir: str) -> tuple[Any, list[str]]:
+    """(filesystem, sorted data/*.parquet paths in it); a local dir or a URI (s3://, gs://)."""
+    fs, root, _ = resolve(str(corpus_dir))
+    sel = pafs.FileSelector(f"{root.rstrip('/')}/data", allow_not_found=True)
+    return fs, sorted(i.path for i in fs.get_file_info(sel) if i.type == pafs.FileType.File
+                      and i.path.endswith(".parquet"))
+
+
+def _is_dir(corpus_dir: str, sub: str = "") -> bool:
+    fs, root, _ = resolve(str(corpus_dir))
+    return fs.get_file_info(f"{root.rstrip('/')}/{sub}".rstrip("/")).type == pafs.FileType.Directory
 
 
 def check_corpus(corpus_dir: str) -> None:
-    """Raise ValueError with one line unless ``corpus_dir`` looks like a curated corpus."""
-    p = Path(corpus_dir)
-    if not p.is_dir():
-        raise ValueError(f"data dir {corpus_dir} does not exist")
-    if not _data_files(corpus_dir):
-        raise ValueError(f"data dir {corpus_dir} has no data/*.parquet (is it a curated corpus?)")
-    if not (p / "tokenizer").is_dir():
-        raise ValueError(f"data dir {corpus_dir} has no tokenizer/ (is it a curated corpus?)")
+    """Raise ValueError with one line unless ``corpus_dir`` (a path or URI) looks like a curated corpus."""
+    try:
+        if not _is_dir(corpus_dir):
+            raise ValueError(f"data dir {corpus_dir} does not exist")
+        if not _data_files(corpus_dir)[1]:
+            raise ValueError(f"data dir {corpus_dir} has no data/*.parquet (is it a curated corpus?)")
+        if not _is_dir(corpus_dir, "tokenizer"):
+            raise ValueError(f"data dir {corpus_dir} has no tokenizer/ (is it a curated corpus?)")
+    except OSError as e:  # credentials, a missing bucket, a timeout: one line naming the URI
+        raise ValueError(f"data dir {corpus_dir}: {str(e).splitlines()[0]}") from None
+
+
+def corpus_tokenizer_dir(corpus_dir: str) -> str:
+    """The corpus's tokenizer/ as a local directory (fetched once per node for a URI)."""
+    return local_dir(f"{str(corpus_dir).rstrip('/')}/tokenizer")
 
 
 def corpus_info(corpus_dir: str) -> CorpusInfo:
@@ -239,23 +258,28 @@ def corpus_info(corpus_dir: str) -> CorpusInfo:
     import pyarrow.parquet as pq
 
     check_corpus(corpus_dir)
-    files = _data_files(corpus_dir)
-    names = pq.read_schema(files[0]).names
+    fs, files = _data_files(corpus_dir)
+    names = pq.read_schema(files[0], filesystem=fs).names
     modality = "video" if "frames" in names else "image"
     rows: dict[str, int] = {}
     for f in files:
-        counts = pc.value_counts(pq.read_table(f, columns=["split"])["split"])
+        counts = pc.value_counts(pq.read_table(f, columns=["split"], filesystem=fs)["split"])
         for c in counts.to_pylist():
             rows[c["values"]] = rows.get(c["values"], 0) + c["counts"]
-    mpath = Path(corpus_dir) / "manifest.json"
-    manifest = json.loads(mpath.read_text()) if mpath.is_file() else {}
-    return CorpusInfo(str(Path(corpus_dir).resolve()), modality, rows, manifest)
+    mfs, root, _ = resolve(str(corpus_dir))
+    mpath = f"{root.rstrip('/')}/manifest.json"
+    manifest = {}
+    if mfs.get_file_info(mpath).type == pafs.FileType.File:
+        with mfs.open_input_stream(mpath) as fh:
+            manifest = json.loads(fh.read().decode("utf-8"))
+    path = str(corpus_dir).rstrip("/") if is_uri(str(corpus_dir)) else str(Path(corpus_dir).resolve())
+    return CorpusInfo(path, modality, rows, manifest)
 
 
 def load_token_info(tokenizer_dir: str) -> TokenInfo:
     from transformers import AutoTokenizer
 
-    tok = AutoTokenizer.from_pretrained(tokenizer_dir)
+    tok = AutoTokenizer.from_pretrained(local_dir(tokenizer_dir))
     ids = {k: getattr(tok, f"{k}_token_id") for k in ("pad", "mask", "cls", "sep")}
     missing = [k for k, v in ids.items() if v is None]
     if missing:
@@ -283,7 +307,7 @@ def build_dataset(corpus: str | CorpusInfo, split: str | None, pre: PreprocessCo
     media = "frames" if info.modality == "video" else "image"
     columns = ["sample_id", media, "input_ids", *[c for c in pre.keep_columns if c != "sample_id"]]
     # Filter and projection are pushed down into the Parquet reads by Ray Data's optimizer.
-    ds = ray.data.read_parquet(str(Path(corpus_dir) / "data"), num_cpus=data.map_cpus)
+    ds = ray.data.read_parquet(f"{corpus_dir}/data", num_cpus=data.map_cpus)  # a path or a URI
     if split:
         ds = ds.filter(expr=col("split") == split)
     ds = ds.select_columns(columns)
@@ -296,4 +320,4 @@ def build_dataset(corpus: str | CorpusInfo, split: str | None, pre: PreprocessCo
 
 __all__ = ["DataConfig", "TokenInfo", "PreprocessConfig", "CorpusInfo", "preprocess_batch", "decode_image",
            "transform_image", "frame_indices", "pad_ids", "trim_padding", "decoded_mb", "check_corpus", "corpus_info",
-           "load_token_info", "build_dataset"]
+           "load_token_info", "build_dataset", "corpus_tokenizer_dir"]

@@ -251,7 +251,9 @@ def _run_curate(sources: list[str], out: str, cfg: CurateConfig) -> dict:
     t_tok = time.time()
 
     # 4. write ---------------------------------------------------------------------------------
-    common = {"drops": drop_ids, "tokenizer_dir": str(tok_local), "max_tokens": cfg.tokenizer.max_tokens,
+    # Workers on other nodes cannot see the driver's temp dir: on a store they fetch the staged copy.
+    tok_shared = uri_prefix + f"{stage}/tokenizer" if uri_prefix else str(tok_local)
+    common = {"drops": drop_ids, "tokenizer_dir": tok_shared, "max_tokens": cfg.tokenizer.max_tokens,
               "val_fraction": cfg.output.val_fraction}
     media_cols = [c for c in schema_for(cfg.modality).names if c not in ("input_ids", "split")]
     kept = read(sorted(set(media_cols) | {"row_id", "reason"})).map_batches(

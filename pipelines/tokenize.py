@@ -27,6 +27,8 @@ from typing import Literal
 
 import pyarrow as pa
 
+from core.storage import local_dir
+
 log = logging.getLogger(__name__)
 
 SPECIAL_TOKENS = ("[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]")
@@ -204,7 +206,7 @@ def build_tokenizer(captions: Iterable[str], cfg: TokenizerConfig, out_dir: str 
 def _worker_tokenizer(tokenizer_dir: str, max_tokens: int):
     from tokenizers import Tokenizer
 
-    tok = Tokenizer.from_file(str(Path(tokenizer_dir) / "tokenizer.json"))
+    tok = Tokenizer.from_file(str(Path(local_dir(tokenizer_dir)) / "tokenizer.json"))  # a URI: fetched once per node
     tok.enable_truncation(max_length=max_tokens)
     tok.no_padding()
     return tok
