@@ -268,6 +268,11 @@ class LockHeld(RuntimeError):
                          f"(heartbeat {age:.0f} s ago)")
 
 
+class LockLost(RuntimeError):
+    """This process held the lock but can no longer vouch for it (heartbeat writes failing, or
+    another run took it over): stop before changing anything else."""
+
+
 class StorageLock:
     """An exclusive lock file in storage, with a heartbeat so a crashed holder's lock goes stale.
 
@@ -278,7 +283,10 @@ class StorageLock:
     live, raise ``LockHeld``. If it is stale (heartbeat older than ``stale_after_s``, or the holder
     ran on this host and its pid is gone), replace it under a takeover mutex (itself an
     ``O_EXCL`` file), re-checking that it is still the same stale holder. A daemon thread rewrites
-    the heartbeat every ``stale_after_s / 4``.
+    the heartbeat every ``stale_after_s / 4``. A heartbeat that cannot be written is retried; when
+    none has been written for ``stale_after_s / 2`` (another run may soon see the lock as stale), or
+    another run took the lock over, the lock is *lost*: ``check()`` raises ``LockLost``, and the
+    holder calls it before every step that changes shared state.
     """
 
     def __init__(self, path: str | os.PathLike, *, owner: str, stale_after_s: float = 900.0):
@@ -289,6 +297,7 @@ class StorageLock:
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
         self.took_over: dict | None = None
+        self.lost: str | None = None  # why this process can no longer vouch for the lock
 
     def _record(self) -> dict:
         return {"owner": self.owner, "token": self.token, "host": socket.gethostname(), "pid": os.getpid(),
@@ -356,13 +365,27 @@ class StorageLock:
             mutex.unlink(missing_ok=True)
 
     def _beat(self) -> None:
-        while not self._stop.wait(max(0.5, self.stale_after_s / 4)):
-            holder = self.holder()
-            if holder is not None and holder.get("token") != self.token:
-                log.error("lock %s was taken over by %s; stopping heartbeat", self.path, holder)
-                return
-            with contextlib.suppress(OSError):
+        last_ok = time.monotonic()
+        while not self._stop.wait(max(0.1, self.stale_after_s / 4)):
+            try:
+                holder = self.holder()
+                if holder is not None and holder.get("token") != self.token:
+                    self.lost = f"lock {self.path} was taken over by {holder.get('owner')} pid {holder.get('pid')}"
+                    log.error("%s; stopping", self.lost)
+                    return
                 write_json_atomic(self.path, self._record())
+                last_ok = time.monotonic()
+            except OSError as e:
+                if time.monotonic() - last_ok > self.stale_after_s / 2:
+                    self.lost = f"cannot write the heartbeat of lock {self.path}: {e}"
+                    log.error("%s; stopping before another run takes it over", self.lost)
+                    return
+                log.warning("lock %s: heartbeat failed (%s); retrying", self.path, e)
+
+    def check(self) -> None:
+        """Raise ``LockLost`` if this process can no longer vouch for the lock."""
+        if self.lost:
+            raise LockLost(self.lost)
 
     def release(self) -> None:
         self._stop.set()
@@ -393,4 +416,4 @@ def _pid_alive(pid: int) -> bool:
 
 __all__ = ["sha256_json", "file_sha256", "code_version", "write_json_atomic", "read_json", "read_manifest",
            "manifest_ref", "source_refs", "stage_key", "lineage_record", "stamp", "Plan", "plan_stage",
-           "begin_stage", "write_pointer", "read_pointer", "StorageLock", "LockHeld"]
+           "begin_stage", "write_pointer", "read_pointer", "StorageLock", "LockHeld", "LockLost"]

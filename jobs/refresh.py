@@ -104,9 +104,11 @@ class Refresh:
 
     STEPS = ("discover", "curate", "commit", "train", "evaluate", "decide")
 
-    def __init__(self, cfg: RefreshConfig, argv_config: dict, address: str | None = None):
+    def __init__(self, cfg: RefreshConfig, argv_config: dict, address: str | None = None,
+                 lock: L.StorageLock | None = None):
         self.cfg = cfg
         self.address = address
+        self.lock = lock  # checked before every step
         self.corpus = Path(cfg.storage.corpus_root).resolve()
         self.models = Path(cfg.storage.models_root).resolve()
         self.reports = Path(cfg.storage.reports_root).resolve()
@@ -191,6 +193,8 @@ class Refresh:
             if name in steps:
                 continue
             t0 = time.time()
+            if self.lock is not None:
+                self.lock.check()  # never change shared state under a lock this run may have lost
             try:
                 if name != "discover":
                     self.ensure_ray()
@@ -397,7 +401,11 @@ def _main(args: argparse.Namespace) -> int:
         return EXIT_LOCKED
     try:
         report = Refresh(cfg, {"file": args.config, "overrides": list(args.overrides), "resolved": to_dict(cfg)},
-                         address=args.address).run()
+                         address=args.address, lock=lock).run()
+    except L.LockLost as e:
+        print(f"refresh: {e}; stopped before the next step. Rerun when storage is reachable: it resumes",
+              file=sys.stderr)
+        return 1
     except StageFailed as e:
         print(f"refresh: {e}\nrefresh: the state is kept in {corpus / '_refresh_state.json'}; fix the cause and "
               f"rerun: the refresh resumes at the failed step", file=sys.stderr)

@@ -122,6 +122,26 @@ def test_lock_excludes_a_second_holder(tmp_path):
         pass
 
 
+def test_lock_whose_heartbeat_cannot_be_written_is_lost(tmp_path):
+    """A storage error must not be swallowed: the holder learns it can no longer vouch for the
+    lock (before the fix the heartbeat ignored OSError and the holder ran on while another run
+    could take the lock over)."""
+    d = tmp_path / "corpus"
+    d.mkdir()
+    lock = L.StorageLock(d / "_refresh.lock", owner="refresh", stale_after_s=1.0).acquire()
+    try:
+        lock.check()  # fine while the heartbeat is written
+        d.rename(tmp_path / "gone")  # the lock's directory is replaced by a file: every heartbeat write fails
+        d.write_text("not a directory")
+        deadline = time.monotonic() + 10
+        while lock.lost is None and time.monotonic() < deadline:
+            time.sleep(0.05)
+        with pytest.raises(L.LockLost, match="heartbeat"):
+            lock.check()
+    finally:
+        lock.release()
+
+
 def test_lock_heartbeat_keeps_it_fresh(tmp_path):
     path = tmp_path / "l.lock"
     lock = L.StorageLock(path, owner="beat", stale_after_s=2).acquire()
