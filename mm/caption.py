@@ -459,6 +459,50 @@ def caption_grid_html(samples: list[dict]) -> str:
     return f'<div class="hits">{"".join(cells)}</div>' if cells else "<p>no captions</p>"
 
 
+# ----------------------------------------------------------------------------- export
+
+
+def export_decoder_hf(model, tokenizer_dir: str | Path, out: str | Path) -> dict:
+    """The caption decoder for ``mm export --to hf``: ``out/decoder/`` is a transformers
+    ``BertLMHeadModel`` directory (with the run's tokenizer; bos/eos/pad = [CLS]/[SEP]/[PAD], so
+    its ``generate(..., encoder_hidden_states=context)`` runs as ``mm.generate`` does) and
+    ``out/decoder_context.safetensors`` holds the layers turning the vision tower's tokens (the
+    exported timm model's ``forward_features``) into that context. Returns the JSON spec for
+    export_config.json: ``{"library", "dir", "context": {"kind": "linear", "layers": [...]} |
+    {"kind": "attentional_pooler", ...}, "prompt", "max_tokens"}``."""
+    from safetensors.torch import save_file
+    from transformers import AutoTokenizer
+
+    dec = model.decoder
+    if dec is None:
+        raise ValueError("this model has no caption decoder to export")
+    out = Path(out)
+    tok = AutoTokenizer.from_pretrained(str(tokenizer_dir))
+    lm = dec.lm
+    for k, v in (("bos_token_id", tok.cls_token_id), ("eos_token_id", tok.sep_token_id),
+                 ("pad_token_id", tok.pad_token_id), ("decoder_start_token_id", tok.cls_token_id)):
+        setattr(lm.config, k, v)
+        setattr(lm.generation_config, k, v)
+    lm.save_pretrained(str(out / "decoder"), safe_serialization=True)
+    tok.save_pretrained(str(out / "decoder"))
+    state = {f"context.{k}": v.detach().cpu().contiguous() for k, v in dec.pool.state_dict().items()}
+    save_file(state, str(out / "decoder_context.safetensors"))
+    if dec.cfg.attn_pool_tokens:
+        ctx = {"kind": "attentional_pooler", "queries": dec.cfg.attn_pool_tokens, "width": dec.cfg.width,
+               "vision_width": dec.pool.ln_k.normalized_shape[0], "heads": dec.cfg.heads,
+               "usage": "q = LayerNorm(width)[context.ln_q.*](context.query); k = v = "
+                        "LayerNorm(vision_width)[context.ln_k.*](tokens); context = torch.nn.MultiheadAttention("
+                        "width, heads, kdim=vision_width, vdim=vision_width, batch_first=True)[context.attn.*]"
+                        "(q, k, v)[0]"}
+    else:
+        norm, linear = dec.pool[0], dec.pool[1]
+        ctx = {"kind": "linear", "layers": [["layernorm", norm.normalized_shape[0], norm.eps],
+                                            ["linear", linear.in_features, linear.out_features, True]],
+               "usage": "context = torch.nn.Sequential(LayerNorm, Linear)[context.0.*, context.1.*](tokens)"}
+    return {"library": "transformers", "dir": "decoder", "weights": "decoder_context.safetensors", "context": ctx,
+            "prompt": dec.cfg.prompt, "max_tokens": dec.cfg.max_tokens}
+
+
 def strategy_from_finetune(strategy: str, towers: str, last_n_blocks: int, lora_rank: int, lora_alpha: float,
                            lora_dropout: float, decoder: DecoderConfig | None = None) -> CaptionStrategy:
     """``mm finetune``'s strategy fields -> a ``CaptionStrategy``. ``towers``: ``none`` keeps the
@@ -477,4 +521,4 @@ def strategy_from_finetune(strategy: str, towers: str, last_n_blocks: int, lora_
 __all__ = ["CaptionStrategy", "CaptionEvalConfig", "check_caption_model", "check_caption_corpus", "add_decoder",
            "caption_objectives", "CaptioningFactory", "PrepareCaption", "check_caption_strategy", "train_caption",
            "Captioner", "generate_split", "train_captions", "score_captions", "evaluate_captions",
-           "write_captions_jsonl", "caption_samples", "caption_grid_html", "strategy_from_finetune"]
+           "write_captions_jsonl", "caption_samples", "caption_grid_html", "export_decoder_hf", "strategy_from_finetune"]

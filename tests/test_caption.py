@@ -484,3 +484,56 @@ def test_caption_finetune_then_evaluate(ray_session, tmp_path):
     # bad input: a run without a decoder is refused before any work
     with pytest.raises(ValueError, match="no caption decoder"):
         evaluate_captions(init, corpus, CaptionEvalConfig())
+
+
+@pytest.mark.parametrize("pool", [0, 4])
+def test_decoder_exports_as_a_transformers_model(tmp_path, pool):
+    """export_decoder_hf: the decoder loads with transformers alone, and its logits and captions
+    equal mm's given the context rebuilt from the exported layers."""
+    import json
+
+    from safetensors.torch import load_file
+    from test_data import save_tokenizer
+    from transformers import BertLMHeadModel
+
+    from mm.caption import export_decoder_hf
+
+    save_tokenizer(tmp_path / "tok")
+    torch.manual_seed(0)
+    cfg = dataclasses.replace(CFG, decoder=dataclasses.replace(CFG.decoder, attn_pool_tokens=pool))
+    model = build_model(cfg, 40).eval()
+    spec = export_decoder_hf(model, tmp_path / "tok", tmp_path / "out")
+    json.dumps(spec)
+    lm = BertLMHeadModel.from_pretrained(str(tmp_path / "out" / "decoder")).eval()
+    w = {k[len("context."):]: v for k, v in load_file(str(tmp_path / "out" / "decoder_context.safetensors")).items()}
+    c = spec["context"]
+    if c["kind"] == "linear":
+        ctx_layers = torch.nn.Sequential(torch.nn.LayerNorm(c["layers"][0][1], eps=c["layers"][0][2]),
+                                         torch.nn.Linear(c["layers"][1][1], c["layers"][1][2]))
+        ctx_layers.load_state_dict(w)
+
+        def context(tokens):
+            return ctx_layers(tokens)
+    else:
+        ln_q, ln_k = torch.nn.LayerNorm(c["width"]), torch.nn.LayerNorm(c["vision_width"])
+        attn = torch.nn.MultiheadAttention(c["width"], c["heads"], kdim=c["vision_width"], vdim=c["vision_width"],
+                                           batch_first=True)
+        ln_q.load_state_dict({k[5:]: v for k, v in w.items() if k.startswith("ln_q.")})
+        ln_k.load_state_dict({k[5:]: v for k, v in w.items() if k.startswith("ln_k.")})
+        attn.load_state_dict({k[5:]: v for k, v in w.items() if k.startswith("attn.")})
+
+        def context(tokens):
+            q = ln_q(w["query"]).expand(tokens.shape[0], -1, -1)
+            return attn(q, ln_k(tokens), ln_k(tokens), need_weights=False)[0]
+
+    pixels = torch.randn(3, 3, 32, 32)
+    ids = torch.tensor([[2, 7, 9, 11, 3]] * 3)
+    with torch.no_grad():
+        tokens = model.vision_tokens(pixels)
+        ours = model.decoder(model.decoder.context(tokens), ids)
+        ctx = context(tokens)
+        theirs = lm(input_ids=ids, encoder_hidden_states=ctx).logits
+    assert torch.allclose(ours, theirs, atol=1e-5)
+    assert lm.generation_config.bos_token_id == 2 and lm.generation_config.eos_token_id == 3
+    kw = dict(bos_id=2, eos_id=3, pad_id=0, max_tokens=6, num_beams=2)
+    assert generate_ids(lm, ctx, **kw) == generate_ids(model.decoder.lm, model.decoder.context(tokens), **kw)
