@@ -14,6 +14,10 @@ Training state (one directory per step checkpoint, handed to Ray Train):
     save_train_state(dir, model_state, optim_state, state)   # state.safetensors, optim.safetensors,
     model_state, optim_state, state = load_train_state(dir)  # train_state.json
 
+Objective heads are keyed by objective name (``objectives.itm.head.fc.weight``, see
+``mm.objectives.ObjectiveSet``); a checkpoint from before, which keyed them by position
+(``objectives.3.head...``), is refused with one line (``check_named_objectives``).
+
 ``optim_state`` is torch's optimizer state dict keyed by parameter name (as produced by
 ``torch.distributed.checkpoint.state_dict.get_state_dict`` with ``full_state_dict``): tensors go
 to safetensors, the param groups to JSON. Nothing is ever unpickled. Tested in
@@ -24,6 +28,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import shutil
 import tempfile
 from pathlib import Path
@@ -230,15 +235,29 @@ def restore_state(module: torch.nn.Module, optimizer: torch.optim.Optimizer, mod
                              options=StateDictOptions(full_state_dict=True, strict=False))
 
 
+_POSITIONAL_HEAD = re.compile(r"^objectives\.\d+\.")
+
+
+def check_named_objectives(keys, where: str | os.PathLike) -> None:
+    """Refuse a training state whose objective heads are keyed by position (``objectives.3.head.*``,
+    written before heads were keyed by name): their names cannot be told from the keys alone."""
+    old = next((k for k in keys if _POSITIONAL_HEAD.match(k)), None)
+    if old is not None:
+        raise CheckpointError(f"{where} keys its objective heads by position ({old}), as checkpoints did before "
+                              "heads were saved by objective name; this version cannot load it: train the run again")
+
+
 def load_train_state(directory: str | os.PathLike) -> tuple[dict[str, torch.Tensor], dict, dict]:
     d = Path(directory)
     state = read_json(d / "train_state.json")
     if state.get("format") != FORMAT:
         raise CheckpointError(f"{d / 'train_state.json'} is not an {FORMAT} training state")
     model_state = read_tensors(d / "state.safetensors")
+    check_named_objectives(model_state, d)
     optim_state = unflatten_optim(read_tensors(d / "optim.safetensors"), state.pop("optimizer"))
     return model_state, optim_state, state
 
 
 __all__ = ["FORMAT", "MARKER", "CheckpointError", "save_model", "load_model", "model_dir", "unwrap", "save_train_state",
-           "load_train_state", "restore_state", "write_json", "read_json", "write_tensors", "read_tensors"]
+           "load_train_state", "check_named_objectives", "restore_state", "write_json", "read_json", "write_tensors",
+           "read_tensors"]

@@ -41,7 +41,6 @@ from __future__ import annotations
 import dataclasses
 import json
 import logging
-import re
 import shutil
 import time
 from dataclasses import dataclass, field
@@ -334,10 +333,10 @@ def _checkpoint_head(summary: dict) -> tuple[np.ndarray, np.ndarray]:
     from mm.checkpoint import load_train_state
 
     state, _, _ = load_train_state(summary["checkpoint"])
-    found = {m.group(1): v for k, v in state.items() if (m := re.search(r"objectives\.\d+\.classifier\.(weight|bias)$", k))}
-    if set(found) != {"weight", "bias"}:
+    keys = [f"objectives.{Classify.name}.classifier.{leaf}" for leaf in ("weight", "bias")]  # keyed by name
+    if any(k not in state for k in keys):
         raise ValueError(f"no classify head in checkpoint {summary['checkpoint']}")
-    return found["weight"].float().numpy(), found["bias"].float().numpy()
+    return tuple(state[k].float().numpy() for k in keys)
 
 
 def _merge_lora_run(run: Path, s: StrategyConfig) -> None:

@@ -44,7 +44,7 @@ def masked_modelling(model_dir: Path, data_dir, cfg: EvalConfig, max_batches: in
     state, _, _ = load_train_state(ckpts[-1].parent)
     module.load_state_dict(state, strict=True)
     module.eval()
-    wanted = [o for o in module.objectives if o.name in ("mlm", "fusion_mlm", "mim")]
+    wanted = [o for o in module.objectives.values() if o.name in ("mlm", "fusion_mlm", "mim")]
     if not wanted:
         raise ValueError(f"masked: run {run} trained no masked objective (mlm, fusion_mlm, mim)")
     data_cfg = DataConfig(batch_size=cfg.batch_rows, augment=False)

@@ -48,15 +48,18 @@ def itm_checkpoint(model_dir: Path, rerank_k: int):
 
 def _check_same_fusion(model_dir: Path, ckpt: Path, rerank_k: int) -> None:
     """The ITM head pairs with the fusion encoder it was trained with: refuse a step checkpoint
-    whose fusion weights differ from the model's (a model saved from another step or run)."""
+    whose fusion weights differ from the model's (a model saved from another step or run), and
+    one that keys its heads by position (saved before heads were keyed by objective name)."""
     import torch
     from safetensors import safe_open
 
+    from mm.checkpoint import check_named_objectives
     from mm.checkpoint import model_dir as resolve
 
     with safe_open(str(resolve(model_dir) / "model.safetensors"), framework="pt") as m, \
             safe_open(str(ckpt / "state.safetensors"), framework="pt") as c:
         have = set(c.keys())
+        check_named_objectives(have, ckpt)
         names = [k for k in m.keys() if k.startswith("fusion.")]
         if any(f"model.{k}" not in have or not torch.equal(m.get_tensor(k), c.get_tensor(f"model.{k}"))
                for k in names):
@@ -72,9 +75,7 @@ def load_itm_head(model_dir: Path, rerank_k: int):
     from mm.models.heads import ITMHead
 
     pcfg, ckpt = itm_checkpoint(model_dir, rerank_k)
-    o = pcfg.objectives
-    index = sum(w > 0 for w in (o.contrastive.weight, o.mlm.weight, o.fusion_mlm.weight, o.mim.weight))
-    prefix = f"objectives.{index}.head."  # build_objectives' order: ITM after these four
+    prefix = "objectives.itm.head."  # mm.objectives.ObjectiveSet keys each objective by its name
     head = ITMHead(pcfg.model.text.width)
     with safe_open(str(ckpt / "state.safetensors"), framework="pt") as f:
         keys = [k for k in f.keys() if prefix in k]

@@ -219,7 +219,7 @@ def test_masked_modelling_uses_the_runs_heads(ray_session, corpus_and_run, tmp_p
                                                                        mim=MIMConfig(weight=1.0)))
     module = ObjectiveSet(model, build_objectives(pcfg.objectives, model, tokens))
     with torch.no_grad():  # an MLM head whose logits are its bias: 10 at token id 7, 0 elsewhere
-        head = module.objectives[1].head
+        head = module.objectives["mlm"].head
         for p in head.parameters():
             p.zero_()
         head.predictions.bias[7] = 10.0
@@ -323,7 +323,7 @@ def make_itm_run(run: Path, corpus: Path, itm: bool = True, seed: int = 0) -> Pa
     module = ObjectiveSet(model, build_objectives(pcfg.objectives, model, tokens))
     if itm:
         with torch.no_grad():  # an ITM head whose match logits spread over a few units
-            module.objectives[-1].head.fc.weight.normal_(0.0, 2.0)
+            module.objectives["itm"].head.fc.weight.normal_(0.0, 2.0)
     save_model(model, cfg, run / "model", corpus / "tokenizer")
     save_train_state(run / "ray" / "step_00000001", {k: v.clone() for k, v in module.state_dict().items()},
                      {"state": {}, "param_groups": []}, {"step": 1})
@@ -398,3 +398,24 @@ def test_rerank_without_itm_head_fails_before_work(corpus_and_run, tmp_path, cap
         itm_checkpoint(itm_run / "model", 4)
     with pytest.raises(ValueError, match="rerank_k"):
         EvalConfig(rerank_k=-1)
+
+
+def test_objective_heads_are_keyed_by_name_and_a_positional_checkpoint_is_refused(corpus_and_run, tmp_path):
+    """The ITM head is saved under ``objectives.itm.*`` whatever else trained; a step checkpoint
+    that keys heads by position (written before they were keyed by name) is refused in one line."""
+    from safetensors.torch import load_file, save_file
+
+    from mm.checkpoint import CheckpointError, load_train_state
+    from mm.evaluate import itm_checkpoint
+
+    corpus, _ = corpus_and_run
+    run = make_itm_run(tmp_path / "itm", corpus)
+    path = run / "ray" / "step_00000001" / "state.safetensors"
+    state = load_file(path)
+    assert sorted(k for k in state if k.startswith("objectives.")) == [
+        "objectives.itm.head.fc.bias", "objectives.itm.head.fc.weight"]
+    save_file({k.replace("objectives.itm.", "objectives.1."): v for k, v in state.items()}, path)
+    for load in (lambda: itm_checkpoint(run / "model", 4), lambda: load_train_state(path.parent)):
+        with pytest.raises(CheckpointError, match=r"by position \(objectives\.1\.head\.fc\.") as e:
+            load()
+        assert "\n" not in str(e.value)
