@@ -537,3 +537,40 @@ def test_decoder_exports_as_a_transformers_model(tmp_path, pool):
     assert lm.generation_config.bos_token_id == 2 and lm.generation_config.eos_token_id == 3
     kw = dict(bos_id=2, eos_id=3, pad_id=0, max_tokens=6, num_beams=2)
     assert generate_ids(lm, ctx, **kw) == generate_ids(model.decoder.lm, model.decoder.context(tokens), **kw)
+
+
+def test_decoder_prompt_is_fed_not_predicted_and_stripped(tmp_path):
+    """BLIP's prompt: caption_objectives tokenises model.decoder.prompt with the corpus tokenizer,
+    the objective feeds it after [CLS] without predicting it, and generation starts after it."""
+    from test_data import save_tokenizer
+    from transformers import AutoTokenizer
+
+    from mm.caption import caption_objectives
+    from mm.generate import generate
+
+    save_tokenizer(tmp_path / "tok")
+    tok = AutoTokenizer.from_pretrained(str(tmp_path / "tok"))
+    dec = dataclasses.replace(CFG.decoder, prompt="a photo of")
+    cfg = dataclasses.replace(CFG, decoder=dec)
+    objectives, extra = caption_objectives(tmp_path / "tok", dec)
+    assert objectives.captioning.weight == 0 and objectives.contrastive.weight == 0 and len(extra) == 1
+    prompt = tuple(tok("a photo of", add_special_tokens=False)["input_ids"])
+    assert extra[0].prompt_ids == prompt and len(prompt) == 3
+    torch.manual_seed(0)
+    model = build_model(cfg, len(tok))
+    tokens = dataclasses.replace(TOK, vocab_size=len(tok))
+    with pytest.raises(ValueError, match="must be tokenised"):
+        build_objectives(COCA, model, tokens)
+    module = ObjectiveSet(model, build_objectives(objectives, model, tokens, extra))
+    captions = ["red circle", "blue square", "green triangle", "yellow circle"]
+    enc = tok(captions, padding=True, return_tensors="pt")
+    batch = {"pixels": torch.randn(4, 3, 32, 32, generator=torch.Generator().manual_seed(1)),
+             "input_ids": enc["input_ids"], "attention_mask": enc["attention_mask"]}
+    opt = torch.optim.AdamW(module.parameters(), lr=1e-2)
+    for _ in range(30):
+        loss, _ = module(batch)
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+    model.eval()
+    assert generate(model, batch["pixels"], max_tokens=5, tokenizer=tok) == captions
