@@ -78,6 +78,13 @@ class JobsConfig:
     working_dir: str = "."                   # shipped with every job (.gitignore'd paths excluded)
     poll_interval_s: float = 2.0
     timeout_s: float = 0.0                   # per stage job; 0: no limit
+    # Resources each stage's job driver asks for (`ray job submit --entrypoint-resources`). On
+    # cluster.yaml's cluster the head advertises no CPU, so a curate driver that asks for nothing
+    # would sit on the head and only its tasks would wake the autoscaler; asking for `curation`
+    # places the driver on (and, from zero, wakes) a cpu_curate node. Training stages need none:
+    # their Ray Train workers ask for GPUs and `training`, which only gpu_train nodes have.
+    entrypoint_resources: dict[str, dict[str, float]] = field(
+        default_factory=lambda: {"curate": {"curation": 1.0}, "evaluate": {"curation": 1.0}})
 
 
 @dataclass(frozen=True)
@@ -173,6 +180,7 @@ def run_as_job(stage: Stage, jobs: JobsConfig, chain_id: str) -> str:
     entrypoint = "python -m jobs." + stage.name + " " + shlex.join(stage.argv)
     sid = f"{chain_id}-{stage.name}-{int(time.time())}"
     client.submit_job(entrypoint=entrypoint, submission_id=sid,
+                      entrypoint_resources=dict(jobs.entrypoint_resources.get(stage.name, {})) or None,
                       runtime_env={"working_dir": str(Path(jobs.working_dir).resolve())},
                       metadata={"pipeline": chain_id, "stage": stage.name})
     log.info("submitted %s as Ray job %s", stage.name, sid)

@@ -40,12 +40,13 @@ class LocalCluster:
     """A throwaway ``ray start --head`` cluster on 127.0.0.1 that only stops what it started."""
 
     def __init__(self, *, num_cpus: int = 2, autoscaling_config: dict | None = None,
-                 object_store_bytes: int = 200 * 2**20, env: dict | None = None):
+                 object_store_bytes: int = 200 * 2**20, env: dict | None = None, resources: dict | None = None):
         # Short temp dir: Ray's unix sockets live under it and socket paths are limited to 107 bytes.
         self.temp_dir = tempfile.mkdtemp(prefix="mmray-", dir="/tmp")
         self.port, self.dashboard_port = free_port(), free_port()
         self.num_cpus, self.autoscaling_config = num_cpus, autoscaling_config
         self.object_store_bytes = object_store_bytes
+        self.resources = resources
         self.env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}
         # The job's `python` must be this venv's; auth off for a throwaway cluster (set explicitly).
         self.env.update({"PATH": f"{BIN}{os.pathsep}{os.environ.get('PATH', '')}", "RAY_AUTH_MODE": "disabled",
@@ -66,6 +67,8 @@ class LocalCluster:
                "--ray-client-server-port", str(free_port()), "--dashboard-agent-listen-port", str(free_port()),
                "--num-cpus", str(self.num_cpus), "--object-store-memory", str(self.object_store_bytes),
                "--temp-dir", self.temp_dir, "--disable-usage-stats"]
+        if self.resources:
+            cmd += ["--resources", json.dumps(self.resources)]
         if self.autoscaling_config is not None:
             path = Path(self.temp_dir) / "autoscaling.json"
             path.write_text(json.dumps(self.autoscaling_config, indent=1))

@@ -138,7 +138,7 @@ def test_jobs_mode_runs_each_stage_as_a_ray_job(tmp_path):
     from pipelines.demo_corpus import generate_demo_corpus
 
     demo = generate_demo_corpus(tmp_path / "demo", n_images=20, n_videos=2, seed=6)
-    cluster = LocalCluster(num_cpus=2).start()
+    cluster = LocalCluster(num_cpus=2, resources={"curation": 2}).start()  # as cluster.yaml's cpu_curate
     try:
         argv = ["--config", str(ROOT / "configs" / "pipeline.yaml"), "--set", f"out_root={tmp_path / 'out'}",
                 "--set", f"curate.sources=[{demo['image_sources'][0]}]", "--set", "stages=[curate]",
@@ -155,5 +155,12 @@ def test_jobs_mode_runs_each_stage_as_a_ray_job(tmp_path):
         assert P.main(argv) == 0
         assert json.loads((tmp_path / "out" / "pipeline.json").read_text())["stages"]["curate"]["action"] == "skip"
         assert len(client.list_jobs()) == jobs_before
+        # The driver asks for its entrypoint resources: a resource no node has keeps it pending
+        # (on an autoscaling cluster: wakes the node type that has it) until the stage times out.
+        pending = [*argv, "--force", "curate", "--set", "jobs.entrypoint_resources={curate: {gpu_only: 1}}",
+                   "--set", "jobs.timeout_s=10"]
+        assert P.main(pending) == 1
+        last = max(client.list_jobs(), key=lambda j: j.start_time or 0)
+        assert last.driver_info is None and last.status in (JobStatus.STOPPED, JobStatus.PENDING), last
     finally:
         cluster.stop()
