@@ -100,6 +100,11 @@ def corpus_file(data_dir: str | Path, override: str | None, name: str, fallback:
     return p if p.is_file() else fallback
 
 
+def corpus_templates(data_dir: str | Path, override: str | None = None) -> list[str] | dict[str, list[str]]:
+    """The zero-shot prompts: ``override``, else DATA/templates.json, else the shipped templates."""
+    return load_templates(corpus_file(data_dir, override, "templates.json", DEFAULT_TEMPLATES))
+
+
 def split_labels(data_dir: str | Path, split: str) -> list[str | None]:
     """The ``label`` column of one split, read on the driver (one small column)."""
     import pyarrow.compute as pc
@@ -146,5 +151,5 @@ def run_dir_of(model_dir: Path) -> Path:
 
 
 __all__ = ["Task", "DEFAULT_TEMPLATES", "LinearProbeConfig", "EvalConfig", "resolve_model_dir", "load_templates",
-           "class_prompts", "corpus_file", "split_labels", "resolve_classes", "load_model_and_tokenizer",
+           "class_prompts", "corpus_file", "corpus_templates", "split_labels", "resolve_classes", "load_model_and_tokenizer",
            "schema_names", "run_dir_of"]

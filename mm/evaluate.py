@@ -44,6 +44,7 @@ from mm.eval_inputs import (
     Task,
     class_prompts,
     corpus_file,
+    corpus_templates,
     load_model_and_tokenizer,
     load_templates,
     resolve_classes,
@@ -125,7 +126,7 @@ def _task_metrics(model_dir: Path, data_dir, cfg: EvalConfig, tasks, emb: Embedd
     result["counts"].update(labelled_rows=int(keep.sum()), classes=len(classes))
     if "zeroshot" in tasks:
         model, tok = load_model_and_tokenizer(model_dir)
-        templates = load_templates(corpus_file(data_dir, cfg.templates_path, "templates.json", DEFAULT_TEMPLATES))
+        templates = corpus_templates(data_dir, cfg.templates_path)
         w = zeroshot_weights(model, tok, classes, templates)
         logits = emb.media_emb[keep] @ w.T  # (N, C)
         m, c, cm = evaluate_classifier(logits, targets, classes, "zeroshot")
@@ -192,7 +193,7 @@ def _jsonable(x):
 
 
 __all__ = ["EvalConfig", "LinearProbeConfig", "Task", "DEFAULT_TEMPLATES", "Embedder", "Embeddings", "media_key",
-           "resolve_model_dir", "load_templates", "class_prompts", "corpus_file", "split_labels", "resolve_classes",
+           "resolve_model_dir", "load_templates", "class_prompts", "corpus_file", "corpus_templates", "split_labels", "resolve_classes",
            "load_model_and_tokenizer", "embed_split", "embed_split_multi", "zeroshot_weights", "encode_prompts",
            "evaluate_classifier", "sample_retrievals", "linear_probe", "masked_modelling", "evaluate_run",
            "evaluate_models", "write_eval", "retrieval_inputs", "label_targets", "itm_checkpoint", "load_itm_head",

@@ -1,5 +1,5 @@
-"""Fine-tuning strategies on top of the one training loop (mm.train.fit), WiSE-FT, and the
-zero-shot retention measurement.
+"""Fine-tuning strategies on top of the one training loop (mm.train.fit); WiSE-FT and the
+zero-shot retention measurement that follow them live in mm/wise_ft.py.
 
     summary = finetune("runs/pre", "corpora/digits", "classify", "runs/ft", FinetuneConfig())
 
@@ -7,7 +7,8 @@ Tasks. ``classify``: image (or video) classification from a labelled corpus (``l
 class names from ``finetune.classes_path``, ``DATA/classes.json`` or the sorted labels).
 ``retrieval``: contrastive image-text / video-text fine-tuning on a curated corpus.
 
-Strategies (``finetune.strategy``):
+Strategies (``finetune.strategy``), one entry each in ``STRATEGIES`` (which weights train, a
+probe first or not, the tasks it applies to); tasks, one function each in ``TASKS``:
 
 * ``full``: every weight of the adapted tower(s) (classify: the vision tower and its projection).
 * ``last_n``: only the last ``last_n_blocks`` blocks (+ final norm, projection) of the tower(s).
@@ -26,11 +27,8 @@ prompt embeddings x logit scale), as in WiSE-FT (Wortsman et al. 2022). WiSE-FT 
 ``finetune.wise_ft_alphas``; alpha = 0 is the pretrained model with its zero-shot head, so the
 curve's ends give zero-shot accuracy before/after fine-tuning ("retention").
 
-Labels reach the training workers through the prompts: the loop's batches carry pixels and
-``input_ids`` only, so classification fine-tunes train on a *view* of the corpus
-(``RUN/ft_data``, written with Ray Data) whose captions are class prompts; the classify objective
-reads each row's class back from its prompt tokens (one prompt per class, checked to be distinct),
-and FLYP trains on the same view with the contrastive loss.
+Labels reach the training workers through the prompts: classification fine-tunes train on a
+*view* of the corpus whose captions are class prompts (mm/prompt_view.py).
 
 Outputs: ``RUN/model`` (plain VLModel), ``RUN/classifier`` (``head.safetensors`` + ``classes.json``),
 ``RUN/metrics.jsonl``, ``RUN/eval.json``, ``RUN/report.html``. Tested in tests/test_finetune.py.
@@ -43,19 +41,21 @@ import json
 import logging
 import shutil
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Literal
+from typing import Any, Literal
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 from torch import nn
 
-from mm.evaluate import EvalConfig
-from mm.objectives import ContrastiveConfig, Objective, ObjectivesConfig
+from mm.eval_inputs import EvalConfig
+from mm.objectives import ContrastiveConfig, ObjectivesConfig
 from mm.probe import ClassifierHead, fit_linear_head, save_classifier
+from mm.prompt_view import Classify, ClassifyFactory, prompt_lookup, tokenize_prompts, write_prompt_view
 from mm.train import PretrainConfig
+from mm.wise_ft import evaluate_finetune, interpolate_states, retention
 
 log = logging.getLogger(__name__)
 
@@ -112,64 +112,62 @@ class FinetuneConfig(PretrainConfig):
         return dataclasses.replace(base, **changes)
 
 
-# ----------------------------------------------------------------------------- classifier heads
+# ----------------------------------------------------------------------------- strategies
 
 
-# ----------------------------------------------------------------------------- training pieces
+def _train_towers(model, p: PrepareModel) -> None:
+    """``full``: every weight of the adapted towers and their projections."""
+    for t in p.towers:
+        getattr(model, t).requires_grad_(True)
+        getattr(model, f"{t}_proj").requires_grad_(True)
 
 
-def prompt_lookup(prompt_ids: list[list[int]]) -> dict[tuple[int, ...], int]:
-    """Token ids of each class's prompt -> class index; two classes may not share ids."""
-    lookup: dict[tuple[int, ...], int] = {}
-    for c, ids in enumerate(prompt_ids):
-        key = tuple(int(i) for i in ids)
-        if key in lookup:
-            raise ValueError(f"classes {lookup[key]} and {c} tokenise to the same prompt {key}; "
-                             "the corpus tokenizer does not know their names")
-        lookup[key] = c
-    return lookup
+def _train_last_blocks(model, p: PrepareModel) -> None:
+    """``last_n``: the towers' last ``last_n_blocks`` blocks (vision: + final norm and temporal
+    blocks) and their projections."""
+    for t in p.towers:
+        tower = getattr(model, t)
+        for b in list(tower.blocks)[-p.last_n_blocks:]:
+            b.requires_grad_(True)
+        if t == "vision":
+            tower.norm.requires_grad_(True)
+            if tower.temporal is not None:
+                for m in list(tower.temporal)[-p.last_n_blocks:]:
+                    m.requires_grad_(True)
+        getattr(model, f"{t}_proj").requires_grad_(True)
 
 
-class Classify(Objective):
-    """Cross-entropy of a linear head on the normalised image/video embedding; the target class is
-    read from the row's prompt tokens (see the module docstring)."""
+def _train_lora(model, p: PrepareModel) -> None:
+    """``lora``: peft adapters on the towers' attention projections, nothing else trains."""
+    from peft import LoraConfig, inject_adapter_in_model
 
-    name = "classify"
-
-    def __init__(self, weight: np.ndarray, bias: np.ndarray, lookup: dict[tuple[int, ...], int],
-                 label_smoothing: float) -> None:
-        super().__init__(1.0)
-        self.classifier = nn.Linear(weight.shape[1], weight.shape[0])
-        with torch.no_grad():
-            self.classifier.weight.copy_(torch.from_numpy(weight))
-            self.classifier.bias.copy_(torch.from_numpy(bias))
-        self.lookup = lookup
-        self.label_smoothing = label_smoothing
-
-    def targets(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
-        lengths = attention_mask.sum(1).tolist()
-        return torch.tensor([self.lookup[tuple(row[:n])] for row, n in zip(input_ids.tolist(), lengths)],
-                            device=input_ids.device)
-
-    def step(self, model, batch):
-        y = self.targets(batch["input_ids"], batch["attention_mask"])
-        x = model.encode_video(batch["frames"]) if "frames" in batch else model.encode_image(batch["pixels"])
-        logits = self.classifier(x)
-        loss = F.cross_entropy(logits.float(), y, label_smoothing=self.label_smoothing)
-        return loss, {"acc": (logits.detach().argmax(1) == y).float().mean()}
+    target = "|".join(_LORA_TARGETS[t] for t in p.towers)
+    inject_adapter_in_model(LoraConfig(r=p.lora_rank, lora_alpha=p.lora_alpha, lora_dropout=p.lora_dropout,
+                                       target_modules=f"^({target})$"), model)  # leaves only the adapters trainable
 
 
-@dataclass
-class ClassifyFactory:
-    """Picklable ``(model, tokens) -> Objective`` for mm.train.fit's workers."""
+@dataclass(frozen=True)
+class StrategySpec:
+    """One fine-tuning strategy. ``trainable`` sets which weights train (``PrepareModel`` runs it on
+    every worker; None: no Ray Train run); ``probe_first``: a linear probe on cached frozen
+    features starts the head; ``prompts_contrastive``: classification trains both towers
+    contrastively against class prompts and reads its classifier off the text tower (FLYP);
+    ``tasks``: the tasks it applies to (None: every task in ``TASKS``)."""
 
-    weight: np.ndarray
-    bias: np.ndarray
-    lookup: dict
-    label_smoothing: float = 0.0
+    trainable: Callable | None
+    probe_first: bool = False
+    prompts_contrastive: bool = False
+    tasks: tuple[str, ...] | None = None
 
-    def __call__(self, model, tokens) -> Objective:
-        return Classify(self.weight, self.bias, self.lookup, self.label_smoothing)
+
+STRATEGIES: dict[str, StrategySpec] = {
+    "full": StrategySpec(_train_towers),
+    "last_n": StrategySpec(_train_last_blocks),
+    "lora": StrategySpec(_train_lora),
+    "head_only": StrategySpec(None, probe_first=True, tasks=("classify",)),
+    "lp_ft": StrategySpec(_train_towers, probe_first=True, tasks=("classify",)),
+    "flyp": StrategySpec(_train_towers, prompts_contrastive=True, tasks=("classify",)),
+}
 
 
 @dataclass
@@ -187,29 +185,7 @@ class PrepareModel:
     def __call__(self, model):
         for p in model.parameters():
             p.requires_grad_(False)
-        if self.strategy == "lora":
-            from peft import LoraConfig, inject_adapter_in_model
-
-            target = "|".join(_LORA_TARGETS[t] for t in self.towers)
-            inject_adapter_in_model(LoraConfig(r=self.lora_rank, lora_alpha=self.lora_alpha,
-                                               lora_dropout=self.lora_dropout, target_modules=f"^({target})$"), model)
-            # inject_adapter_in_model leaves only the adapters trainable
-        else:
-            for t in self.towers:
-                tower = getattr(model, t)
-                if self.strategy == "last_n":
-                    blocks = list(tower.blocks)[-self.last_n_blocks:]
-                    for b in blocks:
-                        b.requires_grad_(True)
-                    if t == "vision":
-                        tower.norm.requires_grad_(True)
-                        if tower.temporal is not None:
-                            for m in list(tower.temporal)[-self.last_n_blocks:]:
-                                m.requires_grad_(True)
-                else:  # full, lp_ft, flyp
-                    tower.requires_grad_(True)
-        for t in self.towers:
-            getattr(model, f"{t}_proj").requires_grad_(self.strategy != "lora")
+        STRATEGIES[self.strategy].trainable(model, self)
         # Only what the objectives use may require grad: DDP fails on parameters without gradients.
         model.logit_scale.requires_grad_(self.train_scale)
         return model
@@ -233,24 +209,11 @@ def merge_lora_state(state: dict[str, torch.Tensor], scaling: float) -> dict[str
     return out
 
 
-def interpolate_states(theta0: dict[str, torch.Tensor], theta1: dict[str, torch.Tensor],
-                       alpha: float) -> dict[str, torch.Tensor]:
-    """WiSE-FT: (1 - alpha) * theta0 + alpha * theta1 for every floating tensor (others from theta1)."""
-    if theta0.keys() != theta1.keys():
-        raise ValueError("WiSE-FT needs two models of one architecture")
-    return {k: ((1 - alpha) * theta0[k].float() + alpha * v.float()).to(v.dtype) if v.is_floating_point() else v
-            for k, v in theta1.items()}
-
-
 # ----------------------------------------------------------------------------- orchestration
 
 
-def _json_list(path: Path) -> list:
-    return json.loads(Path(path).read_text(encoding="utf-8"))
-
-
 def resolve_task_classes(data: str, s: StrategyConfig) -> list[str]:
-    from mm.evaluate import EvalConfig, resolve_classes, split_labels
+    from mm.eval_inputs import resolve_classes, split_labels
 
     labels = split_labels(data, "train")
     classes = resolve_classes(data, EvalConfig(classes_path=s.classes_path), labels)
@@ -259,63 +222,9 @@ def resolve_task_classes(data: str, s: StrategyConfig) -> list[str]:
     return classes
 
 
-def _templates(data: str, s: StrategyConfig):
-    from mm.evaluate import DEFAULT_TEMPLATES, corpus_file, load_templates
-
-    return load_templates(corpus_file(data, s.templates_path, "templates.json", DEFAULT_TEMPLATES))
-
-
-def _tokenize(tok, texts: list[str], max_tokens: int) -> list[list[int]]:
-    from mm.data import pad_ids
-
-    ids, mask = pad_ids(tok(texts)["input_ids"], tok.pad_token_id, max_tokens, True)
-    return [row[:n].tolist() for row, n in zip(ids, mask.sum(1))]
-
-
-def prompt_view_batch(table, prompts: dict[str, list[str]], prompt_ids: dict[str, list[list[int]]]):
-    """Ray Data batch function (pyarrow): keep rows of known classes; caption := one of its class prompts."""
-    import hashlib
-
-    import pyarrow as pa
-
-    table = table.filter(pa.array([lab in prompt_ids for lab in table["label"].to_pylist()]))
-    captions, ids = [], []
-    for sid, lab in zip(table["sample_id"].to_pylist(), table["label"].to_pylist()):
-        # one prompt per row, drawn from a hash of the sample id (stable across reruns)
-        j = int.from_bytes(hashlib.blake2b(sid.encode(), digest_size=4).digest(), "little") % len(prompts[lab])
-        captions.append(prompts[lab][j])
-        ids.append(prompt_ids[lab][j])
-    table = table.set_column(table.schema.get_field_index("caption"), "caption", pa.array(captions, pa.string()))
-    return table.set_column(table.schema.get_field_index("input_ids"), "input_ids", pa.array(ids, pa.list_(pa.int32())))
-
-
-def write_prompt_view(data: str, out: Path, classes: list[str], prompts: list[list[str]], tok,
-                      max_tokens: int) -> Path:
-    """RUN/ft_data: the labelled rows of ``data`` with class prompts as captions (Ray Data)."""
-    import ray.data
-    from ray.data.expressions import col
-
-    from mm.checkpoint import write_json
-
-    if (out / "manifest.json").is_file():
-        return out  # written by an earlier attempt of this run
-    shutil.rmtree(out, ignore_errors=True)
-    by_class = dict(zip(classes, prompts))
-    ids = {c: _tokenize(tok, ps, max_tokens) for c, ps in by_class.items()}
-    files = sorted(str(f) for f in (Path(data) / "data").glob("*.parquet"))
-    (ray.data.read_parquet(files).filter(expr=col("label").is_in(classes))
-     .map_batches(prompt_view_batch, fn_kwargs={"prompts": by_class, "prompt_ids": ids},
-                  batch_format="pyarrow", batch_size=256, num_cpus=0.5)
-     .write_parquet(str(out / "data")))
-    shutil.copytree(Path(data) / "tokenizer", out / "tokenizer", dirs_exist_ok=True)
-    (out / "classes.json").write_text(json.dumps(classes), encoding="utf-8")
-    write_json(out / "manifest.json", {"view_of": str(Path(data).resolve()), "classes": classes, "prompts": by_class})
-    return out
-
-
 def cached_embeddings(run: Path, model_dir: Path, data: str, split: str, cfg: EvalConfig):
     """Frozen embeddings of one split, computed once through Ray Data and cached in RUN/features/."""
-    from mm.evaluate import Embeddings, embed_split
+    from mm.embed import Embeddings, embed_split
 
     path = run / "features" / f"{split}.npz"
     if path.is_file():
@@ -349,166 +258,149 @@ def _merge_lora_run(run: Path, s: StrategyConfig) -> None:
         write_tensors(path, merge_lora_state(state, s.lora_alpha / s.lora_rank), metadata={"format": "mm-vlmodel/1"})
 
 
+# ----------------------------------------------------------------------------- tasks
+
+
+@dataclass
+class FinetuneJob:
+    """What a task's function gets: the config, the data, the run dir it writes, and the model
+    (with its tokenizer) it starts from."""
+
+    cfg: FinetuneConfig
+    data: str
+    run: Path
+    init_dir: Path
+    init_model: nn.Module
+    tok: Any  # the run's Hugging Face tokenizer
+
+    def prepare(self, towers: tuple[str, ...], train_scale: bool = False) -> PrepareModel:
+        s = self.cfg.finetune
+        return PrepareModel(s.strategy, towers, s.last_n_blocks, s.lora_rank, s.lora_alpha, s.lora_dropout,
+                            train_scale=train_scale)
+
+
+def finetune_retrieval(job: FinetuneJob) -> dict[str, ClassifierHead]:
+    """Contrastive fine-tuning on the corpus's own captions (the config's objectives, contrastive on)."""
+    from mm.train import fit
+
+    s = job.cfg.finetune
+    towers = ("vision", "text") if s.towers == "both" else (s.towers,)
+    objectives = job.cfg.objectives
+    if objectives.contrastive.weight <= 0:
+        objectives = dataclasses.replace(objectives, contrastive=ContrastiveConfig(weight=1.0))
+    fit(job.cfg.pretrain(objectives=objectives), [job.data], str(job.run), init=str(job.init_dir),
+        prepare_model=job.prepare(towers, train_scale=len(towers) == 2))
+    return {}
+
+
+def finetune_classify(job: FinetuneJob) -> dict[str, ClassifierHead]:
+    """Classification: the zero-shot head, then the strategy's fine-tuned one (a probe, the
+    ``classify`` objective on the prompt view, or FLYP's text-tower prompts)."""
+    import mm
+    from mm.eval_inputs import class_prompts, corpus_templates
+    from mm.eval_tasks import zeroshot_weights
+    from mm.train import fit
+
+    s, spec = job.cfg.finetune, STRATEGIES[job.cfg.finetune.strategy]
+    data, run, tok = job.data, job.run, job.tok
+    max_tokens = job.init_model.cfg.text.max_tokens
+    classes = resolve_task_classes(data, s)
+    templates = corpus_templates(data, s.templates_path)
+    prompts = class_prompts(classes, templates)
+    scale = float(job.init_model.scale()[0].detach())
+    zs = zeroshot_weights(job.init_model, tok, classes, templates)
+    zeroshot = ClassifierHead(classes, zs * scale, np.zeros(len(classes), np.float32))
+    head0 = zeroshot if s.head_init == "zeroshot" else \
+        ClassifierHead(classes, np.zeros_like(zs), np.zeros(len(classes), np.float32))
+    if spec.probe_first:
+        head0 = fit_probe(job, classes)
+    if spec.trainable is None:  # head_only: the pretrained model with the probe
+        shutil.rmtree(run / "model", ignore_errors=True)
+        shutil.copytree(job.init_dir, run / "model")
+        return {"zeroshot": zeroshot, "finetuned": head0}
+    if spec.prompts_contrastive:  # flyp: both towers, contrastive, against every class prompt
+        view = write_prompt_view(data, run / "ft_data", classes, prompts, tok, max_tokens)
+        fit(job.cfg.pretrain(objectives=ObjectivesConfig()), [str(view)], str(run), init=str(job.init_dir),
+            prepare_model=job.prepare(("vision", "text"), train_scale=True))
+        tuned = mm.load(str(run))
+        w = zeroshot_weights(tuned, tok, classes, templates) * float(tuned.scale()[0].detach())
+        return {"zeroshot": zeroshot, "finetuned": ClassifierHead(classes, w, np.zeros(len(classes), np.float32))}
+    # cross-entropy on the view's one prompt per class
+    view = write_prompt_view(data, run / "ft_data", classes, [p[:1] for p in prompts], tok, max_tokens)
+    lookup = prompt_lookup([tokenize_prompts(tok, p[:1], max_tokens)[0] for p in prompts])
+    summary = fit(job.cfg.pretrain(), [str(view)], str(run), init=str(job.init_dir),
+                  objectives=[ClassifyFactory(head0.weight.astype(np.float32), head0.bias.astype(np.float32),
+                                              lookup, s.label_smoothing)],
+                  prepare_model=job.prepare(("vision",)))
+    w, b = _checkpoint_head(summary)
+    return {"zeroshot": zeroshot, "finetuned": ClassifierHead(classes, w, b)}
+
+
+def fit_probe(job: FinetuneJob, classes: list[str]) -> ClassifierHead:
+    """A linear probe on the train split's cached frozen embeddings (RUN/probe_metrics.jsonl)."""
+    from mm.eval_tasks import label_targets
+
+    s = job.cfg.finetune
+    emb = cached_embeddings(job.run, job.init_dir, job.data, "train", job.cfg.eval)
+    keep, y = label_targets(emb.label, classes)
+    probe_log: list[dict] = []
+    head = fit_linear_head(emb.media_emb[keep], y, len(classes), weight_decay=s.probe_weight_decay,
+                           max_iters=s.probe_max_iters, log_to=probe_log)
+    head.classes = classes
+    (job.run / "probe_metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in probe_log))
+    return head
+
+
+# task -> its function: (FinetuneJob) -> classifier heads ("zeroshot", "finetuned") it leaves
+TASKS: dict[str, Callable[[FinetuneJob], dict[str, ClassifierHead]]] = {
+    "classify": finetune_classify,
+    "retrieval": finetune_retrieval,
+}
+
+
+def _applies(strategy: str, task: str) -> bool:
+    tasks = STRATEGIES[strategy].tasks
+    return tasks is None or task in tasks
+
+
 def finetune(init: str, data: str, task: Literal["classify", "retrieval"], out: str, cfg: FinetuneConfig) -> dict:
     """Fine-tune ``init`` (run or model dir) on ``data`` with ``cfg.finetune.strategy``; then WiSE-FT,
     eval.json and report.html in ``out``. Ray must be initialised. Returns the eval dict."""
-    from mm.evaluate import load_model_and_tokenizer, resolve_model_dir, zeroshot_weights
-    from mm.train import fit
+    from mm.eval_inputs import load_model_and_tokenizer, resolve_model_dir
+    from mm.evaluate import write_eval
+    from mm.report import write_report
 
     t0 = time.time()
     s = cfg.finetune
+    if task not in TASKS or s.strategy not in STRATEGIES:
+        raise ValueError(f"--task {task} with finetune.strategy={s.strategy}: tasks are {', '.join(TASKS)}, "
+                         f"strategies {', '.join(STRATEGIES)}")
     run = Path(out).resolve()
     run.mkdir(parents=True, exist_ok=True)
     init_dir = resolve_model_dir(init)
     init_model, tok = load_model_and_tokenizer(init_dir)
-    max_tokens = init_model.cfg.text.max_tokens
     adapts_vision = task == "classify" or s.towers in ("vision", "both")
     if s.strategy == "lora" and adapts_vision and init_model.cfg.vision.torchvision_name:
         raise ValueError("finetune.strategy=lora targets attention projections; a CNN vision tower has none "
                          "(use last_n, full, or --set finetune.towers=text for retrieval)")
-    heads: dict[str, ClassifierHead] = {}
-    if task == "retrieval":
-        if s.strategy not in ("full", "last_n", "lora"):
-            raise ValueError(f"finetune.strategy={s.strategy} applies to --task classify; retrieval takes "
-                             "full, last_n or lora")
-        towers = ("vision", "text") if s.towers == "both" else (s.towers,)
-        objectives = cfg.objectives
-        if objectives.contrastive.weight <= 0:
-            objectives = dataclasses.replace(objectives, contrastive=ContrastiveConfig(weight=1.0))
-        fit(cfg.pretrain(objectives=objectives), [data], str(run), init=str(init_dir),
-            prepare_model=PrepareModel(s.strategy, towers, s.last_n_blocks, s.lora_rank, s.lora_alpha,
-                                       s.lora_dropout, train_scale=len(towers) == 2))
-    else:
-        classes = resolve_task_classes(data, s)
-        prompts = _class_prompt_lists(classes, _templates(data, s))
-        scale = float(init_model.scale()[0].detach())
-        zs = zeroshot_weights(init_model, tok, classes, _templates(data, s))
-        heads["zeroshot"] = ClassifierHead(classes, zs * scale, np.zeros(len(classes), np.float32))
-        head0 = heads["zeroshot"] if s.head_init == "zeroshot" else \
-            ClassifierHead(classes, np.zeros_like(zs), np.zeros(len(classes), np.float32))
-        if s.strategy in ("head_only", "lp_ft"):
-            emb = cached_embeddings(run, init_dir, data, "train", cfg.eval)
-            from mm.evaluate import label_targets
-
-            keep, y = label_targets(emb.label, classes)
-            probe_log: list[dict] = []
-            head0 = fit_linear_head(emb.media_emb[keep], y, len(classes), weight_decay=s.probe_weight_decay,
-                                    max_iters=s.probe_max_iters, log_to=probe_log)
-            head0.classes = classes
-            (run / "probe_metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in probe_log))
-        if s.strategy == "head_only":
-            shutil.rmtree(run / "model", ignore_errors=True)
-            shutil.copytree(init_dir, run / "model")
-            heads["finetuned"] = head0
-        elif s.strategy == "flyp":
-            view = write_prompt_view(data, run / "ft_data", classes, prompts, tok, max_tokens)
-            fit(cfg.pretrain(objectives=ObjectivesConfig()), [str(view)], str(run), init=str(init_dir),
-                prepare_model=PrepareModel("full", ("vision", "text"), train_scale=True))
-        else:  # full, last_n, lora, lp_ft: cross-entropy on the view's one prompt per class
-            view = write_prompt_view(data, run / "ft_data", classes, [p[:1] for p in prompts], tok, max_tokens)
-            lookup = prompt_lookup([_tokenize(tok, p[:1], max_tokens)[0] for p in prompts])
-            strategy = "full" if s.strategy == "lp_ft" else s.strategy
-            summary = fit(cfg.pretrain(), [str(view)], str(run), init=str(init_dir),
-                          objectives=[ClassifyFactory(head0.weight.astype(np.float32), head0.bias.astype(np.float32),
-                                                      lookup, s.label_smoothing)],
-                          prepare_model=PrepareModel(strategy, ("vision",), s.last_n_blocks, s.lora_rank,
-                                                     s.lora_alpha, s.lora_dropout))
-            w, b = _checkpoint_head(summary)
-            heads["finetuned"] = ClassifierHead(classes, w, b)
+    if not _applies(s.strategy, task):
+        takes = ", ".join(name for name in STRATEGIES if _applies(name, task))
+        raise ValueError(f"finetune.strategy={s.strategy} applies to --task {', '.join(STRATEGIES[s.strategy].tasks)}; "
+                         f"{task} takes {takes}")
+    heads = TASKS[task](FinetuneJob(cfg, data, run, init_dir, init_model, tok))
     if s.strategy == "lora":
         _merge_lora_run(run, s)
-    if task == "classify" and s.strategy == "flyp":
-        import mm
-
-        tuned = mm.load(str(run))
-        heads["finetuned"] = ClassifierHead(classes, zeroshot_weights(tuned, tok, classes, _templates(data, s))
-                                            * float(tuned.scale()[0].detach()), np.zeros(len(classes), np.float32))
     if "finetuned" in heads:
         save_classifier(heads["finetuned"], run / "classifier")
     result = evaluate_finetune(run, init_dir, data, task, cfg, heads)
     result["finetune"] = {"init": str(init_dir), "task": task, "strategy": s.strategy,
                           "time_s": round(time.time() - t0, 1)}
-    from mm.evaluate import write_eval
-    from mm.report import write_report
-
     write_eval(result, run / "eval.json")
     write_report(run)
     return result
 
 
-def _class_prompt_lists(classes: list[str], templates) -> list[list[str]]:
-    from mm.evaluate import class_prompts
-
-    return class_prompts(classes, templates)
-
-
-def evaluate_finetune(run: Path, init_dir: Path, data: str, task: str, cfg: FinetuneConfig,
-                      heads: dict[str, ClassifierHead]) -> dict:
-    """WiSE-FT curve over ``finetune.wise_ft_alphas`` (always with 0 and 1), final metrics, retention.
-
-    Every interpolated model is written under RUN/wise_ft/ and all are embedded in one Ray Data
-    pass (mm.evaluate.evaluate_models); the directories are removed afterwards.
-    """
-    import mm
-    from mm.checkpoint import read_tensors, save_model
-    from mm.evaluate import evaluate_models, load_model_and_tokenizer, zeroshot_weights
-
-    s = cfg.finetune
-    # retrieval on the fine-tune data's own captions gives the report its sample retrievals
-    tasks = ("classify", "zeroshot", "retrieval") if task == "classify" else ("retrieval", "zeroshot")
-    theta0 = read_tensors(init_dir / "model.safetensors")
-    theta1 = read_tensors(run / "model" / "model.safetensors")
-    alphas = sorted(set(s.wise_ft_alphas) | {0.0, 1.0})
-    model = mm.load(str(run))
-    dirs: list[Path] = []
-    for alpha in alphas:
-        if alpha == 1.0:
-            dirs.append(run)
-            continue
-        d = run / "wise_ft" / f"alpha_{alpha:.2f}"
-        shutil.rmtree(d, ignore_errors=True)
-        model.load_state_dict(interpolate_states(theta0, theta1, alpha))
-        save_model(model, model.cfg, d / "model", init_dir / "tokenizer")
-        if "finetuned" in heads:
-            z, f = heads["zeroshot"], heads["finetuned"]
-            if s.strategy == "flyp":  # FLYP's classifier is the (interpolated) text tower's prompts
-                m_a, tok = load_model_and_tokenizer(d / "model")
-                w = zeroshot_weights(m_a, tok, z.classes, _templates(data, s)) * float(m_a.scale()[0].detach())
-                head = ClassifierHead(z.classes, w, z.bias)
-            else:
-                head = ClassifierHead(f.classes, (1 - alpha) * z.weight + alpha * f.weight,
-                                      (1 - alpha) * z.bias + alpha * f.bias)
-            save_classifier(head, d / "classifier")
-        dirs.append(d)
-    results = evaluate_models(dirs, data, cfg.eval, tasks=tasks)
-    if s.retention_data:
-        for res, ret in zip(results, evaluate_models(dirs, s.retention_data, cfg.eval, tasks=("zeroshot", "retrieval"))):
-            res["metrics"].update({f"retention_{k}": v for k, v in ret["metrics"].items()})
-            res["chance"].update({f"retention_{k}": v for k, v in ret["chance"].items()})
-    shutil.rmtree(run / "wise_ft", ignore_errors=True)
-    curve = [{"alpha": a, "metrics": r["metrics"]} for a, r in zip(alphas, results)]
-    final = results[-1]
-    final["wise_ft"] = curve
-    final["retention"] = retention(curve, task)
-    return final
-
-
-def retention(curve: list[dict], task: str) -> dict:
-    """Zero-shot (and fine-tuned) numbers of the pretrained (alpha 0) and fine-tuned (alpha 1) models."""
-    by = {p["alpha"]: p["metrics"] for p in curve}
-    before, after = by[0.0], by[1.0]
-    out: dict[str, float | None] = {}
-    for task_name in sorted(set(before) & set(after)):
-        for name in ("acc1", "image_retrieval_recall@1", "text_retrieval_recall@1", "video_retrieval_recall@1"):
-            if name in before[task_name] and name in after[task_name]:
-                b, a = before[task_name][name], after[task_name][name]
-                out[f"{task_name}/{name}/pretrained"] = b
-                out[f"{task_name}/{name}/finetuned"] = a
-                if task_name.startswith(("zeroshot", "retention_")):
-                    out[f"{task_name}/{name}/retention"] = a / b if b > 0 else None
-    return out
-
-
-__all__ = ["StrategyConfig", "FinetuneConfig", "Classify", "ClassifyFactory", "PrepareModel", "merge_lora_state",
-           "interpolate_states", "prompt_lookup", "finetune", "evaluate_finetune", "retention", "write_prompt_view",
-           "cached_embeddings"]
+__all__ = ["StrategyConfig", "FinetuneConfig", "StrategySpec", "STRATEGIES", "TASKS", "FinetuneJob", "Classify",
+           "ClassifyFactory", "PrepareModel", "merge_lora_state", "interpolate_states", "prompt_lookup", "finetune",
+           "finetune_classify", "finetune_retrieval", "fit_probe", "evaluate_finetune", "retention",
+           "write_prompt_view", "cached_embeddings"]

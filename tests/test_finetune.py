@@ -182,3 +182,16 @@ def test_finetune_end_to_end(ray_session, tmp_path, strategy):
         assert ev["metrics"]["classify"]["acc1"] >= 0.75
         assert ev["metrics"]["zeroshot"] == ev["wise_ft"][0]["metrics"]["zeroshot"]
         assert (out / "features" / "train.npz").is_file()
+
+
+def test_every_strategy_is_one_table_entry():
+    """finetune.strategy's values are STRATEGIES' keys; lp_ft and flyp train as full does."""
+    from typing import get_args
+
+    from mm.finetune import STRATEGIES, TASKS, Strategy
+
+    assert set(STRATEGIES) == set(get_args(Strategy)) and set(TASKS) == {"classify", "retrieval"}
+    assert STRATEGIES["lp_ft"].trainable is STRATEGIES["flyp"].trainable is STRATEGIES["full"].trainable
+    assert STRATEGIES["head_only"].trainable is None
+    full = {n for n, p in PrepareModel("full", ("vision",))(_model()).named_parameters() if p.requires_grad}
+    assert {n for n, p in PrepareModel("lp_ft", ("vision",))(_model()).named_parameters() if p.requires_grad} == full
