@@ -27,7 +27,9 @@ from jobs.stages import StageFailed, stage_errors
 @dataclass(frozen=True)
 class GateConfig:
     task: Literal["retrieval", "zeroshot"] = "retrieval"
-    metric: str = "image_retrieval_recall@5"   # a key of eval.json's metrics[task]; higher is better
+    # A key of eval.json's metrics[task]; higher is better. ``{media}`` is the held-out corpus's
+    # modality ("image" or "video"), so one default serves image and video refreshes.
+    metric: str = "{media}_retrieval_recall@5"
     tolerance: float = 0.02                    # absolute: promote if new >= current - tolerance
 
 
@@ -50,14 +52,21 @@ def _evaluate(run: Path, heldout: Path, eval_cfg, task: str) -> dict:
     return result
 
 
+def metric_name(gate: GateConfig, modality: str) -> str:
+    """``gate.metric`` with ``{media}`` resolved for a corpus of ``modality``."""
+    return gate.metric.replace("{media}", "video" if modality == "video" else "image")
+
+
 def heldout_metric(run: Path, heldout: Path, eval_cfg, gate: GateConfig) -> float:
     """The gate metric of ``run`` on the held-out set."""
     result = _evaluate(run, heldout, eval_cfg, gate.task)
+    modality = (L.read_json(heldout / "stats.json") or {}).get("modality", "image")
+    name = metric_name(gate, modality)
     try:
-        return float(result["metrics"][gate.task][gate.metric])
+        return float(result["metrics"][gate.task][name])
     except KeyError:
         have = sorted((result.get("metrics") or {}).get(gate.task, {}))
-        raise StageFailed(f"gate metric {gate.task}.{gate.metric} not in the evaluation; have: {', '.join(have)}; "
+        raise StageFailed(f"gate metric {gate.task}.{name} not in the evaluation; have: {', '.join(have)}; "
                           f"skipped: {result.get('skipped')}") from None
 
 
@@ -71,4 +80,4 @@ def decide(candidate: float, current: float | None, current_run: str | None, gat
     return "held", f"{name} {candidate:.4f} < {current:.4f} - tolerance {gate.tolerance}: kept {current_run}"
 
 
-__all__ = ["GateConfig", "heldout_metric", "decide"]
+__all__ = ["GateConfig", "metric_name", "heldout_metric", "decide"]

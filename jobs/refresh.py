@@ -57,7 +57,7 @@ from typing import Literal
 from core import lineage as L
 from core.config import load_config, to_dict
 from jobs.cli import UsageError, add_common, run
-from jobs.gate import GateConfig, decide, heldout_metric
+from jobs.gate import GateConfig, decide, heldout_metric, metric_name
 from jobs.stages import StageConfig, StageFailed, load_stage_config, stage_errors
 
 log = logging.getLogger("mm.refresh")
@@ -326,7 +326,9 @@ class Refresh:
 
     def step_decide(self) -> dict:
         e = self.state["steps"]["evaluate"]
-        action, why = decide(e["candidate"], e["current"], e["current_run"], self.cfg.gate)
+        modality = (L.read_json(self.corpus / "heldout" / "stats.json") or {}).get("modality", "image")
+        gate = replace(self.cfg.gate, metric=metric_name(self.cfg.gate, modality))
+        action, why = decide(e["candidate"], e["current"], e["current_run"], gate)
         if action == "promoted":
             L.write_pointer(self.models / "current", self.run_dir)
         return {"action": action, "why": why, "current": str(L.read_pointer(self.models / "current"))}

@@ -98,7 +98,12 @@ def kept_index_rows(curated: Path, modality: str, namespace: str) -> pa.Table:
     work = _work_rows(curated)
     work = work.filter(pc.is_null(work.column("reason")))
     mask = pa.array([k in kept for k in _join_keys(work, modality)], pa.bool_())
-    rows = work.filter(mask).select(INDEX_COLUMNS)
+    rows = work.filter(mask).select(INDEX_COLUMNS + (["start_s"] if modality == "video" else []))
+    if modality == "video":  # one row per clip: a clip's caption rows (MSR-VTT style) share its media
+        first: dict[tuple, int] = {}
+        for i, k in enumerate(_join_keys(rows, modality)):
+            first.setdefault(k, i)
+        rows = rows.take(pa.array(sorted(first.values()), pa.int64()))
     rid = pa.array([make_sample_id(namespace, r) for r in rows.column("row_id").to_pylist()], pa.string())
     return rows.set_column(0, "row_id", rid)
 
@@ -117,18 +122,23 @@ def dedup_against_index(curated: Path, index_dir: Path, snapshot: str, modality:
     counts = {"duplicate": 0, "near_duplicate": 0, "heldout": 0}
     if new.num_rows == 0 or not index_files:
         return counts
-    parts = [new.append_column("priority", pa.array([1] * new.num_rows, pa.int64()))]
+    parts = [new.select(INDEX_COLUMNS).append_column("priority", pa.array([1] * new.num_rows, pa.int64()))]
     heldout_ids: set[str] = set()
     for f in index_files:
-        t = pq.read_table(f).select(INDEX_COLUMNS)
+        t = pq.read_table(f).select(INDEX_COLUMNS)  # a video index also holds start_s
         prio = -1 if f.stem == HELDOUT else 0
         if prio < 0:
             heldout_ids.update(t.column("sample_id").to_pylist())
         parts.append(t.append_column("priority", pa.array([prio] * t.num_rows, pa.int64())))
     rows = ray.data.from_arrow(pa.concat_tables(parts))
     drops = find_duplicates(rows, dedup_cfg)
+    # Only a new row whose keeper is an indexed (older or held-out) row leaves: duplicates among the
+    # new rows were decided by the snapshot's own curate run.
     new_ids = set(new.column("row_id").to_pylist())
-    drops = drops.filter(pa.array([r in new_ids for r in drops.column("row_id").to_pylist()], pa.bool_()))
+    new_samples = set(new.column("sample_id").to_pylist())
+    drops = drops.filter(pa.array([r in new_ids and k not in new_samples for r, k in
+                                   zip(drops.column("row_id").to_pylist(), drops.column("keeper").to_pylist())],
+                                  pa.bool_()))
     if drops.num_rows == 0:
         return counts
     by_rid = {r: i for i, r in enumerate(new.column("row_id").to_pylist())}

@@ -116,6 +116,20 @@ def test_gate_holds_and_says_why(tmp_path):
     assert L.read_pointer(tmp_path / "models" / "current").name == "run-old"
 
 
+def test_default_gate_metric_exists_for_image_and_video_corpora():
+    """The default gate metric names a metric evaluation writes for either modality (it was
+    image_retrieval_recall@5, which a video evaluation never writes)."""
+    import numpy as np
+
+    from jobs.gate import GateConfig, metric_name
+    from mm.metrics import retrieval_metrics
+
+    emb = np.eye(4, dtype=np.float32)
+    for media in ("image", "video"):
+        written, _ = retrieval_metrics(emb, emb, np.arange(4), media=media)
+        assert metric_name(GateConfig(), media) in written, sorted(written)
+
+
 def test_gate_promotes_the_first_model(tmp_path):
     r = _refresh_with_eval(tmp_path, cand=0.1, cur=None)
     assert r.step_decide()["action"] == "promoted"
