@@ -122,4 +122,52 @@ def local_dir(src: str | os.PathLike) -> str:
     return target
 
 
-__all__ = ["is_uri", "resolve", "expand_braces", "move", "remove", "local_dir"]
+def join(base: str | os.PathLike, *parts: str) -> str:
+    """``base/part/...`` for a local path or a URI (never ``os.path.join``'s scheme mangling)."""
+    return "/".join([str(base).rstrip("/"), *(p.strip("/") for p in parts)])
+
+
+def read_bytes(src: str | os.PathLike) -> bytes | None:
+    """The bytes of a file at a path or URI; None if there is no such file."""
+    fs, path, _ = resolve(str(src))
+    if fs.get_file_info(path).type != pafs.FileType.File:
+        return None
+    with fs.open_input_stream(path) as f:
+        return f.read()
+
+
+def write_bytes(dst: str | os.PathLike, data: bytes) -> None:
+    """Write a whole file at a path or URI. Local: a temp file renamed over the target (readers
+    never see a torn file); object stores: a single PUT, which is atomic per object."""
+    fs, path, _ = resolve(str(dst))
+    parent = path.rsplit("/", 1)[0]
+    if isinstance(fs, pafs.LocalFileSystem):
+        import tempfile
+
+        os.makedirs(parent, exist_ok=True)
+        fd, tmp = tempfile.mkstemp(prefix=".tmp-", dir=parent)
+        with os.fdopen(fd, "wb") as f:
+            f.write(data)
+        os.replace(tmp, path)
+        return
+    with fs.open_output_stream(path) as f:
+        f.write(data)
+
+
+def upload_dir(local: str | os.PathLike, dst: str) -> None:
+    """Copy a local directory to a path or URI (replacing what is there)."""
+    fs, path, _ = resolve(dst)
+    if isinstance(fs, pafs.LocalFileSystem) and os.path.abspath(str(local)) == path:
+        return
+    remove(fs, path)
+    fs.create_dir(path, recursive=True)
+    pafs.copy_files(str(local), path, source_filesystem=pafs.LocalFileSystem(), destination_filesystem=fs)
+
+
+def exists(src: str | os.PathLike) -> bool:
+    fs, path, _ = resolve(str(src))
+    return fs.get_file_info(path).type != pafs.FileType.NotFound
+
+
+__all__ = ["is_uri", "resolve", "expand_braces", "move", "remove", "local_dir", "join", "read_bytes", "write_bytes",
+           "upload_dir", "exists"]
