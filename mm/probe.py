@@ -71,7 +71,7 @@ def fit_linear_head(x: np.ndarray, y: np.ndarray, n_classes: int, *, weight_deca
         opt.zero_grad()
         loss = F.cross_entropy(lin(xt), yt) + weight_decay * lin.weight.pow(2).sum()
         loss.backward()
-        calls.append(float(loss))
+        calls.append(float(loss.detach()))
         return loss
 
     opt.step(closure)

@@ -20,7 +20,9 @@ position (epoch, batches consumed); random draws are reseeded per step from (see
 and Ray Data runs with ``preserve_order`` so a shard replays the same rows.
 
 Pretraining and fine-tuning differ by objectives and config only: callers pass extra objective
-factories and a ``prepare_model`` hook (freeze, LoRA, ...). Tested in tests/test_train.py.
+factories and a ``prepare_model`` hook (freeze, LoRA, ...). Beside the loop: ``train.frozen_features``'
+precomputation (mm/frozen.py) and what a run reports, metrics.jsonl and one progress line per
+logged step on the driver (mm/train_log.py). Tested in tests/test_train.py.
 """
 
 from __future__ import annotations
@@ -30,7 +32,6 @@ import dataclasses
 import json
 import logging
 import math
-import os
 import tempfile
 import time
 from collections.abc import Callable, Sequence
@@ -44,7 +45,6 @@ import torch
 from mm.checkpoint import load_model, load_train_state, model_dir, save_model, save_train_state, write_json
 from mm.config import ModelConfig
 from mm.data import (
-    CorpusInfo,
     DataConfig,
     PreprocessConfig,
     build_dataset,
@@ -53,9 +53,11 @@ from mm.data import (
     load_token_info,
     trim_padding,
 )
+from mm.frozen import check_frozen_features, frozen_feature_dataset
 from mm.models import VLModel, build_model
 from mm.objectives import ObjectiveFactory, ObjectivesConfig, ObjectiveSet, build_objectives
 from mm.optim import OptimConfig, build_optimizer, build_scheduler
+from mm.train_log import MetricsLog, read_metrics, say
 
 log = logging.getLogger(__name__)
 
@@ -117,7 +119,6 @@ def fit(cfg: PretrainConfig, corpora: Sequence[str], run_dir: str, init: str | N
     """
     import ray
     import ray.train
-    from ray.train.torch import TorchTrainer
 
     from core.lineage import code_version
     from core.runtime import init_ray, worker_cpus
@@ -159,7 +160,7 @@ def fit(cfg: PretrainConfig, corpora: Sequence[str], run_dir: str, init: str | N
     cpus = t.cpus_per_worker or worker_cpus(t.num_workers, reserve_cpus=1.0)
     ingest = ray.train.DataConfig.default_ingest_options()
     ingest.preserve_order = True  # a shard replays the same rows: exact resume
-    trainer = TorchTrainer(
+    trainer = _torch_trainer()(
         train_loop,
         train_loop_config={"cfg": cfg, "tokens": tokens, "weights": weights, "run_dir": str(run),
                            "tokenizer_dir": tokenizer_dir, "init": str(model_dir(init)) if init else None,
@@ -181,96 +182,30 @@ def fit(cfg: PretrainConfig, corpora: Sequence[str], run_dir: str, init: str | N
             "last": lines[-1] if lines else {}, "checkpoint": result.checkpoint.path if result.checkpoint else None}
 
 
-def check_frozen_features(cfg: PretrainConfig, objectives: Sequence[ObjectiveFactory] | None,
-                          prepare_model: Callable | None) -> None:
-    """``train.frozen_features`` holds only when nothing that trains sees more than the pooled features."""
-    m, o = cfg.model, cfg.objectives
-    problems = []
-    if not (m.lock.vision and m.lock.text) or m.lock.vision_unlocked_blocks or m.lock.text_unlocked_blocks:
-        problems.append("both towers must be wholly locked (model.lock.vision/text true, no unlocked blocks)")
-    if cfg.data.augment or cfg.data.flip:
-        problems.append("data.augment and data.flip must be off (a locked tower's features would change per step)")
-    if o.contrastive.weight <= 0 or any(x.weight > 0 for x in (o.mlm, o.fusion_mlm, o.mim, o.itm)):
-        problems.append("the contrastive objective must be the only one (MLM, MIM and ITM need the towers' tokens)")
-    if objectives or prepare_model is not None:
-        problems.append("no extra objectives or model preparation (fine-tuning computes its own cached features)")
-    if cfg.train.parallel != "ddp":
-        problems.append("train.parallel must be ddp (the towers do not run in the steps)")
-    if problems:
-        raise ValueError("train.frozen_features: " + "; ".join(problems))
+def _torch_trainer():
+    """``TorchTrainer``, less Train v2's ``PlacementGroupCleanerCallback`` when no dashboard runs.
 
+    That callback's detached actor asks the State API (served by the dashboard) every second
+    whether the controller still lives; on a Ray started without the dashboard (``init_ray``'s
+    local default) each query fails and it warns "Failed to query Ray Train Controller actor
+    state" every few seconds of the run. What it guards against, a controller dying without
+    removing its placement group, ends with a local Ray anyway; with a dashboard it stays."""
+    import ray
+    from ray.train.torch import TorchTrainer
 
-class TowerFeatures:
-    """Ray Data callable class: preprocessed rows -> the locked towers' pooled features
-    (``vision_feature`` (B, Wv), ``text_feature`` (B, Wt)), from the model a training worker builds."""
+    try:
+        from ray.train.v2._internal.callbacks.placement_group_callback import PlacementGroupCleanerCallback
+    except ImportError:  # a Ray without it
+        return TorchTrainer
 
-    def __init__(self, model_cfg: ModelConfig, vocab_size: int, init: str | None, threads: int) -> None:
-        torch.set_num_threads(threads)
-        self.model = build_model(model_cfg, vocab_size)
-        if init:
-            self.model.load_state_dict(load_model(init)[0].state_dict())
-        self.model.eval()
+    class Trainer(TorchTrainer):
+        def _create_default_callbacks(self):
+            callbacks = super()._create_default_callbacks()
+            if ray._private.worker.get_dashboard_url():
+                return callbacks
+            return [c for c in callbacks if not isinstance(c, PlacementGroupCleanerCallback)]
 
-    def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
-        batch = trim_padding(batch)
-        vision = torch.from_numpy(batch["frames"] if "frames" in batch else batch["pixels"][:, None])
-        with torch.inference_mode():
-            return {"sample_id": np.asarray(batch["sample_id"]).astype(str),
-                    "vision_feature": self.model.vision_features(vision).float().numpy(),
-                    "text_feature": self.model.text_features(torch.from_numpy(batch["input_ids"]),
-                                                             torch.from_numpy(batch["attention_mask"])).float().numpy()}
-
-
-def frozen_feature_dataset(cfg: PretrainConfig, info: CorpusInfo, out: Path, pre: PreprocessConfig,
-                           vocab_size: int, init: str | None):
-    """The train split's locked-tower features, written once to ``out`` (Parquet) and read back.
-
-    ``out/features.json`` records what they were computed from (corpus manifest, tower configs,
-    the size and mtime of every weight file they load, preprocessing, init); a later run with the
-    same inputs (a resume, another projection or another seed) reads them, anything else (a
-    weights file replaced in place included) recomputes them.
-    """
-    import shutil
-
-    import ray.data
-
-    from core.lineage import source_refs
-    from core.runtime import worker_cpus
-
-    weights = [p for p in (cfg.model.vision.pretrained_path, cfg.model.text.pretrained_path, init) if p]
-    # Not the preprocessing seed: it draws only augmentations, which check_frozen_features refuses,
-    # so a run with another train.seed reads the same features.
-    preprocess = {k: v for k, v in dataclasses.asdict(pre).items() if k != "seed"}
-    key = {"corpus": info.path, "rows": info.rows, "corpus_manifest": info.manifest,
-           "vision": dataclasses.asdict(cfg.model.vision), "text": dataclasses.asdict(cfg.model.text),
-           "preprocess": preprocess, "init": init, "weight_files": source_refs(weights)}
-    key = json.loads(json.dumps(key, default=str))
-    stamp = out / "features.json"
-    if not (stamp.is_file() and json.loads(stamp.read_text()).get("inputs") == key):
-        shutil.rmtree(out, ignore_errors=True)
-        t0 = time.time()
-        cpus = worker_cpus(cfg.train.num_workers, reserve_cpus=1.0)
-        (build_dataset(info, "train", dataclasses.replace(pre, keep_columns=("sample_id",)), cfg.data)
-         .map_batches(TowerFeatures, fn_constructor_kwargs={"model_cfg": cfg.model, "vocab_size": vocab_size,
-                                                            "init": init, "threads": max(1, int(cpus))},
-                      batch_size=cfg.data.map_batch_rows, batch_format="numpy", num_cpus=cpus,
-                      compute=ray.data.ActorPoolStrategy(size=cfg.train.num_workers))
-         .write_parquet(str(out / "data")))
-        rows = sum(_parquet_rows(f) for f in (out / "data").glob("*.parquet"))
-        if rows != info.rows.get("train", 0):
-            raise RuntimeError(f"frozen features of {info.path}: {rows} rows written for {info.rows.get('train', 0)} "
-                               "train rows")
-        write_json(stamp, {"inputs": key, "rows": rows, "seconds": round(time.time() - t0, 1)})
-    ds = (ray.data.read_parquet(str(out / "data"), num_cpus=cfg.data.map_cpus)
-          .select_columns(["vision_feature", "text_feature"]))
-    on_disk_mb = sum(f.stat().st_size for f in (out / "data").glob("*.parquet")) / 2 ** 20
-    return ds.materialize() if on_disk_mb <= cfg.data.cache_max_mb else ds
-
-
-def _parquet_rows(path: Path) -> int:
-    import pyarrow.parquet as pq
-
-    return pq.ParquetFile(path).metadata.num_rows
+    return Trainer
 
 
 def _mix_weights(data: DataConfig, infos) -> list[float]:
@@ -297,13 +232,6 @@ def _check_same_tokenizer(corpora: Sequence[str]) -> None:
     for c in corpora[1:]:
         if vocab(c) != first:
             raise ValueError(f"corpus {c} uses another tokenizer than {corpora[0]}; curate them with one tokenizer")
-
-
-def read_metrics(path: str | os.PathLike) -> list[dict]:
-    p = Path(path)
-    if not p.is_file():
-        return []
-    return [json.loads(line) for line in p.read_text().splitlines() if line.strip()]
 
 
 # -- worker side -------------------------------------------------------------------------------
@@ -376,54 +304,6 @@ def _no_sync(module: torch.nn.Module, sync: bool):
     if not sync and hasattr(module, "no_sync"):  # DDP
         return module.no_sync()
     return contextlib.nullcontext()
-
-
-class MetricsLog:
-    """rank 0: metrics.jsonl, a progress line with ETA, optional TensorBoard / MLflow."""
-
-    def __init__(self, run_dir: str, t: TrainConfig, start_step: int) -> None:
-        self.path = Path(run_dir) / "metrics.jsonl"
-        self.t = t
-        # Lines past the checkpoint we resume from were logged by an attempt that died: the
-        # resumed run writes those steps again.
-        kept = [m for m in read_metrics(self.path) if m["step"] <= start_step]
-        self.path.write_text("".join(json.dumps(m) + "\n" for m in kept))
-        self.start_step, self.t0 = start_step, time.time()
-        self.tb = self.mlflow = None
-        if t.tensorboard:
-            try:
-                from torch.utils.tensorboard import SummaryWriter
-            except ImportError:
-                from tensorboardX import SummaryWriter
-            self.tb = SummaryWriter(str(Path(run_dir) / "tensorboard"))
-        if t.mlflow_tracking_uri:
-            import mlflow
-
-            mlflow.set_tracking_uri(t.mlflow_tracking_uri)
-            mlflow.start_run(run_name=Path(run_dir).name)
-            self.mlflow = mlflow
-
-    def write(self, m: dict) -> None:
-        with self.path.open("a") as f:
-            f.write(json.dumps(m) + "\n")
-        done = m["step"] - self.start_step
-        eta = (time.time() - self.t0) / max(1, done) * (self.t.max_steps - m["step"])
-        parts = " ".join(f"{k.split('/', 1)[1]} {v:.3f}" for k, v in m.items() if k.startswith("loss/"))
-        print(f"step {m['step']}/{self.t.max_steps} loss {m['loss']:.4f} ({parts}) lr {m['lr']:.2e} "
-              f"{m['samples_per_s']:.1f} samples/s data-wait {100 * m['data_wait_frac']:.1f}% "
-              f"eta {int(eta) // 60}m{int(eta) % 60:02d}s", flush=True)
-        scalars = {k: v for k, v in m.items() if isinstance(v, (int, float)) and k != "step"}
-        if self.tb is not None:
-            for k, v in scalars.items():
-                self.tb.add_scalar(k, v, m["step"])
-        if self.mlflow is not None:
-            self.mlflow.log_metrics({k.replace("/", "_"): v for k, v in scalars.items()}, step=m["step"])
-
-    def close(self) -> None:
-        if self.tb is not None:
-            self.tb.close()
-        if self.mlflow is not None:
-            self.mlflow.end_run()
 
 
 def _mean_over_workers(values: dict[str, torch.Tensor]) -> dict[str, float]:
@@ -516,7 +396,7 @@ def train_loop(config: dict) -> None:
             scaler.load_state_dict(state["scaler"])
         step, nonfinite, positions = state["step"], state["nonfinite_steps"], state["streams"]
         if rank == 0:
-            print(f"resumed from step {step} ({checkpoint.path})", flush=True)
+            say(f"resumed from step {step} ({checkpoint.path})")
     streams = [Stream(ray.train.get_dataset_shard(name), cfg.data, t.seed, **positions.get(name, {}))
                for name in config["streams"]]
     mlog = MetricsLog(config["run_dir"], t, step) if rank == 0 else None

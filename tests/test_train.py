@@ -341,3 +341,29 @@ def test_frozen_features_refuse_what_would_train_the_towers(tmp_path, change, re
     with pytest.raises(ValueError, match=reason):
         fit(cfg, [str(corpus)], str(tmp_path / "run"))
     assert not (tmp_path / "run").exists()
+
+
+def test_trainer_without_a_dashboard_has_no_placement_group_cleaner(ray_session):
+    """Train v2's PlacementGroupCleaner polls the State API (the dashboard's) and warns every few
+    seconds when it is absent: the trainer leaves it out then, and keeps every other callback."""
+    import ray.train
+
+    from mm.train import _torch_trainer
+
+    assert not ray_session._private.worker.get_dashboard_url()  # the test session runs without one
+    trainer = _torch_trainer()(lambda config: None, scaling_config=ray.train.ScalingConfig(num_workers=1))
+    names = [type(c).__name__ for c in trainer._create_default_callbacks()]
+    assert "BackendSetupCallback" in names and "DatasetsCallback" in names
+    assert "PlacementGroupCleanerCallback" not in names
+
+
+def test_progress_lines_go_through_the_workers_logger_once(caplog):
+    """On a Ray Train worker the root logger has Train's console handler: a line is logged there,
+    not printed (Train's patched print would log it and echo it to stdout: twice on the driver)."""
+    import logging
+
+    from mm.train_log import say
+
+    with caplog.at_level(logging.INFO, logger="mm.train_log"):
+        say("step 1/2 loss 0.5")
+    assert [r.getMessage() for r in caplog.records] == ["step 1/2 loss 0.5"]
