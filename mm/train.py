@@ -53,7 +53,7 @@ from mm.data import (
     load_token_info,
     trim_padding,
 )
-from mm.frozen import check_frozen_features, frozen_feature_dataset
+from mm.frozen import TowerFeatures, check_frozen_features, frozen_feature_dataset
 from mm.models import VLModel, build_model
 from mm.objectives import ObjectiveFactory, ObjectivesConfig, ObjectiveSet, build_objectives
 from mm.optim import OptimConfig, build_optimizer, build_scheduler
@@ -468,4 +468,6 @@ def module_model(module: torch.nn.Module) -> VLModel:
     return unwrap(module).model
 
 
-__all__ = ["TrainConfig", "PretrainConfig", "fit", "train_loop", "train_step", "read_metrics", "Stream"]
+__all__ = ["TrainConfig", "PretrainConfig", "fit", "train_loop", "train_step", "read_metrics", "Stream",
+           # moved to mm.frozen / mm.train_log, importable from here as before
+           "TowerFeatures", "check_frozen_features", "frozen_feature_dataset", "MetricsLog"]
