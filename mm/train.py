@@ -22,7 +22,9 @@ and Ray Data runs with ``preserve_order`` so a shard replays the same rows.
 Pretraining and fine-tuning differ by objectives and config only: callers pass extra objective
 factories and a ``prepare_model`` hook (freeze, LoRA, ...). Beside the loop: ``train.frozen_features``'
 precomputation (mm/frozen.py) and what a run reports, metrics.jsonl and one progress line per
-logged step on the driver (mm/train_log.py). Tested in tests/test_train.py.
+logged step on the driver (mm/train_log.py). The driver side (``fit``) and the worker side
+(``train_loop`` and its pieces) stay together, one concern, a little over 450 lines.
+Tested in tests/test_train.py.
 """
 
 from __future__ import annotations
