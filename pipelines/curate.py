@@ -66,6 +66,8 @@ log = logging.getLogger(__name__)
 
 WORK_COLUMNS = ("row_id", "sample_id", "source", "key", "caption", "content_hash", "hashes", "area",
                 "orig_width", "orig_height", "label", "stage", "reason", "detail")
+#: Image work rows also carry the near-duplicate verification descriptors (pipelines/dedup_verify.py).
+IMAGE_DEDUP_COLUMNS = ("crop_hashes", "thumb")
 #: A run's scratch under DIR, removed at the end unless ``output.keep_work``. Its ``processed/``
 #: holds every work row (WORK_COLUMNS + the modality's columns) as Parquet; pipelines/incremental.py
 #: reads the kept rows' dedup columns and original sizes there to index a snapshot.
@@ -231,7 +233,8 @@ def _run_curate(sources: list[str], out: str, cfg: CurateConfig) -> dict:
 
     # 2. dedup (small columns, read once and held in the object store) ----------------------------
     small = read(["row_id", "sample_id", "source", "key", "caption", "content_hash", "hashes", "area",
-                  "orig_width", "orig_height", "stage", "reason", "detail"]).materialize()
+                  "orig_width", "orig_height", "stage", "reason", "detail",
+                  *(IMAGE_DEDUP_COLUMNS if cfg.modality == "image" else ())]).materialize()
     candidates = small.map_batches(_candidates_only, **light).materialize()
     if cfg.modality == "video":  # one candidate per clip; a dropped clip takes all its caption rows
         from pipelines import video_accounting as video_mod

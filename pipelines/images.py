@@ -13,7 +13,9 @@ Order of checks (cheap first, nothing decoded before it is known to be safe):
 The exact-duplicate key ``pixel_hash`` hashes the decoded pixels at the curated resolution plus the
 original size, so a re-encoded or re-tagged copy of the same picture hashes the same; ``phash`` is
 the 64-bit DCT perceptual hash (Zauner 2010; the ``imagehash.phash`` recipe: 32x32 grey, 2-D
-DCT-II, top-left 8x8, bits above the median) used by near-duplicate removal.
+DCT-II, top-left 8x8, bits above the median) that nominates near-duplicate candidates, with
+``crop_hashes`` (the pHashes of four corner crops) and ``thumb`` (a 64x64 thumbnail) that verify
+them (pipelines/dedup_verify.py), all computed here from the decoded pixels.
 
 Reject reasons: empty_file, unsupported_format, decode_error, truncated, decompression_bomb,
 animated, too_small, bad_aspect_ratio. Tested in tests/test_images.py.
@@ -34,6 +36,7 @@ import pyarrow as pa
 from PIL import Image, ImageCms, ImageFile, ImageOps, UnidentifiedImageError
 
 from pipelines.captions import CaptionConfig, normalize_for_dedup, process_caption
+from pipelines.dedup_verify import compute_descriptors, phash_of_grey32
 from pipelines.schema import make_sample_id
 
 # We check the pixel limit ourselves before decoding; Pillow's own check stays as a backstop.
@@ -124,7 +127,7 @@ def process_image(data: bytes | None, name: str | None, cfg: ImageConfig) -> dic
     pixel_hash = hashlib.blake2b(pixels, digest_size=16, key=f"{w}x{h}".encode()).digest()
     buf = io.BytesIO()
     out.save(buf, "JPEG", quality=cfg.jpeg_quality)
-    return {"image": buf.getvalue(), "width": ow, "height": oh, "phash": compute_phash(out),
+    return {"image": buf.getvalue(), "width": ow, "height": oh, **compute_descriptors(out),
             "pixel_hash": pixel_hash, "orig_width": w, "orig_height": h}
 
 
@@ -218,24 +221,9 @@ def resize_shorter_side(im: Image.Image, image_px: int, upscale: bool = False) -
     return im.resize(size, Image.Resampling.BICUBIC, reducing_gap=2.0)
 
 
-def _dct_matrix(n: int) -> np.ndarray:
-    k = np.arange(n)[:, None]
-    x = np.arange(n)[None, :]
-    return np.cos(np.pi * (2 * x + 1) * k / (2 * n))
-
-
-_DCT32 = _dct_matrix(32)[:8]  # only the 8 lowest frequencies are kept: (8, 32)
-_BIT_WEIGHTS = (1 << np.arange(63, -1, -1, dtype=np.uint64)).astype(np.uint64)
-
-
 def compute_phash(im: Image.Image) -> int:
     """64-bit DCT perceptual hash as a signed int64 (bit 63 = top-left coefficient)."""
-    g = np.asarray(im.convert("L").resize((32, 32), Image.Resampling.BOX), dtype=np.float64)
-    low = _DCT32 @ g @ _DCT32.T  # (8, 8) lowest frequencies of the 2-D DCT-II
-    low = np.round(low, 6)       # float noise must not decide bits of flat regions
-    bits = (low > np.median(low)).ravel()
-    value = int(np.sum(_BIT_WEIGHTS[bits], dtype=np.uint64))
-    return value - (1 << 64) if value >= (1 << 63) else value
+    return phash_of_grey32(np.asarray(im.convert("L").resize((32, 32), Image.Resampling.BOX)))
 
 
 def hamming(a: int, b: int) -> int:
@@ -250,6 +238,7 @@ IMAGE_WORK_SCHEMA = pa.schema([
     pa.field("image", pa.binary()), pa.field("width", pa.int32()), pa.field("height", pa.int32()),
     pa.field("phash", pa.int64()), pa.field("label", pa.string()),
     pa.field("content_hash", pa.string()), pa.field("hashes", pa.list_(pa.int64())),
+    pa.field("crop_hashes", pa.list_(pa.int64())), pa.field("thumb", pa.binary()),
     pa.field("area", pa.int64()), pa.field("orig_width", pa.int32()), pa.field("orig_height", pa.int32()),
     pa.field("stage", pa.string()), pa.field("reason", pa.string()), pa.field("detail", pa.string()),
 ])

@@ -2,24 +2,32 @@
 
 from __future__ import annotations
 
+import io
+
 import numpy as np
 import pyarrow as pa
 import pytest
+from PIL import Image, ImageEnhance
 
 from pipelines.dedup import (
     DROP_SCHEMA,
+    EVIDENCE_SCHEMA,
     DedupConfig,
     UnionFind,
+    find_duplicates,
+    find_duplicates_local,
+    keeper_order,
+)
+from pipelines.dedup_lsh import (
     band_keys,
     band_positions,
     candidate_pairs,
-    find_duplicates,
-    find_duplicates_local,
     hash_matrix,
-    keeper_order,
     minhash_signatures,
     within_hamming,
 )
+from pipelines.dedup_verify import compute_descriptors, verify_pairs
+from pipelines.images import ImageConfig, process_image
 from pipelines.schema import make_sample_id
 
 
@@ -165,7 +173,142 @@ def test_ray_path_equals_local_path(ray_session):
     assert by_key(t, local)["x2"] == ("duplicate", "x1")
 
 
-@pytest.mark.parametrize("bad", [{"max_hamming": 64}, {"lsh_band_bits": 0}, {"caption_num_perm": 10}])
+@pytest.mark.parametrize("bad", [{"max_hamming": 64}, {"lsh_band_bits": 0}, {"caption_num_perm": 10},
+                                 {"verify_max_gain": 0.5}, {"verify_max_crop": 0.5}])
 def test_config_validation(bad):
     with pytest.raises(ValueError):
         DedupConfig(**bad)
+
+
+# --------------------------------------------------------------------------- verification on real images
+def _photos() -> list[np.ndarray]:
+    from sklearn.datasets import load_sample_images
+
+    return [np.asarray(p, np.uint8) for p in load_sample_images().images]
+
+
+def _jpeg(im: Image.Image, quality: int = 92) -> bytes:
+    buf = io.BytesIO()
+    im.convert("RGB").save(buf, "JPEG", quality=quality)
+    return buf.getvalue()
+
+
+def _lookalike(photo: np.ndarray, box: tuple[int, int, int, int], digit: np.ndarray, bg=(235, 235, 235)) -> Image.Image:
+    """A real photo crop and a real handwritten digit on a plain background, at a fixed layout:
+    every look-alike shares the background and the places, only the pictures differ."""
+    canvas = Image.new("RGB", (320, 256), bg)
+    canvas.paste(Image.fromarray(photo[box[1]:box[3], box[0]:box[2]]).resize((110, 90), Image.BICUBIC), (30, 40))
+    d = Image.fromarray((255 - digit * 255 / 16).astype(np.uint8)).resize((70, 70), Image.NEAREST).convert("RGB")
+    canvas.paste(d, (200, 120))
+    return canvas
+
+
+def _crop(im: Image.Image, f: tuple[float, float, float, float]) -> Image.Image:
+    w, h = im.size
+    return im.crop((int(f[0] * w), int(f[1] * h), w - int(f[2] * w), h - int(f[3] * h)))
+
+
+def _rows(images: dict[str, bytes]) -> pa.Table:
+    """Every image through the curate pass (images.process_image) → dedup rows with descriptors."""
+    rows = []
+    for key, data in images.items():
+        r = process_image(data, f"{key}.jpg", ImageConfig())
+        rows.append({"row_id": make_sample_id("src", key), "sample_id": make_sample_id("sid", key), "source": "src",
+                     "key": key, "caption": key, "content_hash": r["pixel_hash"].hex(), "hashes": [r["phash"]],
+                     "crop_hashes": r["crop_hashes"], "thumb": r["thumb"], "area": r["orig_width"] * r["orig_height"]})
+    return pa.Table.from_pylist(rows)
+
+
+@pytest.fixture(scope="module")
+def planted_corpus():
+    """12 distinct look-alikes (same background, same layout, different photo crop and digit) and
+    copies of four of them: JPEG q30, resized x0.8, cropped 4%/1%/3%/2%, brightened +10%."""
+    from sklearn.datasets import load_digits
+
+    photos, digits = _photos(), load_digits().images
+    rng = np.random.default_rng(0)
+    originals = {}
+    for i in range(12):
+        p = photos[i % 2]
+        x, y = int(rng.integers(0, p.shape[1] - 200)), int(rng.integers(0, p.shape[0] - 160))
+        originals[f"a{i:02d}"] = _lookalike(p, (x, y, x + 200, y + 160), digits[i])
+    images = {k: _jpeg(v) for k, v in originals.items()}
+    o = originals
+    copies = {"a00_q30": (_jpeg(o["a00"], 30), "a00"),
+              "a01_small": (_jpeg(o["a01"].resize((256, 205), Image.BICUBIC)), "a01"),
+              "a02_crop": (_jpeg(_crop(o["a02"], (0.04, 0.01, 0.03, 0.02))), "a02"),
+              "a03_bright": (_jpeg(ImageEnhance.Brightness(o["a03"]).enhance(1.1)), "a03")}
+    images.update({k: v[0] for k, v in copies.items()})
+    return _rows(images), {k: v[1] for k, v in copies.items()}
+
+
+def test_exactly_the_planted_copies_go(planted_corpus, ray_session):
+    import ray
+
+    t, planted = planted_corpus
+    local = find_duplicates_local(t, DedupConfig(), with_evidence=True)
+    assert local.schema == EVIDENCE_SCHEMA
+    assert {k: v[1] for k, v in by_key(t, local).items()} == planted
+    assert all(r.startswith("hamming=") and "residual=" in r for r in local.column("evidence").to_pylist())
+    distributed = find_duplicates(ray.data.from_arrow(t).repartition(3),
+                                  DedupConfig(local_max_rows=0, lsh_shards=8, num_partitions=2))
+    assert distributed.schema == DROP_SCHEMA
+    assert sorted(distributed.to_pylist(), key=str) == sorted(local.select(DROP_SCHEMA.names).to_pylist(), key=str)
+
+
+def test_lookalikes_are_candidates_that_verification_keeps(planted_corpus):
+    t, planted = planted_corpus
+    hash_only = by_key(t, find_duplicates_local(t, DedupConfig(verify=False, max_hamming=12)))
+    # the pHashes alone take look-alikes for copies; the thumbnails tell them apart
+    assert set(hash_only) - set(planted), "the look-alikes should be pHash candidates (test too easy)"
+    verified = by_key(t, find_duplicates_local(t, DedupConfig(max_hamming=12)))
+    assert {k: v[1] for k, v in verified.items()} == planted
+
+
+def _descriptor_rows(images: dict[str, Image.Image]) -> pa.Table:
+    rows = []
+    for key, im in images.items():
+        d = compute_descriptors(im.convert("RGB"))
+        rows.append({"row_id": make_sample_id("src", key), "sample_id": make_sample_id("sid", key), "source": "src",
+                     "key": key, "caption": key, "content_hash": make_sample_id("px", key), "hashes": [d["phash"]],
+                     "crop_hashes": d["crop_hashes"], "thumb": d["thumb"], "area": im.size[0] * im.size[1] * 100})
+    return pa.Table.from_pylist(rows)
+
+
+def test_degenerate_images_never_keep_unrelated_images():
+    """One colour, a 1-pixel-wide line, a tiny picture: they carry the largest ``area`` so the keeper
+    rule would prefer them, and their pHashes sit next to those of plain images with small
+    objects; none of them may drop another image, and none is dropped on so little evidence."""
+    from sklearn.datasets import load_digits
+
+    digits = load_digits().images
+    white = Image.new("RGB", (256, 256), (255, 255, 255))
+    line = white.copy()
+    line.paste((0, 0, 0), (128, 0, 129, 256))
+    degenerate = {"one_colour": white, "black": Image.new("RGB", (256, 256), (0, 0, 0)),
+                  "one_px_wide": Image.new("RGB", (1, 256), (90, 90, 90)), "line": line,
+                  "tiny": Image.fromarray(np.full((2, 2, 3), 250, np.uint8))}
+    small_objects = {}
+    for i in range(6):  # a real digit, 24 px, on white: a low-information image
+        im = white.copy()
+        im.paste(Image.fromarray((255 - digits[i] * 255 / 16).astype(np.uint8)).resize((24, 24)).convert("RGB"),
+                 (100 + 5 * i, 110))
+        small_objects[f"digit{i}"] = im
+    t = _descriptor_rows({**degenerate, **small_objects})
+    t = t.set_column(t.column_names.index("area"), "area",
+                     pa.array([10**9 if k in degenerate else 100 for k in t.column("key").to_pylist()], pa.int64()))
+    drops = by_key(t, find_duplicates_local(t, DedupConfig(max_hamming=20, lsh_bands=64, lsh_band_bits=8)))
+    assert not any(keeper in degenerate for _, keeper in drops.values()), drops
+    assert not drops, drops  # distinct pictures, and no pair has enough evidence to say otherwise
+
+
+def test_verify_pairs_needs_information_and_agreeing_colours():
+    photo = Image.fromarray(_photos()[0]).resize((256, 192))
+    a = np.asarray(Image.open(io.BytesIO(compute_descriptors(photo)["thumb"])))
+    q30 = Image.open(io.BytesIO(_jpeg(photo, 30))).convert("RGB")
+    b = np.asarray(Image.open(io.BytesIO(compute_descriptors(q30)["thumb"])))
+    flat = np.full_like(a, 128)
+    swapped = a[..., ::-1].copy()  # same shapes, other colours
+    ok, residual, info = verify_pairs(np.stack([a, a, a]), np.stack([b, flat, swapped]), DedupConfig())
+    assert ok.tolist() == [True, False, False]
+    assert residual[0] < residual[2] and info[1] == 0

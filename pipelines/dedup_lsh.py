@@ -1,0 +1,288 @@
+"""Candidate pairs for near-duplicate removal: LSH banding over perceptual hashes and MinHash.
+
+    bands = make_hash_bands(rows, cfg)           # (shard, band key, row hash, hashes, views)
+    edges = hash_shard_edges(bands_of_one_shard, cfg)   # candidate edges (a, b, dist, score)
+
+Perceptual hashes (bit sampling, Indyk-Motwani): each of ``lsh_bands`` bands reads
+``lsh_band_bits`` fixed pseudo-random bit positions of every hash; rows sharing a band value are
+candidates. An image row may carry *views* besides its hash (``crop_hashes``: the pHashes of its
+four corner-anchored 95% crops, pipelines/dedup_verify.py): they are banded in the same key space
+as the hash, so a copy cropped by up to ~5% per side still meets its original, and a candidate's
+distance is the smallest over (hash, hash), (hash, view) and (view, hash). A pair at distance d
+is missed with probability (1 - C(64-d, b)/C(64, b))^bands. Multi-frame rows (video clips) are
+compared position by position (same list length, every position within ``max_hamming``).
+
+Captions: MinHash over character shingles, LSH bands of ``caption_band_rows`` rows, candidates
+kept by estimated Jaccard. A band value shared by more than ``max_bucket_rows`` rows (blank
+images) is paired on a sorted window instead of all pairs: never O(n^2).
+
+Used by pipelines/dedup.py; tested in tests/test_dedup.py.
+"""
+
+from __future__ import annotations
+
+import hashlib
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.compute as pc
+
+EDGE_SCHEMA = pa.schema([pa.field("a", pa.int64()), pa.field("b", pa.int64()),
+                         pa.field("dist", pa.int64()), pa.field("score", pa.float64())])
+BAND_SCHEMA = pa.schema([pa.field("shard", pa.int64()), pa.field("band", pa.int64()),
+                         pa.field("rid", pa.int64()), pa.field("vec", pa.list_(pa.int64())),
+                         pa.field("views", pa.list_(pa.int64()))])
+
+
+def band_positions(cfg) -> np.ndarray:
+    """(bands, band_bits) bit positions: fixed by ``lsh_seed``, distinct within a band."""
+    rng = np.random.default_rng(cfg.lsh_seed)
+    return np.stack([rng.permutation(64)[: cfg.lsh_band_bits] for _ in range(cfg.lsh_bands)])
+
+
+def hash_matrix(hashes: pa.ChunkedArray | pa.Array) -> tuple[np.ndarray, np.ndarray]:
+    """list<int64> column → (n, max_len) uint64 matrix (zero padded) and the lengths."""
+    arr = hashes.combine_chunks() if isinstance(hashes, pa.ChunkedArray) else hashes
+    lengths = pc.fill_null(pc.list_value_length(arr), 0).to_numpy().astype(np.int64)
+    width = int(lengths.max(initial=0)) or 1
+    m = np.zeros((len(arr), width), dtype=np.uint64)
+    flat = pc.list_flatten(arr).to_numpy(zero_copy_only=False).astype(np.int64).view(np.uint64)
+    rows = np.repeat(np.arange(len(arr)), lengths)
+    cols = np.arange(len(flat)) - np.repeat(np.cumsum(lengths) - lengths, lengths)
+    m[rows, cols] = flat
+    return m, lengths
+
+
+def band_keys(m: np.ndarray, lengths: np.ndarray, positions: np.ndarray,
+              as_length: np.ndarray | None = None) -> tuple[np.ndarray, np.ndarray]:
+    """(row index, band key) for every (row, hash position, band): int64 keys that mix the list
+    length (``as_length`` if given: views key as the one-hash rows they belong to), the position
+    in the list, the band number and the band's bit values."""
+    n, width = m.shape
+    bands, bits = positions.shape
+    key_len = lengths if as_length is None else as_length
+    one = np.uint64(1)
+    out_rows, out_keys = [], []
+    for p in range(width):
+        valid = np.nonzero(lengths > p)[0]
+        if len(valid) == 0:
+            continue
+        h = m[valid, p]
+        pos = 0 if as_length is not None else p
+        head = (key_len[valid].astype(np.uint64) << np.uint64(56)) | (np.uint64(pos) << np.uint64(48))
+        keys = np.empty((len(valid), bands), dtype=np.uint64)
+        for j in range(bands):  # bands x bits vector ops over n rows: no (n, bands, bits) tensor
+            v = head | (np.uint64(j) << np.uint64(40))
+            for k, bit in enumerate(positions[j]):
+                v |= ((h >> np.uint64(bit)) & one) << np.uint64(k)
+            keys[:, j] = v
+        out_rows.append(np.repeat(valid, bands))
+        out_keys.append(keys.ravel().view(np.int64))
+    if not out_rows:
+        return np.zeros(0, np.int64), np.zeros(0, np.int64)
+    return np.concatenate(out_rows), np.concatenate(out_keys)
+
+
+def shard_of(keys: np.ndarray, shards: int) -> np.ndarray:
+    mixed = (keys.view(np.uint64) * np.uint64(0x9E3779B97F4A7C15)) >> np.uint64(40)
+    return (mixed % np.uint64(shards)).astype(np.int64)
+
+
+def candidate_pairs(keys: np.ndarray, max_bucket_rows: int, window: int,
+                    order_by: np.ndarray | None = None) -> tuple[np.ndarray, np.ndarray]:
+    """Index pairs (i < j by position) of rows sharing a key: all pairs in buckets up to
+    ``max_bucket_rows``, a sliding window of ``window`` rows (sorted by ``order_by``) above it."""
+    if len(keys) < 2:
+        return np.zeros(0, np.int64), np.zeros(0, np.int64)
+    idx = np.argsort(keys, kind="stable")
+    k = keys[idx]
+    starts = np.nonzero(np.r_[True, k[1:] != k[:-1]])[0]
+    sizes = np.diff(np.r_[starts, len(k)])
+    a_all, b_all = [], []
+    small = (sizes >= 2) & (sizes <= max_bucket_rows)
+    for s in np.unique(sizes[small]):
+        st = starts[small & (sizes == s)]
+        ii, jj = np.triu_indices(int(s), k=1)
+        a_all.append(idx[(st[:, None] + ii[None]).ravel()])
+        b_all.append(idx[(st[:, None] + jj[None]).ravel()])
+    for st, s in zip(starts[sizes > max_bucket_rows], sizes[sizes > max_bucket_rows]):
+        members = idx[st:st + s]
+        if order_by is not None:
+            members = members[np.argsort(order_by[members], kind="stable")]
+        for off in range(1, min(window, s - 1) + 1):
+            a_all.append(members[:-off])
+            b_all.append(members[off:])
+    if not a_all:
+        return np.zeros(0, np.int64), np.zeros(0, np.int64)
+    return np.concatenate(a_all), np.concatenate(b_all)
+
+
+def hash_distance(m: np.ndarray, lengths: np.ndarray, a: np.ndarray, b: np.ndarray,
+                  views: np.ndarray | None = None, n_views: np.ndarray | None = None) -> np.ndarray:
+    """Distance of candidate pairs: the largest per-position Hamming distance (65 when the list
+    lengths differ); for one-hash rows with views, the smallest over (hash, hash), (hash, view)
+    and (view, hash)."""
+    if len(a) == 0:
+        return np.zeros(0, np.int64)
+    dist = np.bitwise_count(m[a] ^ m[b]).max(axis=1).astype(np.int64)
+    if views is not None and views.shape[1]:
+        one = (lengths[a] == 1) & (lengths[b] == 1)
+        big = np.int64(65)
+        va = np.where(np.arange(views.shape[1])[None] < n_views[a][:, None],
+                      np.bitwise_count(views[a] ^ m[b, :1]), big).min(axis=1)
+        vb = np.where(np.arange(views.shape[1])[None] < n_views[b][:, None],
+                      np.bitwise_count(views[b] ^ m[a, :1]), big).min(axis=1)
+        dist = np.where(one, np.minimum(dist, np.minimum(va, vb)), dist)
+    return np.where(lengths[a] == lengths[b], dist, 65)
+
+
+def within_hamming(m: np.ndarray, lengths: np.ndarray, a: np.ndarray, b: np.ndarray, max_hamming: int) -> np.ndarray:
+    """Pairs with the same list length and every position within ``max_hamming`` bits."""
+    return hash_distance(m, lengths, a, b) <= max_hamming
+
+
+def unique_edges(a: np.ndarray, b: np.ndarray, *values: np.ndarray) -> tuple[np.ndarray, ...]:
+    """Pairs as unique undirected edges (lo, hi) with the smallest value of each ``values`` array
+    (a pair found by several bands or views once, at its best distance)."""
+    if len(a) == 0:
+        return (a, b, *values)
+    lo, hi = np.minimum(a, b), np.maximum(a, b)
+    order = np.lexsort((*[v for v in values[::-1]], hi, lo))
+    lo, hi = lo[order], hi[order]
+    first = np.r_[True, (lo[1:] != lo[:-1]) | (hi[1:] != hi[:-1])]
+    return (lo[first], hi[first], *[v[order][first] for v in values])
+
+
+def _list_or_empty(batch: pa.Table, name: str, n: int) -> pa.Array:
+    if name in batch.column_names:
+        col = batch.column(name)
+        return col.combine_chunks() if isinstance(col, pa.ChunkedArray) else col
+    return pa.array([[] for _ in range(n)], pa.list_(pa.int64()))
+
+
+def make_hash_bands(batch: pa.Table, cfg) -> pa.Table:
+    """Rows → band rows (shard, band key, row hash, hash list, views) for the perceptual-hash LSH."""
+    from pipelines.dedup import row_hash64
+
+    hashes = batch.column("hashes").combine_chunks()
+    views = _list_or_empty(batch, "crop_hashes", batch.num_rows) if cfg.crop_views else \
+        pa.array([[] for _ in range(batch.num_rows)], pa.list_(pa.int64()))
+    m, lengths = hash_matrix(hashes)
+    rows, keys = band_keys(m, lengths, band_positions(cfg))
+    vm, vlen = hash_matrix(views)
+    vlen = np.where(lengths == 1, vlen, 0)  # views belong to one-hash rows (images) only
+    vrows, vkeys = band_keys(vm, vlen, band_positions(cfg), as_length=np.ones_like(lengths))
+    rows, keys = np.concatenate([rows, vrows]), np.concatenate([keys, vkeys])
+    rid = row_hash64(batch.column("row_id"))
+    take = pa.array(rows, pa.int64())
+    return pa.table({"shard": shard_of(keys, cfg.lsh_shards), "band": keys, "rid": rid[rows],
+                     "vec": hashes.take(take), "views": views.take(take)}, schema=BAND_SCHEMA)
+
+
+def hash_shard_edges(t: pa.Table, cfg) -> pa.Table:
+    """One shard of band rows → its candidate edges within ``max_hamming`` (unique row-hash pairs
+    with their distance; ``score`` is filled by verification)."""
+    if t.num_rows < 2:
+        return EDGE_SCHEMA.empty_table()
+    m, lengths = hash_matrix(t.column("vec"))
+    vm, vlen = hash_matrix(t.column("views"))
+    rid = t.column("rid").to_numpy()
+    a, b = candidate_pairs(t.column("band").to_numpy(), cfg.max_bucket_rows, cfg.bucket_window_rows,
+                           order_by=m[:, 0].view(np.int64))
+    keep = rid[a] != rid[b]
+    a, b = a[keep], b[keep]
+    dist = hash_distance(m, lengths, a, b, vm, vlen)
+    ok = dist <= cfg.max_hamming
+    ea, eb, ed = unique_edges(rid[a[ok]], rid[b[ok]], dist[ok])
+    return pa.table({"a": ea, "b": eb, "dist": ed, "score": np.full(len(ea), np.nan)}, schema=EDGE_SCHEMA)
+
+
+def local_hash_edges(batch: pa.Table, cfg) -> pa.Table:
+    """The candidate edges of ``make_hash_bands`` + ``hash_shard_edges`` over one in-memory table,
+    one band at a time: memory O(rows x views), not O(rows x views x bands) band rows."""
+    from pipelines.dedup import row_hash64
+
+    m, lengths = hash_matrix(batch.column("hashes"))
+    if cfg.crop_views and "crop_hashes" in batch.column_names:
+        vm, vlen = hash_matrix(batch.column("crop_hashes"))
+        vlen = np.where(lengths == 1, vlen, 0)
+    else:
+        vm, vlen = np.zeros((len(m), 0), np.uint64), np.zeros(len(m), np.int64)
+    rid = row_hash64(batch.column("row_id"))
+    order_by = m[:, 0].view(np.int64)
+    positions = band_positions(cfg)
+    ea, eb, ed = [], [], []
+    for j in range(cfg.lsh_bands):
+        rows, keys = band_keys(m, lengths, positions[j:j + 1])
+        vrows, vkeys = band_keys(vm, vlen, positions[j:j + 1], as_length=np.ones_like(lengths))
+        rows, keys = np.concatenate([rows, vrows]), np.concatenate([keys, vkeys])
+        a, b = candidate_pairs(keys, cfg.max_bucket_rows, cfg.bucket_window_rows, order_by=order_by[rows])
+        a, b = rows[a], rows[b]
+        keep = a != b
+        a, b = a[keep], b[keep]
+        dist = hash_distance(m, lengths, a, b, vm, vlen)
+        ok = dist <= cfg.max_hamming
+        ea.append(rid[a[ok]])
+        eb.append(rid[b[ok]])
+        ed.append(dist[ok])
+    ea, eb, ed = unique_edges(np.concatenate(ea), np.concatenate(eb), np.concatenate(ed)) if ea else ([], [], [])
+    return pa.table({"a": np.asarray(ea, np.int64), "b": np.asarray(eb, np.int64), "dist": np.asarray(ed, np.int64),
+                     "score": np.full(len(ea), np.nan)}, schema=EDGE_SCHEMA)
+
+
+# --------------------------------------------------------------------------- captions (MinHash)
+def minhash_signatures(captions: list[str | None], cfg) -> np.ndarray:
+    """(n, num_perm) MinHash signatures of character shingles: h(x) = (a*x + b) mod (2^31 - 1)."""
+    prime = np.uint64((1 << 31) - 1)
+    rng = np.random.default_rng(cfg.lsh_seed + 1)
+    a = rng.integers(1, (1 << 31) - 1, cfg.caption_num_perm, dtype=np.uint64)
+    b = rng.integers(0, (1 << 31) - 1, cfg.caption_num_perm, dtype=np.uint64)
+    out = np.full((len(captions), cfg.caption_num_perm), int(prime), dtype=np.uint64)
+    k = cfg.caption_shingle_chars
+    for i, text in enumerate(captions):
+        text = " ".join((text or "").casefold().split())
+        if not text:
+            continue
+        shingles = {text[j:j + k] for j in range(max(1, len(text) - k + 1))}
+        x = np.array([int.from_bytes(hashlib.blake2b(s.encode(), digest_size=8).digest(), "little") % int(prime)
+                      for s in shingles], dtype=np.uint64)
+        out[i] = ((a[:, None] * x[None] + b[:, None]) % prime).min(axis=1)  # a*x < 2^62: no overflow
+    return out
+
+
+def make_caption_bands(batch: pa.Table, cfg) -> pa.Table:
+    from pipelines.dedup import row_hash64
+
+    sig = minhash_signatures(batch.column("caption").to_pylist(), cfg)
+    rows_per_band = cfg.caption_band_rows
+    n_bands = cfg.caption_num_perm // rows_per_band
+    rid = row_hash64(batch.column("row_id"))
+    keys = np.empty((len(sig), n_bands), dtype=np.int64)
+    for j in range(n_bands):
+        part = sig[:, j * rows_per_band:(j + 1) * rows_per_band]
+        mixed = np.bitwise_xor.reduce(part * (np.arange(1, rows_per_band + 1, dtype=np.uint64) * np.uint64(0x9E3779B97F4A7C15)),
+                                      axis=1)
+        keys[:, j] = ((mixed >> np.uint64(8)) | (np.uint64(j) << np.uint64(56))).view(np.int64)
+    rows = np.repeat(np.arange(len(sig)), n_bands)
+    vec = pa.array(list(sig.view(np.int64)), pa.list_(pa.int64())).take(pa.array(rows, pa.int64()))
+    flat = keys.ravel()
+    return pa.table({"shard": shard_of(flat, cfg.lsh_shards), "band": flat, "rid": rid[rows], "vec": vec,
+                     "views": pa.array([[]] * len(rows), pa.list_(pa.int64()))}, schema=BAND_SCHEMA)
+
+
+def caption_shard_edges(t: pa.Table, cfg) -> pa.Table:
+    """One shard of caption band rows → edges whose estimated Jaccard reaches ``caption_min_jaccard``."""
+    if t.num_rows < 2:
+        return EDGE_SCHEMA.empty_table()
+    sig, _ = hash_matrix(t.column("vec"))
+    rid = t.column("rid").to_numpy()
+    a, b = candidate_pairs(t.column("band").to_numpy(), cfg.max_bucket_rows, cfg.bucket_window_rows)
+    jac = (sig[a] == sig[b]).mean(axis=1) if len(a) else np.zeros(0)
+    keep = (jac >= cfg.caption_min_jaccard) & (rid[a] != rid[b])
+    ea, eb, neg = unique_edges(rid[a[keep]], rid[b[keep]], -jac[keep])
+    return pa.table({"a": ea, "b": eb, "dist": np.full(len(ea), -1, np.int64), "score": -neg}, schema=EDGE_SCHEMA)
+
+
+__all__ = ["EDGE_SCHEMA", "BAND_SCHEMA", "band_positions", "hash_matrix", "band_keys", "shard_of",
+           "candidate_pairs", "hash_distance", "within_hamming", "unique_edges", "make_hash_bands",
+           "hash_shard_edges", "local_hash_edges", "minhash_signatures", "make_caption_bands", "caption_shard_edges"]
