@@ -54,7 +54,25 @@ def run(main: Callable[[argparse.Namespace], int | None], parser: argparse.Argum
 
 
 def check_out_dir(out: str) -> Path:
-    """``--out`` must be a directory or not exist yet; never a file."""
+    """``--out`` must be a directory or not exist yet; never a file. A URI's store is asked up
+    front, so a missing bucket, missing credentials or an unreachable endpoint fail here, before
+    any work, in one line naming the URI."""
+    from core.storage import is_uri, resolve
+
+    if is_uri(out):
+        import pyarrow.fs as pafs
+        from pyarrow import ArrowException
+
+        try:
+            fs, path, _ = resolve(out)
+            bucket = path.split("/", 1)[0]
+            if fs.get_file_info(bucket).type == pafs.FileType.NotFound:
+                raise UsageError(f"--out {out}: bucket {bucket} does not exist (create it, or fix the URI)")
+            if fs.get_file_info(path).type == pafs.FileType.File:
+                raise UsageError(f"--out {out} is a file, expected a directory")
+        except (OSError, ArrowException) as e:
+            raise UsageError(f"--out {out}: {str(e).splitlines()[0]}") from None
+        return Path(out)
     p = Path(out)
     if p.exists() and not p.is_dir():
         raise UsageError(f"--out {out} is a file, expected a directory")

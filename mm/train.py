@@ -44,7 +44,8 @@ from typing import Literal
 import numpy as np
 import torch
 
-from mm.checkpoint import load_model, load_train_state, model_dir, save_model, save_train_state, write_json
+from core.storage import exists, is_uri, join, local_dir, read_bytes, upload_dir, write_bytes
+from mm.checkpoint import load_model, load_train_state, model_dir, save_model, save_train_state
 from mm.config import ModelConfig
 from mm.data import (
     DataConfig,
@@ -132,28 +133,35 @@ def fit(cfg: PretrainConfig, corpora: Sequence[str], run_dir: str, init: str | N
     for c in corpora:
         check_corpus(c)
     infos = [corpus_info(c) for c in corpora]
-    tokenizer_dir = str(Path(corpora[0]) / "tokenizer")
+    tokenizer_dir = join(corpora[0], "tokenizer")  # a URI stays one: each node fetches it (local_dir)
     _check_same_tokenizer(corpora)
     tokens = load_token_info(tokenizer_dir)
     weights = _mix_weights(cfg.data, infos)
+    if init is not None and is_uri(str(init)):
+        init = _local_model_dir(init)
     if init is not None:
         _, init_cfg = load_model(init)  # validates the init checkpoint before any work
         cfg = dataclasses.replace(cfg, model=dataclasses.replace(init_cfg, lock=cfg.model.lock))
-    run = Path(run_dir).resolve()
-    run.mkdir(parents=True, exist_ok=True)
-    write_json(run / "manifest.json", {
+    # A local run dir, or a URI (s3://, gs://): then Ray Train's checkpoints, metrics.jsonl, the
+    # manifest and the final model go straight to the store, and a rerun anywhere resumes from it.
+    run = run_dir.rstrip("/") if is_uri(run_dir) else str(Path(run_dir).resolve())
+    if not is_uri(run):
+        Path(run).mkdir(parents=True, exist_ok=True)
+    elif cfg.train.frozen_features:
+        raise ValueError("train.frozen_features caches tower features inside the run: give a local --out")
+    write_bytes(join(run, "manifest.json"), json.dumps({
         "inputs": {"corpora": [{"path": i.path, "modality": i.modality, "rows": i.rows, "manifest": i.manifest}
                                for i in infos],
                    "init": str(model_dir(init).resolve()) if init else None},
         "mix_weights": weights, "config": dataclasses.asdict(cfg), "code_version": code_version(),
-        "started_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())})
+        "started_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())}, indent=2, default=str).encode())
 
     if not ray.is_initialized():
         init_ray()
     pre = PreprocessConfig.build(cfg.model, cfg.data, tokens.pad_id, train=True, seed=cfg.train.seed)
     t = cfg.train
     if t.frozen_features:
-        datasets = {f"corpus{i}": frozen_feature_dataset(cfg, info, run / "features" / f"corpus{i}", pre,
+        datasets = {f"corpus{i}": frozen_feature_dataset(cfg, info, Path(run) / "features" / f"corpus{i}", pre,
                                                          tokens.vocab_size, str(model_dir(init)) if init else None)
                     for i, info in enumerate(infos)}
     else:
@@ -164,7 +172,7 @@ def fit(cfg: PretrainConfig, corpora: Sequence[str], run_dir: str, init: str | N
     ingest.preserve_order = True  # a shard replays the same rows: exact resume
     trainer = _torch_trainer()(
         train_loop,
-        train_loop_config={"cfg": cfg, "tokens": tokens, "weights": weights, "run_dir": str(run),
+        train_loop_config={"cfg": cfg, "tokens": tokens, "weights": weights, "run_dir": run,
                            "tokenizer_dir": tokenizer_dir, "init": str(model_dir(init)) if init else None,
                            "extra_objectives": list(objectives or ()), "prepare_model": prepare_model,
                            "streams": list(datasets)},
@@ -172,15 +180,15 @@ def fit(cfg: PretrainConfig, corpora: Sequence[str], run_dir: str, init: str | N
         scaling_config=ray.train.ScalingConfig(num_workers=t.num_workers, use_gpu=t.use_gpu,
                                                resources_per_worker={"CPU": cpus}),
         run_config=ray.train.RunConfig(
-            name="ray", storage_path=str(run),
+            name="ray", storage_path=run,
             failure_config=ray.train.FailureConfig(max_failures=t.max_failures),
             checkpoint_config=ray.train.CheckpointConfig(num_to_keep=t.keep_checkpoints)),
         datasets=datasets,
         dataset_config=ray.train.DataConfig(execution_options=ingest),
     )
     result = trainer.fit()
-    lines = read_metrics(run / "metrics.jsonl")
-    return {"run_dir": str(run), "steps": lines[-1]["step"] if lines else 0,
+    lines = read_metrics(join(run, "metrics.jsonl"))
+    return {"run_dir": run, "steps": lines[-1]["step"] if lines else 0,
             "last": lines[-1] if lines else {}, "checkpoint": result.checkpoint.path if result.checkpoint else None}
 
 
@@ -225,10 +233,15 @@ def _mix_weights(data: DataConfig, infos) -> list[float]:
     return [x / sum(w) for x in w]
 
 
+def _local_model_dir(uri: str) -> str:
+    """A run or model dir at a URI, fetched (its model/ only, not the checkpoints) to a local cache."""
+    return local_dir(join(uri, "model")) if exists(join(uri, "model", "config.json")) else local_dir(uri)
+
+
 def _check_same_tokenizer(corpora: Sequence[str]) -> None:
     def vocab(c: str) -> str:
-        p = Path(c) / "tokenizer" / "tokenizer.json"
-        return json.dumps(json.loads(p.read_text())["model"].get("vocab"), sort_keys=True) if p.is_file() else ""
+        data = read_bytes(join(c, "tokenizer", "tokenizer.json"))
+        return json.dumps(json.loads(data)["model"].get("vocab"), sort_keys=True) if data else ""
 
     first = vocab(corpora[0])
     for c in corpora[1:]:
@@ -456,12 +469,23 @@ def train_loop(config: dict) -> None:
                     save_train_state(tmp, model_state, optim_state, state)
                     if step == t.max_steps:
                         model_only = {k[len("model."):]: v for k, v in model_state.items() if k.startswith("model.")}
-                        save_model(module_model(module), cfg.model, Path(config["run_dir"]) / "model",
-                                   config["tokenizer_dir"], state=model_only)
+                        _save_final_model(module_model(module), cfg.model, config["run_dir"],
+                                          config["tokenizer_dir"], model_only)
                     ckpt = ray.train.Checkpoint.from_directory(tmp)
                 ray.train.report({"step": step}, checkpoint=ckpt, checkpoint_dir_name=f"step_{step:08d}")
     if mlog is not None:
         mlog.close()
+
+
+def _save_final_model(model: VLModel, model_cfg, run_dir: str, tokenizer_dir: str, state: dict) -> None:
+    """RUN/model: written in place for a local run; for a URI, written to a temp dir on this
+    node and uploaded (the driver may be on another node)."""
+    if not is_uri(run_dir):
+        save_model(model, model_cfg, Path(run_dir) / "model", local_dir(tokenizer_dir), state=state)
+        return
+    with tempfile.TemporaryDirectory() as tmp:
+        save_model(model, model_cfg, Path(tmp) / "model", local_dir(tokenizer_dir), state=state)
+        upload_dir(Path(tmp) / "model", join(run_dir, "model"))
 
 
 def module_model(module: torch.nn.Module) -> VLModel:

@@ -16,6 +16,8 @@ import os
 import time
 from pathlib import Path
 
+from core.storage import is_uri, join, read_bytes, write_bytes
+
 log = logging.getLogger(__name__)
 
 
@@ -31,23 +33,24 @@ def say(line: str) -> None:
 
 
 def read_metrics(path: str | os.PathLike) -> list[dict]:
-    """The lines of a run's metrics.jsonl ([] before the first logged step)."""
-    p = Path(path)
-    if not p.is_file():
+    """The lines of a run's metrics.jsonl, at a path or a URI ([] before the first logged step)."""
+    data = read_bytes(str(path))
+    if data is None:
         return []
-    return [json.loads(line) for line in p.read_text().splitlines() if line.strip()]
+    return [json.loads(line) for line in data.decode("utf-8").splitlines() if line.strip()]
 
 
 class MetricsLog:
     """rank 0: metrics.jsonl, a progress line with ETA, optional TensorBoard / MLflow."""
 
     def __init__(self, run_dir: str, t, start_step: int) -> None:  # t: the run's mm.train.TrainConfig
-        self.path = Path(run_dir) / "metrics.jsonl"
+        self.path = join(run_dir, "metrics.jsonl")  # a path or a URI
+        self.local = not is_uri(self.path)
         self.t = t
         # Lines past the checkpoint we resume from were logged by an attempt that died: the
         # resumed run writes those steps again.
-        kept = [m for m in read_metrics(self.path) if m["step"] <= start_step]
-        self.path.write_text("".join(json.dumps(m) + "\n" for m in kept))
+        self.lines = [json.dumps(m) + "\n" for m in read_metrics(self.path) if m["step"] <= start_step]
+        write_bytes(self.path, "".join(self.lines).encode("utf-8"))
         self.start_step, self.t0 = start_step, time.time()
         self.tb = self.mlflow = None
         if t.tensorboard:
@@ -64,8 +67,12 @@ class MetricsLog:
             self.mlflow = mlflow
 
     def write(self, m: dict) -> None:
-        with self.path.open("a") as f:
-            f.write(json.dumps(m) + "\n")
+        self.lines.append(json.dumps(m) + "\n")
+        if self.local:
+            with open(self.path, "a") as f:
+                f.write(self.lines[-1])
+        else:  # an object store has no append: the file is put whole (one small PUT per logged step)
+            write_bytes(self.path, "".join(self.lines).encode("utf-8"))
         done = m["step"] - self.start_step
         eta = (time.time() - self.t0) / max(1, done) * (self.t.max_steps - m["step"])
         parts = " ".join(f"{k.split('/', 1)[1]} {v:.3f}" for k, v in m.items() if k.startswith("loss/"))
