@@ -40,7 +40,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 def check_inputs(model: str, data: str, out: str) -> Path:
     """Fail before any work on a bad --model, --data or --out; return the model dir."""
-    from mm.data import check_corpus
+    from mm.data import check_corpus, corpus_tokenizer_dir, same_tokenizer
     from mm.evaluate import resolve_model_dir
 
     try:
@@ -53,22 +53,12 @@ def check_inputs(model: str, data: str, out: str) -> Path:
         raise UsageError(str(e).replace("data dir", "--data", 1)) from None
     if not (model_dir / "tokenizer").is_dir():
         raise UsageError(f"--model {model} has no tokenizer/ beside its weights")
-    check_same_tokenizer(model_dir / "tokenizer", Path(data) / "tokenizer")
+    if not same_tokenizer(model_dir / "tokenizer", corpus_tokenizer_dir(data)):
+        raise UsageError(f"--data {data}: its tokenizer differs from --model's; curate with the model's tokenizer")
     o = Path(out)
     if o.is_dir():
         raise UsageError(f"--out {out} is a directory, expected a .json file path")
     return model_dir
-
-
-def check_same_tokenizer(model_tok: Path, data_tok: Path) -> None:
-    """The corpus's input_ids must mean what the model's text tower learned."""
-    from transformers import AutoTokenizer
-
-    a = AutoTokenizer.from_pretrained(str(model_tok)).get_vocab()
-    b = AutoTokenizer.from_pretrained(str(data_tok)).get_vocab()
-    if a != b:
-        raise UsageError(f"the corpus tokenizer ({data_tok}) differs from the model's ({model_tok}); "
-                         "curate with the model's tokenizer")
 
 
 def _main(args: argparse.Namespace) -> int:

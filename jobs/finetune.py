@@ -34,8 +34,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def check_inputs(init: str, data: str, task: str, out: str, cfg) -> None:
-    from jobs.evaluate import check_same_tokenizer
-    from mm.data import check_corpus
+    from mm.data import check_corpus, corpus_tokenizer_dir, same_tokenizer
     from mm.evaluate import resolve_model_dir
 
     try:
@@ -49,7 +48,8 @@ def check_inputs(init: str, data: str, task: str, out: str, cfg) -> None:
             check_corpus(path)
         except ValueError as e:
             raise UsageError(str(e).replace("data dir", flag, 1)) from None
-        check_same_tokenizer(model_dir / "tokenizer", Path(path) / "tokenizer")
+        if not same_tokenizer(model_dir / "tokenizer", corpus_tokenizer_dir(path)):
+            raise UsageError(f"{flag} {path}: its tokenizer differs from --init's; curate with the model's tokenizer")
     check_out_dir(out)
     if Path(out).resolve() == model_dir.parent.resolve() or Path(out).resolve() == model_dir.resolve():
         raise UsageError(f"--out {out} would overwrite --init {init}")

@@ -288,6 +288,16 @@ def load_token_info(tokenizer_dir: str) -> TokenInfo:
                      sep_id=ids["sep"])
 
 
+def same_tokenizer(dir_a: str | Path, dir_b: str | Path) -> bool:
+    """Whether two tokenizer dirs (paths or URIs) hold one vocabulary (token -> id, added tokens
+    included): only then do a corpus's input_ids mean what a model's text tower learned, and two
+    corpora mix. The one tokenizer check of pretraining, evaluation and fine-tuning."""
+    from transformers import AutoTokenizer
+
+    a, b = (AutoTokenizer.from_pretrained(local_dir(str(d))).get_vocab() for d in (dir_a, dir_b))
+    return a == b
+
+
 def decoded_mb(info: CorpusInfo, split: str | None, pre: PreprocessConfig) -> float:
     """Size of a decoded split in MiB (float32 pixels, int64 tokens)."""
     rows = info.rows.get(split, 0) if split else sum(info.rows.values())
@@ -320,4 +330,4 @@ def build_dataset(corpus: str | CorpusInfo, split: str | None, pre: PreprocessCo
 
 __all__ = ["DataConfig", "TokenInfo", "PreprocessConfig", "CorpusInfo", "preprocess_batch", "decode_image",
            "transform_image", "frame_indices", "pad_ids", "trim_padding", "decoded_mb", "check_corpus", "corpus_info",
-           "load_token_info", "build_dataset", "corpus_tokenizer_dir"]
+           "load_token_info", "same_tokenizer", "build_dataset", "corpus_tokenizer_dir"]

@@ -44,7 +44,7 @@ from typing import Literal
 import numpy as np
 import torch
 
-from core.storage import exists, is_uri, join, local_dir, read_bytes, upload_dir, write_bytes
+from core.storage import exists, is_uri, join, local_dir, upload_dir, write_bytes
 from mm.checkpoint import load_model, load_train_state, model_dir, save_model, save_train_state
 from mm.config import ModelConfig
 from mm.data import (
@@ -54,6 +54,7 @@ from mm.data import (
     check_corpus,
     corpus_info,
     load_token_info,
+    same_tokenizer,
     trim_padding,
 )
 from mm.frozen import TowerFeatures, check_frozen_features, frozen_feature_dataset
@@ -134,7 +135,9 @@ def fit(cfg: PretrainConfig, corpora: Sequence[str], run_dir: str, init: str | N
         check_corpus(c)
     infos = [corpus_info(c) for c in corpora]
     tokenizer_dir = join(corpora[0], "tokenizer")  # a URI stays one: each node fetches it (local_dir)
-    _check_same_tokenizer(corpora)
+    for c in corpora[1:]:
+        if not same_tokenizer(tokenizer_dir, join(c, "tokenizer")):
+            raise ValueError(f"corpus {c} uses another tokenizer than {corpora[0]}; curate them with one tokenizer")
     tokens = load_token_info(tokenizer_dir)
     weights = _mix_weights(cfg.data, infos)
     if init is not None and is_uri(str(init)):
@@ -236,17 +239,6 @@ def _mix_weights(data: DataConfig, infos) -> list[float]:
 def _local_model_dir(uri: str) -> str:
     """A run or model dir at a URI, fetched (its model/ only, not the checkpoints) to a local cache."""
     return local_dir(join(uri, "model")) if exists(join(uri, "model", "config.json")) else local_dir(uri)
-
-
-def _check_same_tokenizer(corpora: Sequence[str]) -> None:
-    def vocab(c: str) -> str:
-        data = read_bytes(join(c, "tokenizer", "tokenizer.json"))
-        return json.dumps(json.loads(data)["model"].get("vocab"), sort_keys=True) if data else ""
-
-    first = vocab(corpora[0])
-    for c in corpora[1:]:
-        if vocab(c) != first:
-            raise ValueError(f"corpus {c} uses another tokenizer than {corpora[0]}; curate them with one tokenizer")
 
 
 # -- worker side -------------------------------------------------------------------------------

@@ -126,6 +126,7 @@ def test_cli_bad_inputs_fail_before_work(tmp_path, capsys):
 
     import pyarrow as pa
     import pyarrow.parquet as pq
+    from test_data import save_tokenizer
     from test_evaluate import make_corpus, make_model
 
     from jobs.finetune import main
@@ -147,6 +148,13 @@ def test_cli_bad_inputs_fail_before_work(tmp_path, capsys):
     assert main(["--init", str(tmp_path / "pre"), "--data", str(unlabelled), "--out", str(tmp_path / "ft"),
                  "--task", "classify"]) == 2
     assert "labelled" in capsys.readouterr().err
+    othertok = tmp_path / "t"  # the same rows, another vocabulary: mm.data.same_tokenizer refuses it
+    shutil.copytree(corpus, othertok)
+    shutil.rmtree(othertok / "tokenizer")
+    save_tokenizer(othertok / "tokenizer")
+    assert main(["--init", str(tmp_path / "pre"), "--data", str(othertok), "--out", str(tmp_path / "ft"),
+                 "--task", "retrieval"]) == 2
+    assert "tokenizer differs from --init's" in capsys.readouterr().err
     assert not (tmp_path / "ft").exists()
 
 
