@@ -122,6 +122,32 @@ def local_dir(src: str | os.PathLike) -> str:
     return target
 
 
+def local_file(src: str | os.PathLike) -> str:
+    """A local path holding the file ``src`` (a path, or a URI fetched once into the same cache
+    as ``local_dir``, keyed by the URI, size and mtime)."""
+    import hashlib
+    import tempfile
+
+    src = str(src)
+    if not is_uri(src) or src.startswith("file://"):
+        return resolve(src)[1]
+    fs, path, _ = resolve(src)
+    info = fs.get_file_info(path)
+    if info.type != pafs.FileType.File:
+        raise FileNotFoundError(f"{src} does not exist")
+    key = hashlib.sha256(f"{src}\0{info.size}\0{info.mtime_ns}".encode()).hexdigest()[:32]
+    root = os.path.join(os.environ.get("MM_CACHE_DIR") or os.path.expanduser("~/.cache/mm"), "mirror", key)
+    target = os.path.join(root, os.path.basename(path))
+    if not os.path.isfile(target):
+        os.makedirs(root, exist_ok=True)
+        fd, tmp = tempfile.mkstemp(prefix=".fetch-", dir=root)
+        with os.fdopen(fd, "wb") as out, fs.open_input_stream(path) as f:
+            while chunk := f.read(8 << 20):
+                out.write(chunk)
+        os.replace(tmp, target)
+    return target
+
+
 def join(base: str | os.PathLike, *parts: str) -> str:
     """``base/part/...`` for a local path or a URI (never ``os.path.join``'s scheme mangling)."""
     return "/".join([str(base).rstrip("/"), *(p.strip("/") for p in parts)])
@@ -169,5 +195,5 @@ def exists(src: str | os.PathLike) -> bool:
     return fs.get_file_info(path).type != pafs.FileType.NotFound
 
 
-__all__ = ["is_uri", "resolve", "expand_braces", "move", "remove", "local_dir", "join", "read_bytes", "write_bytes",
+__all__ = ["is_uri", "resolve", "expand_braces", "move", "remove", "local_dir", "local_file", "join", "read_bytes", "write_bytes",
            "upload_dir", "exists"]

@@ -22,7 +22,8 @@ from collections.abc import Sequence
 from pathlib import Path
 
 from core.config import load_config
-from jobs.cli import UsageError, add_common, run
+from core.storage import exists, is_uri, join, local_dir, read_bytes, write_bytes
+from jobs.cli import UsageError, add_common, check_out_dir, run
 
 log = logging.getLogger("mm.evaluate")
 TASKS = ("zeroshot", "retrieval", "classify", "linear_probe", "masked")
@@ -55,17 +56,49 @@ def check_inputs(model: str, data: str, out: str) -> Path:
         raise UsageError(f"--model {model} has no tokenizer/ beside its weights")
     if not same_tokenizer(model_dir / "tokenizer", corpus_tokenizer_dir(data)):
         raise UsageError(f"--data {data}: its tokenizer differs from --model's; curate with the model's tokenizer")
-    o = Path(out)
-    if o.is_dir():
+    if is_uri(out):
+        check_out_dir(out.rsplit("/", 1)[0])
+    elif Path(out).is_dir():
         raise UsageError(f"--out {out} is a directory, expected a .json file path")
     return model_dir
 
 
+def local_run_view(model: str, scratch: Path) -> str:
+    """``--model`` as a local path: itself, or for a URI a view in ``scratch`` of what evaluation
+    reads — the run's model/ (and classifier/) fetched once into the local cache
+    (core.storage.local_dir), and its metrics.jsonl for the report. Checkpoints stay on the store."""
+    if not is_uri(model):
+        return model
+    try:
+        subs = [sub for sub in ("model", "classifier") if exists(join(model, sub, "config.json"))
+                or exists(join(model, sub, "classes.json"))]
+        if not subs:  # a bare model dir at the URI
+            return local_dir(model) if exists(join(model, "config.json")) else model
+        view = scratch / "run"
+        view.mkdir(parents=True, exist_ok=True)
+        for sub in subs:
+            (view / sub).symlink_to(local_dir(join(model, sub)))
+        metrics = read_bytes(join(model, "metrics.jsonl"))
+        if metrics:
+            (view / "metrics.jsonl").write_bytes(metrics)
+        return str(view)
+    except OSError as e:  # credentials, a missing bucket, a timeout: one line naming the URI
+        raise UsageError(f"--model {model}: {str(e).splitlines()[0]}") from None
+
+
 def _main(args: argparse.Namespace) -> int:
+    import tempfile
+
+    with tempfile.TemporaryDirectory(prefix="mm-evaluate-") as scratch:
+        return _evaluate(args, Path(scratch))
+
+
+def _evaluate(args: argparse.Namespace, scratch: Path) -> int:
     from mm.evaluate import EvalConfig, evaluate_run, write_eval
 
     cfg = load_config(EvalConfig, args.config, args.overrides)
-    model_dir = check_inputs(args.model, args.data, args.out)
+    model = local_run_view(args.model, scratch)
+    model_dir = check_inputs(model, args.data, args.out)
     if cfg.rerank_k > 0 and "retrieval" in ((args.task,) if args.task else cfg.tasks):
         from mm.evaluate import itm_checkpoint
 
@@ -78,9 +111,19 @@ def _main(args: argparse.Namespace) -> int:
 
     init_ray(args.address)
     tasks = (args.task,) if args.task else None
-    result = evaluate_run(args.model, args.data, cfg, tasks=tasks)
-    out = write_eval(result, args.out)
+    result = evaluate_run(model, args.data, cfg, tasks=tasks)
+    # A URI --out: written beside the run view (so the report finds its metrics.jsonl), then put
+    # on the store: eval.json, its samples and report.html, next to each other as locally.
+    local_out = (Path(model) if model != args.model else scratch) / Path(args.out).name if is_uri(args.out) \
+        else Path(args.out)
+    out = write_eval(result, local_out)
     report = write_report(out.parent, eval_path=out)
+    if is_uri(args.out):
+        target = args.out.rsplit("/", 1)[0]
+        for f in (out, out.with_name(out.stem + "_samples.json"), report):
+            if f.is_file():
+                write_bytes(join(target, f.name), f.read_bytes())
+        out, report = args.out, join(target, report.name)
     for task, values in result["metrics"].items():
         log.info("%s: %s", task, ", ".join(f"{k}={v:.4f}" for k, v in values.items()))
     for task, why in result["skipped"].items():

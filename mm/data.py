@@ -230,6 +230,22 @@ def _data_files(corpus_dir: str) -> tuple[Any, list[str]]:
                       and i.path.endswith(".parquet"))
 
 
+def data_files(corpus_dir: str) -> list[str]:
+    """The corpus's data/*.parquet as paths or URIs ``ray.data.read_parquet`` reads directly."""
+    fs, files = _data_files(corpus_dir)
+    prefix = resolve(str(corpus_dir))[2]
+    return [prefix + f for f in files]
+
+
+def corpus_dataset(corpus_dir: str):
+    """``pyarrow.dataset`` over the corpus's data/ (a local dir or a URI), for driver-side reads
+    of a few columns or rows."""
+    import pyarrow.dataset as pads
+
+    fs, root, _ = resolve(str(corpus_dir))
+    return pads.dataset(f"{root.rstrip('/')}/data", format="parquet", filesystem=fs)
+
+
 def _is_dir(corpus_dir: str, sub: str = "") -> bool:
     fs, root, _ = resolve(str(corpus_dir))
     return fs.get_file_info(f"{root.rstrip('/')}/{sub}".rstrip("/")).type == pafs.FileType.Directory
@@ -330,4 +346,4 @@ def build_dataset(corpus: str | CorpusInfo, split: str | None, pre: PreprocessCo
 
 __all__ = ["DataConfig", "TokenInfo", "PreprocessConfig", "CorpusInfo", "preprocess_batch", "decode_image",
            "transform_image", "frame_indices", "pad_ids", "trim_padding", "decoded_mb", "check_corpus", "corpus_info",
-           "load_token_info", "same_tokenizer", "build_dataset", "corpus_tokenizer_dir"]
+           "load_token_info", "same_tokenizer", "build_dataset", "corpus_tokenizer_dir", "data_files", "corpus_dataset"]

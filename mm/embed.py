@@ -97,14 +97,15 @@ def embed_split_multi(model_dirs: list[str | Path], data_dir: str | Path, split:
     import ray.data
     from ray.data.expressions import col
 
-    from mm.data import load_token_info
+    from mm.data import _data_files, data_files, load_token_info
 
-    files = sorted((Path(data_dir) / "data").glob("*.parquet"))
-    names = pq.read_schema(files[0]).names
+    fs, paths = _data_files(str(data_dir))  # a local dir or a URI
+    names = pq.read_schema(paths[0], filesystem=fs).names
+    files = data_files(str(data_dir))
     media = "frames" if "frames" in names else "image"
     columns = ["sample_id", media, "input_ids"] + (["label"] if "label" in names else [])
     pad_id = load_token_info(str(Path(model_dirs[0]) / "tokenizer")).pad_id
-    ds = (ray.data.read_parquet([str(f) for f in files])
+    ds = (ray.data.read_parquet(files)
           .filter(expr=col("split") == split)  # pushed down into the Parquet read
           .select_columns(columns))
     if max_rows:

@@ -18,6 +18,7 @@ from pathlib import Path
 from typing import Literal
 
 from core.config import packaged_config
+from core.storage import exists, is_uri, join, local_file, resolve
 
 Task = Literal["zeroshot", "retrieval", "classify", "linear_probe", "masked"]
 DEFAULT_TEMPLATES = packaged_config("templates.json")  # the shipped prompts (package data)
@@ -94,8 +95,12 @@ def class_prompts(classes: list[str], templates: list[str] | dict[str, list[str]
 
 
 def corpus_file(data_dir: str | Path, override: str | None, name: str, fallback: Path | None = None) -> Path | None:
+    """``override``, else the corpus's ``name`` (fetched once when the corpus is at a URI), else ``fallback``."""
     if override:
         return Path(override)
+    if is_uri(str(data_dir)):
+        uri = join(str(data_dir), name)
+        return Path(local_file(uri)) if exists(uri) else fallback
     p = Path(data_dir) / name
     return p if p.is_file() else fallback
 
@@ -110,7 +115,8 @@ def split_labels(data_dir: str | Path, split: str) -> list[str | None]:
     import pyarrow.compute as pc
     import pyarrow.dataset as pads
 
-    ds = pads.dataset(str(Path(data_dir) / "data"), format="parquet")
+    fs, root, _ = resolve(str(data_dir))
+    ds = pads.dataset(f"{root.rstrip('/')}/data", format="parquet", filesystem=fs)
     if "label" not in ds.schema.names:
         return []
     return ds.to_table(columns=["label"], filter=pc.field("split") == split)["label"].to_pylist()
@@ -141,8 +147,10 @@ def schema_names(data_dir) -> list[str]:
     """Column names of a curated corpus's Parquet files (none when it has no file)."""
     import pyarrow.parquet as pq
 
-    files = sorted((Path(data_dir) / "data").glob("*.parquet"))
-    return pq.read_schema(files[0]).names if files else []
+    from mm.data import _data_files
+
+    fs, files = _data_files(str(data_dir))
+    return pq.read_schema(files[0], filesystem=fs).names if files else []
 
 
 def run_dir_of(model_dir: Path) -> Path:

@@ -84,7 +84,8 @@ def sample_retrievals(data_dir: str | Path, emb: Embeddings, media: np.ndarray, 
                       first: np.ndarray, cfg: EvalConfig) -> dict:
     """A few text→media queries with their top hits as thumbnails (for report.html)."""
     import pyarrow.compute as pc
-    import pyarrow.dataset as pads
+
+    from mm.data import corpus_dataset
 
     n = len(emb.text_emb)
     if n == 0 or cfg.sample_queries <= 0:
@@ -92,7 +93,7 @@ def sample_retrievals(data_dir: str | Path, emb: Embeddings, media: np.ndarray, 
     queries = np.unique(np.linspace(0, n - 1, min(cfg.sample_queries, n)).round().astype(int))
     top = M.topk_indices(emb.text_emb[queries], media, cfg.sample_hits)
     needed = {str(emb.sample_id[first[j]]) for row in top for j in row} | {str(emb.sample_id[q]) for q in queries}
-    ds = pads.dataset(str(Path(data_dir) / "data"), format="parquet")
+    ds = corpus_dataset(data_dir)  # a local dir or a URI
     media_col = "frames" if "frames" in ds.schema.names else "image"
     table = ds.to_table(columns=["sample_id", "caption", media_col],
                         filter=pc.field("sample_id").isin(sorted(needed)))

@@ -97,11 +97,10 @@ class ITMScorer:
 
     def __init__(self, model_dir: Path, data_dir, emb: Embeddings, first: np.ndarray, cfg: EvalConfig) -> None:
         import pyarrow.compute as pc
-        import pyarrow.dataset as pads
         import torch
 
         import mm
-        from mm.data import DataConfig, PreprocessConfig, load_token_info
+        from mm.data import DataConfig, PreprocessConfig, corpus_dataset, load_token_info
 
         self.torch = torch
         self.model = mm.load(str(model_dir)).eval()
@@ -111,7 +110,7 @@ class ITMScorer:
         self.pre = replace(PreprocessConfig.build(c, DataConfig(), pad_id, train=False),
                            pad_to_longest=True)
         self.batch = cfg.rerank_batch
-        ds = pads.dataset(str(Path(data_dir) / "data"), format="parquet")
+        ds = corpus_dataset(data_dir)  # a local dir or a URI
         self.media_col = "frames" if "frames" in ds.schema.names else "image"
         table = ds.to_table(columns=["sample_id", "input_ids", self.media_col], filter=pc.field("split") == cfg.split)
         row = {sid: i for i, sid in enumerate(table["sample_id"].to_pylist())}
