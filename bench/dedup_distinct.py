@@ -97,12 +97,16 @@ def main() -> None:
     ap.add_argument("--skip-phash-only", action="store_true")
     args = ap.parse_args()
     results = []
-    for n in [int(x) for x in args.sizes.split(",") if x.strip()]:
-        path = os.path.join(args.rows_cache, f"rows_{n}_{args.seed}{'_jpeg' if args.via_jpeg else ''}.parquet") \
-            if args.rows_cache else None
+    sizes = [int(x) for x in args.sizes.split(",") if x.strip()]
+    tag = f"{args.seed}{'_jpeg' if args.via_jpeg else ''}"
+    for n in sizes:
+        path = os.path.join(args.rows_cache, f"rows_{n}_{tag}.parquet") if args.rows_cache else None
         t0 = time.time()
-        if path and os.path.exists(path):
-            table = pq.read_table(path)
+        # the collage stream is sequential: the first n rows of a bigger cached corpus are this one
+        bigger = [m for m in sizes if m >= n and args.rows_cache
+                  and os.path.exists(os.path.join(args.rows_cache, f"rows_{m}_{tag}.parquet"))]
+        if bigger:
+            table = pq.read_table(os.path.join(args.rows_cache, f"rows_{min(bigger)}_{tag}.parquet")).slice(0, n)
         else:
             table = build_rows(n, args.seed, args.via_jpeg)
             if path:

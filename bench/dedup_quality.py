@@ -256,7 +256,7 @@ def main() -> None:
     result["phash_only"] = {"max_hamming": 8, "lsh_bands": 24, **score(table, d, info["origin"]),
                             "recall_by_transform": per_transform_recall(table, d, info["origin"])}
     result["sweep"] = []
-    for mh, res in ((6, 18.0), (10, 18.0), (8, 14.0), (8, 16.0), (8, 20.0), (8, 22.0)):
+    for mh, res in ((8, 16.0), (8, 20.0), (8, 24.0), (10, 22.0), (12, 22.0)):
         d = find_duplicates_local(table, dataclasses.replace(default, max_hamming=mh, verify_max_residual=res))
         result["sweep"].append({"max_hamming": mh, "verify_max_residual": res, **score(table, d, info["origin"]),
                                 "recall_by_transform": per_transform_recall(table, d, info["origin"])})

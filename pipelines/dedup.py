@@ -72,7 +72,7 @@ EVIDENCE_SCHEMA = DROP_SCHEMA.append(pa.field("evidence", pa.string()))
 class DedupConfig:
     exact: Literal["media", "pair", "off"] = "media"
     near: bool = True
-    max_hamming: int = 8                 # bits, per hash (64-bit pHash): the candidate radius
+    max_hamming: int = 10                # bits, per hash (64-bit pHash): the candidate radius
     crop_views: bool = True              # also band the corner-crop pHashes (cropped copies)
     lsh_bands: int = 32
     lsh_band_bits: int = 16
@@ -81,12 +81,13 @@ class DedupConfig:
     max_bucket_rows: int = 2000          # larger band buckets: sorted-window candidates
     bucket_window_rows: int = 64
     verify: bool = True                  # decide candidates on the thumbnails (rows with `thumb`)
-    verify_max_residual: float = 18.0    # grey levels, worst 8x8 block of the aligned thumbnails
+    verify_max_residual: float = 22.0    # grey levels, worst 8x8 block of the aligned thumbnails
     verify_residual_per_info: float = 1.0  # ... and at most this times the pair's grey std
     verify_min_info: float = 4.0         # grey std (levels) below which an image never matches
     verify_max_crop: float = 0.06        # per side, searched when aligning
-    verify_crop_steps: int = 7
+    verify_crop_steps: int = 13           # grid steps (coarse search: every other one)
     verify_max_gain: float = 1.25        # brightness gain allowed between copies
+    verify_screen: float = 24.0          # grey levels, 8x8 block means before alignment (cheap screen)
     verify_chunk_pairs: int = 20000      # pairs decoded and verified at a time
     near_captions: bool = False
     caption_shingle_chars: int = 5

@@ -11,14 +11,17 @@ quality 90, no chroma subsampling, ~2 KB):
 
 1. *Alignment*: a copy may be cropped by a few percent per side and rescaled. For each axis the
    crop box of the source that best explains the other image is found by matching 1-D grey
-   projections (column / row means at 32 px, NCC) over a grid of boxes (``verify_max_crop`` per
-   side, ``verify_crop_steps`` steps), in both directions (either image may be the crop of the
-   other); the better direction's source is resampled to its box (area weights).
+   projections (column / row means, NCC) over a grid of boxes (``verify_max_crop`` per side,
+   every other of ``verify_crop_steps`` steps, then the 3x3 finer boxes around the best), in both
+   directions (either image may be the crop of the other); the better direction's source is
+   resampled to its box (area weights).
 2. *Residual*: a single brightness gain (``verify_max_gain``, no offset, so colours must agree)
    is fitted, and the mean absolute difference is taken over each 8x8-pixel block; the pair's
    ``residual`` is the worst block (grey levels). A re-encoded, resized or brightened copy
    differs a little everywhere; a look-alike (another emoji of the same shape, another object
    at the same place) differs a lot somewhere, which a whole-image similarity would average away.
+   Before that, a cheap screen (``coarse_difference``: 8x8 grid of colour block means, no
+   alignment, at most ``verify_screen``) spares the alignment for pairs that differ grossly.
 3. *Evidence needed*: ``info`` is the smaller of the two thumbnails' grey standard deviations.
    A pair is a duplicate only when ``info >= verify_min_info`` and ``residual <=
    min(verify_max_residual, verify_residual_per_info * info)``: the less an image shows, the
@@ -32,11 +35,17 @@ bench/dedup_distinct.py. Tested in tests/test_dedup.py.
 
 from __future__ import annotations
 
+import contextlib
 import io
 from functools import lru_cache
 
 import numpy as np
 from PIL import Image
+
+try:  # these products are small: BLAS threads spinning on a busy machine cost more than they give
+    from threadpoolctl import threadpool_limits
+except ImportError:  # pragma: no cover - optional (scikit-learn brings it)
+    threadpool_limits = None
 
 THUMB_PX = 64
 BLOCK_PX = 8
@@ -109,19 +118,10 @@ def _box_weights(n_src: int, lo: float, hi: float, n_out: int) -> np.ndarray:
 
 
 @lru_cache(maxsize=8)
-def _box_grid(max_crop: float, steps: int, px: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """Every box (lo, hi) with lo, 1 - hi in linspace(0, max_crop, steps): the (K, px, px)
-    profile matrices and, for a ``px``-pixel warp, two source taps per output pixel (index, weights)."""
+def _box_grid(max_crop: float, steps: int, px: int) -> np.ndarray:
+    """Every box (lo, hi) with lo, 1 - hi in linspace(0, max_crop, steps), as (S, S, px, px) area matrices."""
     cuts = np.linspace(0.0, max_crop, steps)
-    boxes = [(lo, 1.0 - c) for lo in cuts for c in cuts]
-    prof = np.stack([_box_weights(px, lo, hi, px) for lo, hi in boxes]).astype(np.float32)
-    idx = np.zeros((len(boxes), px), np.int64)
-    w = np.zeros((len(boxes), px), np.float32)
-    for k, (lo, hi) in enumerate(boxes):
-        m = _box_weights(px, lo, hi, px)  # an output pixel spans <= 1 source pixel: <= 2 taps
-        first = np.argmax(m > 0, axis=1)
-        idx[k], w[k] = first, m[np.arange(px), first]
-    return prof, idx, w
+    return np.stack([[_box_weights(px, lo, 1.0 - c, px) for c in cuts] for lo in cuts]).astype(np.float32)
 
 
 def _unit(v: np.ndarray, axes: tuple[int, ...]) -> np.ndarray:
@@ -129,36 +129,38 @@ def _unit(v: np.ndarray, axes: tuple[int, ...]) -> np.ndarray:
     return v / np.maximum(np.sqrt((v * v).sum(axis=axes, keepdims=True)), 1e-6)
 
 
-def _best_boxes(src: np.ndarray, dst: np.ndarray, prof: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+def _best_boxes(src: np.ndarray, dst: np.ndarray, fine: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """Per pair and axis, the box of ``src`` (N, P, P grey) whose projection best matches
-    ``dst``'s: (row box, column box, summed profile NCC), (N,) each."""
-    n, k, px = len(src), prof.shape[0], prof.shape[1]
-    best, total = [], np.zeros(n, np.float32)
-    for axis in (1, 2):  # 1: rows (y), profile = mean over x; 2: columns (x)
-        ps = src.mean(axis=3 - axis)  # (N, 32)
-        pd = _unit(dst.mean(axis=3 - axis), (1,))
-        cand = _unit((prof.reshape(k * px, px) @ ps.T).reshape(k, px, n), (1,))  # (K, P, N)
-        ncc = np.einsum("kin,ni->nk", cand, pd)
-        best.append(ncc.argmax(axis=1))
-        total += ncc.max(axis=1)
-    return best[0], best[1], total
-
-
-def _warp(src: np.ndarray, ky: np.ndarray, kx: np.ndarray, idx: np.ndarray, w: np.ndarray) -> np.ndarray:
-    """Resample each ``src`` (N, P, P, 3) to its boxes (rows ``ky``, columns ``kx``): 2 taps per axis."""
-    n, px = src.shape[:2]
+    ``dst``'s (NCC): every other grid step first, then the 3x3 finer boxes around the best.
+    Returns the row and column box matrices (N, P, P) and the summed profile NCC (N,)."""
+    n, px, steps = len(src), fine.shape[-1], fine.shape[0]
+    half = (steps + 1) // 2
     rows = np.arange(n)[:, None]
-    iy, wy = idx[ky], w[ky][:, :, None, None]  # (N, P)
-    iy1 = np.minimum(iy + 1, px - 1)
-    out = src[rows, iy] * wy + src[rows, iy1] * (1.0 - wy)
-    ix, wx = idx[kx], w[kx][:, None, :, None]
-    ix1 = np.minimum(ix + 1, px - 1)
-    return out[rows, :, ix].transpose(0, 2, 1, 3) * wx + out[rows, :, ix1].transpose(0, 2, 1, 3) * (1.0 - wx)
+    out, total = [], np.zeros(n, np.float32)
+    for axis in (1, 2):  # 1: rows (y), profile = mean over x; 2: columns (x)
+        ps = src.mean(axis=3 - axis)  # (N, P)
+        pd = _unit(dst.mean(axis=3 - axis), (1,))
+        cand = (fine.reshape(-1, px) @ ps.T).reshape(steps, steps, px, n)  # every box, one GEMM
+        best = np.einsum("kin,ni->nk", _unit(cand[::2, ::2].reshape(-1, px, n), (1,)), pd).argmax(axis=1)
+        ii = np.clip(2 * (best // half)[:, None] + np.repeat([-1, 0, 1], 3)[None], 0, steps - 1)  # (N, 9)
+        jj = np.clip(2 * (best % half)[:, None] + np.tile([-1, 0, 1], 3)[None], 0, steps - 1)
+        ncc = (_unit(cand[ii, jj, :, rows], (2,)) * pd[:, None]).sum(axis=2)  # (N, 9)
+        pick = ncc.argmax(axis=1)
+        out.append(fine[ii[np.arange(n), pick], jj[np.arange(n), pick]])
+        total += ncc.max(axis=1)
+    return out[0], out[1], total
+
+
+def _warp(src: np.ndarray, my: np.ndarray, mx: np.ndarray) -> np.ndarray:
+    """Resample each ``src`` (N, P, P, 3) to its boxes: rows through ``my``, columns through ``mx``."""
+    n, px = src.shape[:2]
+    rows = np.matmul(my, src.reshape(n, px, px * 3)).reshape(n, px, px, 3)
+    return np.matmul(mx[:, None], rows.transpose(0, 3, 2, 1)).transpose(0, 3, 2, 1)
 
 
 def _block_residual(warped: np.ndarray, dst: np.ndarray, max_gain: float, block: int) -> np.ndarray:
     """Worst block's mean |dst - gain * warped| (grey levels) after one clipped gain per pair;
-    ``block`` pixels square (an eighth of the side: 8 at 64 px, 4 at 32 px)."""
+    ``block`` pixels square (an eighth of the side: 8 at 64 px)."""
     n, px = dst.shape[:2]
     wf, df = warped.reshape(n, -1), dst.reshape(n, -1)
     gain = (wf * df).sum(1) / np.maximum((wf * wf).sum(1), 1e-6)
@@ -169,25 +171,42 @@ def _block_residual(warped: np.ndarray, dst: np.ndarray, max_gain: float, block:
 
 def information(thumbs: np.ndarray) -> np.ndarray:
     """Grey standard deviation of each thumbnail (levels): how much an image shows."""
+    if len(thumbs) == 0:
+        return np.zeros(0, np.float32)
     grey = thumbs.astype(np.float32) @ np.array([0.299, 0.587, 0.114], np.float32)
     return grey.reshape(len(thumbs), -1).std(axis=1)
 
 
-def pair_residuals(ta: np.ndarray, tb: np.ndarray, cfg, chunk: int = 128) -> np.ndarray:
+def coarse_difference(ta: np.ndarray, tb: np.ndarray, cfg, chunk: int = 4096) -> np.ndarray:
+    """A cheap screen before alignment: mean |b - gain * a| over the 8x8 grid of colour block means
+    (grey levels). A copy cropped by a few percent moves a block by less than half its side, so
+    copies stay low while most look-alike candidates (other objects, other colours) do not."""
+    out = np.empty(len(ta), np.float32)
+    for s in range(0, len(ta), chunk):
+        n = len(ta[s:s + chunk])
+        a = ta[s:s + chunk].reshape(n, 8, 8, 8, 8, 3).mean(axis=(2, 4), dtype=np.float32).reshape(n, -1)
+        b = tb[s:s + chunk].reshape(n, 8, 8, 8, 8, 3).mean(axis=(2, 4), dtype=np.float32).reshape(n, -1)
+        gain = np.clip((a * b).sum(1) / np.maximum((a * a).sum(1), 1e-6), 1.0 / cfg.verify_max_gain, cfg.verify_max_gain)
+        out[s:s + chunk] = np.abs(b - np.minimum(gain[:, None] * a, 255.0)).mean(axis=1)
+    return out
+
+
+def pair_residuals(ta: np.ndarray, tb: np.ndarray, cfg, chunk: int = 64) -> np.ndarray:
     """Aligned worst-block residual of each pair, in grey levels: the crop box is searched in both
     directions on grey projections and the better direction is warped and compared."""
-    prof, idx, w = _box_grid(float(cfg.verify_max_crop), int(cfg.verify_crop_steps), THUMB_PX)
+    fine = _box_grid(float(cfg.verify_max_crop), int(cfg.verify_crop_steps), THUMB_PX)
     out = np.empty(len(ta), np.float32)
     grey = np.array([0.299, 0.587, 0.114], np.float32)
     for s in range(0, len(ta), chunk):
         a, b = ta[s:s + chunk].astype(np.float32), tb[s:s + chunk].astype(np.float32)
         ga, gb = a @ grey, b @ grey
-        ky_ab, kx_ab, s_ab = _best_boxes(ga, gb, prof)  # a cropped to b
-        ky_ba, kx_ba, s_ba = _best_boxes(gb, ga, prof)
+        my_ab, mx_ab, s_ab = _best_boxes(ga, gb, fine)  # a cropped to b
+        my_ba, mx_ba, s_ba = _best_boxes(gb, ga, fine)
         ab = s_ab >= s_ba
-        ky, kx = np.where(ab, ky_ab, ky_ba), np.where(ab, kx_ab, kx_ba)
+        my = np.where(ab[:, None, None], my_ab, my_ba)
+        mx = np.where(ab[:, None, None], mx_ab, mx_ba)
         ab = ab[:, None, None, None]
-        out[s:s + chunk] = _block_residual(_warp(np.where(ab, a, b), ky, kx, idx, w), np.where(ab, b, a),
+        out[s:s + chunk] = _block_residual(_warp(np.where(ab, a, b), my, mx), np.where(ab, b, a),
                                            cfg.verify_max_gain, BLOCK_PX)
     return out
 
@@ -197,12 +216,15 @@ def verify_pairs(ta: np.ndarray, tb: np.ndarray, cfg) -> tuple[np.ndarray, np.nd
     info = np.minimum(information(ta), information(tb))
     limit = np.minimum(cfg.verify_max_residual, cfg.verify_residual_per_info * info)
     residual = np.full(len(ta), np.inf, np.float32)
-    enough = np.flatnonzero(info >= cfg.verify_min_info)  # too little to go on: no residual, kept
+    # too little to go on (kept), or too different even before alignment (kept): no residual
+    enough = np.flatnonzero((info >= cfg.verify_min_info) & (coarse_difference(ta, tb, cfg) <= cfg.verify_screen))
     if len(enough):
-        residual[enough] = pair_residuals(ta[enough], tb[enough], cfg)
+        with threadpool_limits(1, user_api="blas") if threadpool_limits else contextlib.nullcontext():
+            residual[enough] = pair_residuals(ta[enough], tb[enough], cfg)
     ok = residual <= limit
     return ok, residual, info
 
 
 __all__ = ["THUMB_PX", "phash_of_grey32", "crop_boxes", "compute_descriptors", "decode_thumbs", "information",
+           "coarse_difference",
            "pair_residuals", "verify_pairs"]
