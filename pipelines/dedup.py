@@ -24,7 +24,8 @@ lexicographic order, then smallest ``sample_id``.
    on 64x64 thumbnails (pipelines/dedup_verify.py); it is an edge only if its worst-block
    residual is small enough for the information the pair shows, so look-alikes on plain
    backgrounds and near-uniform images are kept. Rows without ``thumb`` (video clips: one hash
-   per frame, every position within ``max_hamming``) are decided on the hashes alone. Verified
+   per frame, every position within the radius; index rows written before verification) are
+   decided on the hashes alone, within ``unverified_max_hamming``. Verified
    edges are joined with union-find; within a component, members are visited in keeper-rule
    order and a member is dropped only when it has a verified edge to a keeper (no chaining:
    every dropped row was verified against the keeper named in its ``detail``). Reason
@@ -61,7 +62,7 @@ from pipelines.dedup_lsh import (
     make_caption_bands,
     make_hash_bands,
 )
-from pipelines.dedup_verify import decode_thumbs, verify_pairs
+from pipelines.dedup_verify import verify_candidates
 
 DROP_SCHEMA = pa.schema([pa.field("row_id", pa.string()), pa.field("reason", pa.string()),
                          pa.field("keeper", pa.string())])
@@ -73,6 +74,7 @@ class DedupConfig:
     exact: Literal["media", "pair", "off"] = "media"
     near: bool = True
     max_hamming: int = 10                # bits, per hash (64-bit pHash): the candidate radius
+    unverified_max_hamming: int = 8      # the radius that decides alone where no thumbnail verifies
     crop_views: bool = True              # also band the corner-crop pHashes (cropped copies)
     lsh_bands: int = 32
     lsh_band_bits: int = 16
@@ -98,8 +100,8 @@ class DedupConfig:
     local_max_rows: int = 100_000        # up to this many candidates, dedup runs in the driver
 
     def __post_init__(self) -> None:
-        if not 0 <= self.max_hamming < 64:
-            raise ValueError("max_hamming must be in [0, 63]")
+        if not 0 <= self.max_hamming < 64 or not 0 <= self.unverified_max_hamming < 64:
+            raise ValueError("max_hamming and unverified_max_hamming must be in [0, 63]")
         if not 1 <= self.lsh_band_bits <= 32 or self.lsh_bands < 1:
             raise ValueError("lsh_band_bits must be in [1, 32] and lsh_bands >= 1")
         if self.caption_num_perm % self.caption_band_rows:
@@ -239,6 +241,8 @@ def find_duplicates(rows, cfg: DedupConfig, with_evidence: bool = False) -> pa.T
             thumbs = _collect(survivors.map_batches(_thumbs_with_rid, fn_kwargs={"rids": rids},
                                                     batch_format="pyarrow", num_cpus=0.5), None)
             edges = verify_edges(edges, thumbs, cfg)
+        elif make is make_hash_bands:
+            edges = _unverified(edges, cfg)
         graph = _union(edges)
         members = _collect(survivors.map_batches(_rows_with_rid, fn_kwargs={"rids": pa.array(list(graph[1]), pa.int64())},
                                                  batch_format="pyarrow", num_cpus=0.5), None)
@@ -272,6 +276,8 @@ def find_duplicates_local(table: pa.Table, cfg: DedupConfig, with_evidence: bool
         if make is make_hash_bands and _verifies(cfg, set(table.column_names)):
             rids = pa.array(np.unique(np.r_[edges.column("a").to_numpy(), edges.column("b").to_numpy()]), pa.int64())
             edges = verify_edges(edges, _thumbs_with_rid(table, rids), cfg)
+        elif make is make_hash_bands:
+            edges = _unverified(edges, cfg)
         graph = _union(edges)
         near = component_drops(_rows_with_rid(table, pa.array(list(graph[1]), pa.int64())), graph)
         drops.append(near)
@@ -288,29 +294,24 @@ def verify_edges(edges: pa.Table, thumbs: pa.Table | None, cfg: DedupConfig) -> 
     rid = thumbs.column("rid").to_numpy()
     order = np.argsort(rid)
     rid_sorted = rid[order]
-    blobs = thumbs.column("thumb").to_pylist()
     a, b = edges.column("a").to_numpy(), edges.column("b").to_numpy()
     ia = np.searchsorted(rid_sorted, a).clip(0, len(rid) - 1)
     ib = np.searchsorted(rid_sorted, b).clip(0, len(rid) - 1)
     present = (rid_sorted[ia] == a) & (rid_sorted[ib] == b)
-    ok = np.zeros(len(a), bool)
-    score = np.full(len(a), np.nan)
-    for s in range(0, len(a), cfg.verify_chunk_pairs):
-        sl = np.flatnonzero(present[s:s + cfg.verify_chunk_pairs]) + s
-        if len(sl) == 0:
-            continue
-        need = np.unique(np.r_[ia[sl], ib[sl]])
-        arrays, valid = decode_thumbs([blobs[order[i]] for i in need])
-        pos_a, pos_b = np.searchsorted(need, ia[sl]), np.searchsorted(need, ib[sl])
-        good = valid[pos_a] & valid[pos_b]
-        sl, pos_a, pos_b = sl[good], pos_a[good], pos_b[good]
-        passed, residual, _ = verify_pairs(arrays[pos_a], arrays[pos_b], cfg)
-        ok[sl], score[sl] = passed, residual
-    return edges.filter(pa.array(ok)).set_column(3, "score", pa.array(score[ok], pa.float64()))
+    blobs = thumbs.column("thumb").take(pa.array(order)).to_pylist()
+    ok, residual = verify_candidates(blobs, ia, ib, cfg, cfg.verify_chunk_pairs)
+    ok &= present
+    return edges.filter(pa.array(ok)).set_column(3, "score", pa.array(residual[ok].astype(np.float64)))
 
 
 def _verifies(cfg: DedupConfig, columns: set[str]) -> bool:
     return cfg.verify and "thumb" in columns
+
+
+def _unverified(edges: pa.Table, cfg: DedupConfig) -> pa.Table:
+    """Without thumbnails (video clips, older index rows) the hashes decide alone, at the stricter
+    ``unverified_max_hamming``."""
+    return edges.filter(pc.less_equal(edges.column("dist"), cfg.unverified_max_hamming))
 
 
 def _dedupe_edges(edges: pa.Table) -> pa.Table:

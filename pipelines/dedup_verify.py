@@ -177,18 +177,18 @@ def information(thumbs: np.ndarray) -> np.ndarray:
     return grey.reshape(len(thumbs), -1).std(axis=1)
 
 
-def coarse_difference(ta: np.ndarray, tb: np.ndarray, cfg, chunk: int = 4096) -> np.ndarray:
-    """A cheap screen before alignment: mean |b - gain * a| over the 8x8 grid of colour block means
+def block_means(thumbs: np.ndarray) -> np.ndarray:
+    """(N, 64, 64, 3) → (N, 192) float32: the colour means of the 8x8 grid of blocks."""
+    n = len(thumbs)
+    return thumbs.reshape(n, 8, 8, 8, 8, 3).mean(axis=(2, 4), dtype=np.float32).reshape(n, -1)
+
+
+def coarse_difference(a: np.ndarray, b: np.ndarray, cfg) -> np.ndarray:
+    """A cheap screen before alignment, on ``block_means`` rows (N, 192): mean |b - gain * a|
     (grey levels). A copy cropped by a few percent moves a block by less than half its side, so
     copies stay low while most look-alike candidates (other objects, other colours) do not."""
-    out = np.empty(len(ta), np.float32)
-    for s in range(0, len(ta), chunk):
-        n = len(ta[s:s + chunk])
-        a = ta[s:s + chunk].reshape(n, 8, 8, 8, 8, 3).mean(axis=(2, 4), dtype=np.float32).reshape(n, -1)
-        b = tb[s:s + chunk].reshape(n, 8, 8, 8, 8, 3).mean(axis=(2, 4), dtype=np.float32).reshape(n, -1)
-        gain = np.clip((a * b).sum(1) / np.maximum((a * a).sum(1), 1e-6), 1.0 / cfg.verify_max_gain, cfg.verify_max_gain)
-        out[s:s + chunk] = np.abs(b - np.minimum(gain[:, None] * a, 255.0)).mean(axis=1)
-    return out
+    gain = np.clip((a * b).sum(1) / np.maximum((a * a).sum(1), 1e-6), 1.0 / cfg.verify_max_gain, cfg.verify_max_gain)
+    return np.abs(b - np.minimum(gain[:, None] * a, 255.0)).mean(axis=1)
 
 
 def pair_residuals(ta: np.ndarray, tb: np.ndarray, cfg, chunk: int = 64) -> np.ndarray:
@@ -212,19 +212,55 @@ def pair_residuals(ta: np.ndarray, tb: np.ndarray, cfg, chunk: int = 64) -> np.n
 
 
 def verify_pairs(ta: np.ndarray, tb: np.ndarray, cfg) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """(ok, residual, info) for pairs of thumbnails (N, 64, 64, 3) uint8: see the module doc."""
+    """(ok, residual, info) for pairs of thumbnails (N, 64, 64, 3) uint8: see the module doc.
+    ``residual`` is inf where the pair was not measured (too little information, or screened out)."""
     info = np.minimum(information(ta), information(tb))
+    screen = coarse_difference(block_means(ta), block_means(tb), cfg) if len(ta) else np.zeros(0, np.float32)
+    return _decide(ta, tb, np.arange(len(ta)), np.arange(len(tb)), info, screen, cfg) + (info,)
+
+
+def verify_candidates(blobs: list[bytes | None], a: np.ndarray, b: np.ndarray, cfg,
+                      chunk_pairs: int = 20000) -> tuple[np.ndarray, np.ndarray]:
+    """(ok, residual) of candidate pairs (row positions ``a``, ``b`` into ``blobs``, the rows'
+    thumbnail bytes). Every thumbnail is decoded once for the screen (block means, information);
+    only pairs that pass it are decoded again, ``chunk_pairs`` at a time, and aligned. A row
+    whose thumbnail is missing or broken matches nothing."""
+    n = len(blobs)
+    means = np.zeros((n, 192), np.float32)
+    info = np.zeros(n, np.float32)
+    valid = np.zeros(n, bool)
+    for s in range(0, n, 4096):
+        t, ok = decode_thumbs(blobs[s:s + 4096])
+        means[s:s + len(t)], info[s:s + len(t)], valid[s:s + len(t)] = block_means(t), information(t), ok
+    pair_info = np.minimum(info[a], info[b])
+    pair_info[~(valid[a] & valid[b])] = 0.0  # no thumbnail: no evidence
+    screen = np.concatenate([coarse_difference(means[a[s:s + 100_000]], means[b[s:s + 100_000]], cfg)
+                             for s in range(0, len(a), 100_000)]) if len(a) else np.zeros(0, np.float32)
+    ok = np.zeros(len(a), bool)
+    residual = np.full(len(a), np.inf, np.float32)
+    todo = np.flatnonzero((pair_info >= cfg.verify_min_info) & (screen <= cfg.verify_screen))
+    for s in range(0, len(todo), chunk_pairs):
+        sel = todo[s:s + chunk_pairs]
+        rows = np.unique(np.r_[a[sel], b[sel]])
+        thumbs, _ = decode_thumbs([blobs[i] for i in rows])
+        pa, pb = np.searchsorted(rows, a[sel]), np.searchsorted(rows, b[sel])
+        ok[sel], residual[sel] = _decide(thumbs, thumbs, pa, pb, pair_info[sel], screen[sel], cfg)
+    return ok, residual
+
+
+def _decide(ta: np.ndarray, tb: np.ndarray, ia: np.ndarray, ib: np.ndarray, info: np.ndarray,
+            screen: np.ndarray, cfg) -> tuple[np.ndarray, np.ndarray]:
+    """Pairs (ta[ia], tb[ib]) with their information and screen value → (ok, residual)."""
     limit = np.minimum(cfg.verify_max_residual, cfg.verify_residual_per_info * info)
-    residual = np.full(len(ta), np.inf, np.float32)
+    residual = np.full(len(ia), np.inf, np.float32)
     # too little to go on (kept), or too different even before alignment (kept): no residual
-    enough = np.flatnonzero((info >= cfg.verify_min_info) & (coarse_difference(ta, tb, cfg) <= cfg.verify_screen))
+    enough = np.flatnonzero((info >= cfg.verify_min_info) & (screen <= cfg.verify_screen))
     if len(enough):
         with threadpool_limits(1, user_api="blas") if threadpool_limits else contextlib.nullcontext():
-            residual[enough] = pair_residuals(ta[enough], tb[enough], cfg)
-    ok = residual <= limit
-    return ok, residual, info
+            residual[enough] = pair_residuals(ta[ia[enough]], tb[ib[enough]], cfg)
+    return residual <= limit, residual
 
 
 __all__ = ["THUMB_PX", "phash_of_grey32", "crop_boxes", "compute_descriptors", "decode_thumbs", "information",
-           "coarse_difference",
+           "block_means", "coarse_difference", "verify_candidates",
            "pair_residuals", "verify_pairs"]

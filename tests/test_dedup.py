@@ -174,7 +174,8 @@ def test_ray_path_equals_local_path(ray_session):
 
 
 @pytest.mark.parametrize("bad", [{"max_hamming": 64}, {"lsh_band_bits": 0}, {"caption_num_perm": 10},
-                                 {"verify_max_gain": 0.5}, {"verify_max_crop": 0.5}])
+                                 {"verify_max_gain": 0.5}, {"verify_max_crop": 0.5},
+                                 {"unverified_max_hamming": 64}])
 def test_config_validation(bad):
     with pytest.raises(ValueError):
         DedupConfig(**bad)
@@ -258,7 +259,7 @@ def test_exactly_the_planted_copies_go(planted_corpus, ray_session):
 
 def test_lookalikes_are_candidates_that_verification_keeps(planted_corpus):
     t, planted = planted_corpus
-    hash_only = by_key(t, find_duplicates_local(t, DedupConfig(verify=False, max_hamming=12)))
+    hash_only = by_key(t, find_duplicates_local(t, DedupConfig(verify=False, max_hamming=12, unverified_max_hamming=12)))
     # the pHashes alone take look-alikes for copies; the thumbnails tell them apart
     assert set(hash_only) - set(planted), "the look-alikes should be pHash candidates (test too easy)"
     verified = by_key(t, find_duplicates_local(t, DedupConfig(max_hamming=12)))
