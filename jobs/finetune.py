@@ -1,12 +1,15 @@
-"""`mm finetune`: transfer a pretrained run to a task with a strategy, then WiSE-FT, eval and report.
+"""`mm finetune`: transfer a pretrained run to a task with a strategy, then its evaluation and report.
 
-    mm finetune --init RUN --data DIR --task classify|retrieval --out RUN2
+    mm finetune --init RUN --data DIR --task classify|retrieval|caption --out RUN2
                 [--config configs/finetune.yaml] [--set finetune.strategy=lora --set train.max_steps=100 ...]
 
-Strategies (``finetune.strategy``): full, last_n, head_only, lora, lp_ft, flyp (mm/finetune.py).
-Writes RUN2/model, RUN2/classifier (classify), RUN2/metrics.jsonl, RUN2/eval.json (metrics, chance,
-WiSE-FT curve, zero-shot retention) and RUN2/report.html. Bad paths or config fail before Ray
-starts, with one line and exit code 2. Tested in tests/test_finetune.py.
+Tasks and strategies are mm/finetune.py's tables (``TASKS``, ``STRATEGIES``: full, last_n,
+head_only, lora, lp_ft, flyp; which strategy applies to which task is theirs to say). Writes
+RUN2/model, RUN2/classifier (classify), RUN2/metrics.jsonl, RUN2/eval.json (metrics, chance; classify
+and retrieval: WiSE-FT curve, zero-shot retention; caption: Bleu/ROUGE_L/CIDEr beside the
+most-frequent-caption baseline, with RUN2/captions.jsonl) and RUN2/report.html. Bad paths, config
+or inputs (mm.finetune.check_finetune) fail before Ray starts, with one line and exit code 2.
+Tested in tests/test_finetune.py.
 """
 
 from __future__ import annotations
@@ -24,10 +27,13 @@ log = logging.getLogger("mm.finetune")
 
 
 def build_parser() -> argparse.ArgumentParser:
+    from mm.finetune import TASKS
+
     p = argparse.ArgumentParser(prog="mm finetune", description=__doc__.split("\n\n")[0])
     p.add_argument("--init", required=True, help="pretrained run dir (with model/) or model dir")
-    p.add_argument("--data", required=True, help="curated corpus dir (labelled for --task classify)")
-    p.add_argument("--task", required=True, choices=("classify", "retrieval"))
+    p.add_argument("--data", required=True,
+                   help="curated corpus dir (labelled for --task classify, captioned for --task caption)")
+    p.add_argument("--task", required=True, choices=tuple(TASKS))
     p.add_argument("--out", required=True, help="run dir to write")
     add_common(p)
     return p
@@ -36,6 +42,7 @@ def build_parser() -> argparse.ArgumentParser:
 def check_inputs(init: str, data: str, task: str, out: str, cfg) -> None:
     from mm.data import check_corpus, corpus_tokenizer_dir, same_tokenizer
     from mm.evaluate import resolve_model_dir
+    from mm.finetune import check_finetune
 
     try:
         model_dir = resolve_model_dir(init)
@@ -53,14 +60,10 @@ def check_inputs(init: str, data: str, task: str, out: str, cfg) -> None:
     check_out_dir(out)
     if Path(out).resolve() == model_dir.parent.resolve() or Path(out).resolve() == model_dir.resolve():
         raise UsageError(f"--out {out} would overwrite --init {init}")
-    if task == "retrieval" and cfg.finetune.strategy not in ("full", "last_n", "lora"):
-        raise UsageError(f"finetune.strategy={cfg.finetune.strategy} applies to --task classify; "
-                         "valid choices for retrieval: full, last_n, lora")
-    if task == "classify":
-        from mm.evaluate import split_labels
-
-        if not any(split_labels(data, "train")):
-            raise UsageError(f"--data {data} has no labelled train rows (needed for --task classify)")
+    try:
+        check_finetune(model_dir, data, task, cfg)
+    except ValueError as e:
+        raise UsageError(str(e).splitlines()[0]) from None
 
 
 def _main(args: argparse.Namespace) -> int:

@@ -62,8 +62,8 @@ class CurateStage(StageConfig):
 
 @dataclass(frozen=True)
 class FinetuneStage(StageConfig):
-    task: Literal["classify", "retrieval"] = "classify"
-    data: str | None = None            # labelled corpus; None: the curated corpus
+    task: Literal["classify", "retrieval", "caption"] = "classify"  # mm.finetune.TASKS
+    data: str | None = None            # labelled (classify) corpus; None: the curated corpus
 
 
 @dataclass(frozen=True)

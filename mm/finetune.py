@@ -6,9 +6,15 @@ zero-shot retention measurement that follow them live in mm/wise_ft.py.
 Tasks. ``classify``: image (or video) classification from a labelled corpus (``label`` column;
 class names from ``finetune.classes_path``, ``DATA/classes.json`` or the sorted labels).
 ``retrieval``: contrastive image-text / video-text fine-tuning on a curated corpus.
+``caption``: a caption decoder trained on the corpus's captions (mm/caption.py; a run without a
+decoder gets a fresh one of ``model.decoder`` when its ``layers`` > 0, else mm.caption's default),
+evaluated by generating the val split's captions (``caption`` section: mm.caption.CaptionEvalConfig)
+into ``RUN/captions.jsonl`` and eval.json's Bleu/ROUGE_L/CIDEr beside the most-frequent-caption
+baseline.
 
 Strategies (``finetune.strategy``), one entry each in ``STRATEGIES`` (which weights train, a
-probe first or not, the tasks it applies to); tasks, one function each in ``TASKS``:
+probe first or not, the tasks it applies to); tasks, one entry each in ``TASKS`` (its input
+checks, its training, its evaluation):
 
 * ``full``: every weight of the adapted tower(s) (classify: the vision tower and its projection).
 * ``last_n``: only the last ``last_n_blocks`` blocks (+ final norm, projection) of the tower(s).
@@ -21,6 +27,10 @@ probe first or not, the tasks it applies to); tasks, one function each in ``TASK
 * ``flyp``: contrastive fine-tuning of both towers against class-name prompts; the classifier is
   the fine-tuned text tower's prompt embeddings (Goyal et al. 2023, "Finetune like you pretrain").
 
+For ``caption``, full / last_n / lora apply to the decoder (LoRA: its self- and cross-attention,
+and only on a run that has a trained decoder); ``finetune.towers`` ``none`` (its default there)
+keeps the towers frozen, ``vision``/``both`` also adapt the vision tower.
+
 Classification heads act on the L2-normalised embedding and start from the zero-shot head (class
 prompt embeddings x logit scale), as in WiSE-FT (Wortsman et al. 2022). WiSE-FT then evaluates
 ``theta(alpha) = (1 - alpha) theta_0 + alpha theta_1`` (backbone and head) for each alpha in
@@ -31,7 +41,9 @@ Labels reach the training workers through the prompts: classification fine-tunes
 *view* of the corpus whose captions are class prompts (mm/prompt_view.py).
 
 Outputs: ``RUN/model`` (plain VLModel), ``RUN/classifier`` (``head.safetensors`` + ``classes.json``),
-``RUN/metrics.jsonl``, ``RUN/eval.json``, ``RUN/report.html``. Tested in tests/test_finetune.py.
+``RUN/metrics.jsonl``, ``RUN/eval.json``, ``RUN/report.html``; caption: ``RUN/captions.jsonl`` and
+the report's caption samples in ``RUN/eval_samples.json`` (``captions``). Every input check runs
+before any work (``check_finetune``: one-line ValueErrors). Tested in tests/test_finetune.py.
 """
 
 from __future__ import annotations
@@ -50,6 +62,7 @@ import numpy as np
 import torch
 from torch import nn
 
+from mm.caption import CaptionEvalConfig
 from mm.eval_inputs import EvalConfig
 from mm.objectives import ContrastiveConfig, ObjectivesConfig
 from mm.probe import ClassifierHead, fit_linear_head, save_classifier
@@ -69,9 +82,10 @@ _LORA_TARGETS = {
 @dataclass(frozen=True)
 class StrategyConfig:
     strategy: Strategy = "full"
-    # Which tower(s) full / last_n / lora adapt for retrieval; classify always adapts vision only
-    # (the text tower gets no gradient from a classification loss, so it stays pretrained).
-    towers: Literal["vision", "text", "both"] = "both"
+    # Which tower(s) full / last_n / lora adapt; None: the task's default (retrieval: both; caption:
+    # none, a frozen-tower decoder). Classify always adapts vision only (the text tower gets no
+    # gradient from a classification loss, so it stays pretrained), caption at most vision.
+    towers: Literal["vision", "text", "both", "none"] | None = None
     last_n_blocks: int = 1
     lora_rank: int = 8
     lora_alpha: float = 16.0
@@ -105,6 +119,7 @@ class FinetuneConfig(PretrainConfig):
     objectives: ObjectivesConfig = field(default_factory=_no_contrastive)
     finetune: StrategyConfig = field(default_factory=StrategyConfig)
     eval: EvalConfig = field(default_factory=EvalConfig)
+    caption: CaptionEvalConfig = field(default_factory=CaptionEvalConfig)  # --task caption's evaluation
 
     def pretrain(self, **changes) -> PretrainConfig:
         base = PretrainConfig(model=self.model, objectives=self.objectives, optim=self.optim, data=self.data,
@@ -272,6 +287,7 @@ class FinetuneJob:
     init_dir: Path
     init_model: nn.Module
     tok: Any  # the run's Hugging Face tokenizer
+    task: str = "classify"
 
     def prepare(self, towers: tuple[str, ...], train_scale: bool = False) -> PrepareModel:
         s = self.cfg.finetune
@@ -284,7 +300,7 @@ def finetune_retrieval(job: FinetuneJob) -> dict[str, ClassifierHead]:
     from mm.train import fit
 
     s = job.cfg.finetune
-    towers = ("vision", "text") if s.towers == "both" else (s.towers,)
+    towers = ("vision", "text") if s.towers in (None, "both") else (s.towers,)
     objectives = job.cfg.objectives
     if objectives.contrastive.weight <= 0:
         objectives = dataclasses.replace(objectives, contrastive=ContrastiveConfig(weight=1.0))
@@ -351,10 +367,115 @@ def fit_probe(job: FinetuneJob, classes: list[str]) -> ClassifierHead:
     return head
 
 
-# task -> its function: (FinetuneJob) -> classifier heads ("zeroshot", "finetuned") it leaves
-TASKS: dict[str, Callable[[FinetuneJob], dict[str, ClassifierHead]]] = {
-    "classify": finetune_classify,
-    "retrieval": finetune_retrieval,
+def caption_strategy(cfg: FinetuneConfig):
+    """``finetune``'s fields -> mm.caption.CaptionStrategy; the decoder a run without one gets is
+    ``model.decoder`` when it has layers, else CaptionStrategy's."""
+    from mm.caption import strategy_from_finetune
+
+    s = cfg.finetune
+    return strategy_from_finetune(s.strategy, s.towers or "none", s.last_n_blocks, s.lora_rank, s.lora_alpha,
+                                  s.lora_dropout, cfg.model.decoder if cfg.model.decoder.layers else None)
+
+
+def finetune_caption(job: FinetuneJob) -> dict[str, ClassifierHead]:
+    """Caption fine-tuning (mm.caption.train_caption): no classifier heads."""
+    from mm.caption import train_caption
+
+    train_caption(job.init_dir, job.data, job.run, job.cfg.pretrain(), caption_strategy(job.cfg))
+    return {}
+
+
+def evaluate_caption(job: FinetuneJob, heads: dict[str, ClassifierHead]) -> dict:
+    """The fine-tuned decoder captions the ``caption.split`` rows (RUN/captions.jsonl); eval.json
+    gets the scores beside the baseline's, eval_samples.json the report's samples."""
+    from mm.caption import evaluate_captions
+
+    result = evaluate_captions(job.run, job.data, job.cfg.caption, captions_out=job.run / "captions.jsonl")
+    result["samples"] = {"captions": result.pop("caption_samples")}
+    return result
+
+
+def evaluate_wise_ft(job: FinetuneJob, heads: dict[str, ClassifierHead]) -> dict:
+    """Classify and retrieval: the WiSE-FT curve, final metrics and retention (mm/wise_ft.py)."""
+    return evaluate_finetune(job.run, job.init_dir, job.data, job.task, job.cfg, heads)
+
+
+def _model_meta(model_dir: Path) -> dict:
+    from mm.checkpoint import read_json
+
+    return (read_json(Path(model_dir) / "config.json") or {}).get("model") or {}
+
+
+def _check_lora_vision(model_dir: Path, cfg: FinetuneConfig, adapts_vision: bool) -> None:
+    if cfg.finetune.strategy == "lora" and adapts_vision and \
+            (_model_meta(model_dir).get("vision") or {}).get("torchvision_name"):
+        raise ValueError("finetune.strategy=lora targets attention projections; a CNN vision tower has none "
+                         "(use last_n, full, or --set finetune.towers=text for retrieval)")
+
+
+def check_classify(model_dir: Path, data: str, cfg: FinetuneConfig) -> None:
+    from mm.eval_inputs import split_labels
+
+    _check_lora_vision(model_dir, cfg, adapts_vision=True)
+    if not any(split_labels(data, "train")):
+        raise ValueError(f"--data {data} has no labelled train rows (needed for --task classify)")
+
+
+def check_retrieval(model_dir: Path, data: str, cfg: FinetuneConfig) -> None:
+    if cfg.finetune.towers == "none":
+        raise ValueError("finetune.towers=none trains nothing for --task retrieval: vision, text or both")
+    _check_lora_vision(model_dir, cfg, adapts_vision=cfg.finetune.towers in (None, "vision", "both"))
+
+
+def check_caption(model_dir: Path, data: str, cfg: FinetuneConfig) -> None:
+    """Everything mm.caption would refuse, before any work: a run without a vision tower, a
+    strategy that cannot apply, a corpus without captions, empty references, references longer
+    than the context, no train or eval rows, a decoder too short for the captions or the eval."""
+    from mm.caption import check_caption_corpus, check_caption_model, check_caption_strategy
+
+    if cfg.finetune.retention_data:
+        raise ValueError("finetune.retention_data measures zero-shot retention of classify and retrieval "
+                         "fine-tunes; --task caption has none")
+    meta = check_caption_model(model_dir, need_decoder=False)
+    has_decoder = bool((meta.get("decoder") or {}).get("layers"))
+    s = caption_strategy(cfg)
+    check_caption_strategy(s, has_decoder, bool(meta["vision"].get("torchvision_name")))
+    text_tokens = int(meta["text"]["max_tokens"])
+    check_caption_corpus(data, text_tokens, splits=("train", cfg.caption.split))
+    decoder = dict(meta["decoder"]) if has_decoder else dataclasses.asdict(s.decoder)
+    if not has_decoder and text_tokens - 1 > decoder["max_tokens"]:
+        raise ValueError(f"model.decoder.max_tokens {decoder['max_tokens']} < the run's captions "
+                         f"(text.max_tokens {text_tokens}); give the new decoder more positions")
+    prompt = 0
+    if decoder.get("prompt"):
+        from transformers import AutoTokenizer
+
+        from mm.generate import prompt_token_ids
+
+        prompt = len(prompt_token_ids(AutoTokenizer.from_pretrained(str(Path(model_dir) / "tokenizer")),
+                                      decoder["prompt"]))
+    limit = int(decoder["max_tokens"]) - 1 - prompt
+    if cfg.caption.max_tokens > limit:
+        raise ValueError(f"caption.max_tokens {cfg.caption.max_tokens} > {limit}, what the decoder's positions "
+                         "leave after [CLS] and the prompt")
+
+
+@dataclass(frozen=True)
+class TaskSpec:
+    """One fine-tuning task. ``check(model_dir, data, cfg)``: its input checks, before any work
+    (one-line ValueErrors); ``train(job)``: the fine-tune, returning the classifier heads it
+    leaves (``zeroshot``, ``finetuned``); ``evaluate(job, heads)``: eval.json's dict (a
+    ``samples`` entry goes to eval_samples.json for the report)."""
+
+    check: Callable[[Path, str, FinetuneConfig], None]
+    train: Callable[[FinetuneJob], dict[str, ClassifierHead]]
+    evaluate: Callable[[FinetuneJob, dict[str, ClassifierHead]], dict]
+
+
+TASKS: dict[str, TaskSpec] = {
+    "classify": TaskSpec(check_classify, finetune_classify, evaluate_wise_ft),
+    "retrieval": TaskSpec(check_retrieval, finetune_retrieval, evaluate_wise_ft),
+    "caption": TaskSpec(check_caption, finetune_caption, evaluate_caption),
 }
 
 
@@ -363,36 +484,42 @@ def _applies(strategy: str, task: str) -> bool:
     return tasks is None or task in tasks
 
 
-def finetune(init: str, data: str, task: Literal["classify", "retrieval"], out: str, cfg: FinetuneConfig) -> dict:
-    """Fine-tune ``init`` (run or model dir) on ``data`` with ``cfg.finetune.strategy``; then WiSE-FT,
-    eval.json and report.html in ``out``. Ray must be initialised. Returns the eval dict."""
+def check_finetune(model_dir: str | Path, data: str, task: str, cfg: FinetuneConfig) -> None:
+    """The checks of a fine-tune before any work: a known task and strategy, the strategy applies
+    to the task, then the task's own checks (``TASKS[task].check``). One-line ValueErrors."""
+    s = cfg.finetune
+    if task not in TASKS or s.strategy not in STRATEGIES:
+        raise ValueError(f"--task {task} with finetune.strategy={s.strategy}: tasks are {', '.join(TASKS)}, "
+                         f"strategies {', '.join(STRATEGIES)}")
+    if not _applies(s.strategy, task):
+        takes = ", ".join(name for name in STRATEGIES if _applies(name, task))
+        raise ValueError(f"finetune.strategy={s.strategy} applies to --task {', '.join(STRATEGIES[s.strategy].tasks)}; "
+                         f"{task} takes {takes}")
+    TASKS[task].check(Path(model_dir), data, cfg)
+
+
+def finetune(init: str, data: str, task: str, out: str, cfg: FinetuneConfig) -> dict:
+    """Fine-tune ``init`` (run or model dir) on ``data`` for ``task`` (a key of ``TASKS``) with
+    ``cfg.finetune.strategy``; then the task's evaluation (classify, retrieval: WiSE-FT), eval.json
+    and report.html in ``out``. Ray must be initialised. Returns the eval dict."""
     from mm.eval_inputs import load_model_and_tokenizer, resolve_model_dir
     from mm.evaluate import write_eval
     from mm.report import write_report
 
     t0 = time.time()
     s = cfg.finetune
-    if task not in TASKS or s.strategy not in STRATEGIES:
-        raise ValueError(f"--task {task} with finetune.strategy={s.strategy}: tasks are {', '.join(TASKS)}, "
-                         f"strategies {', '.join(STRATEGIES)}")
+    init_dir = resolve_model_dir(init)
+    check_finetune(init_dir, data, task, cfg)
     run = Path(out).resolve()
     run.mkdir(parents=True, exist_ok=True)
-    init_dir = resolve_model_dir(init)
     init_model, tok = load_model_and_tokenizer(init_dir)
-    adapts_vision = task == "classify" or s.towers in ("vision", "both")
-    if s.strategy == "lora" and adapts_vision and init_model.cfg.vision.torchvision_name:
-        raise ValueError("finetune.strategy=lora targets attention projections; a CNN vision tower has none "
-                         "(use last_n, full, or --set finetune.towers=text for retrieval)")
-    if not _applies(s.strategy, task):
-        takes = ", ".join(name for name in STRATEGIES if _applies(name, task))
-        raise ValueError(f"finetune.strategy={s.strategy} applies to --task {', '.join(STRATEGIES[s.strategy].tasks)}; "
-                         f"{task} takes {takes}")
-    heads = TASKS[task](FinetuneJob(cfg, data, run, init_dir, init_model, tok))
+    job = FinetuneJob(cfg, data, run, init_dir, init_model, tok, task)
+    heads = TASKS[task].train(job)
     if s.strategy == "lora":
         _merge_lora_run(run, s)
     if "finetuned" in heads:
         save_classifier(heads["finetuned"], run / "classifier")
-    result = evaluate_finetune(run, init_dir, data, task, cfg, heads)
+    result = TASKS[task].evaluate(job, heads)
     result["finetune"] = {"init": str(init_dir), "task": task, "strategy": s.strategy,
                           "time_s": round(time.time() - t0, 1)}
     write_eval(result, run / "eval.json")
@@ -400,7 +527,8 @@ def finetune(init: str, data: str, task: Literal["classify", "retrieval"], out: 
     return result
 
 
-__all__ = ["StrategyConfig", "FinetuneConfig", "StrategySpec", "STRATEGIES", "TASKS", "FinetuneJob", "Classify",
+__all__ = ["StrategyConfig", "FinetuneConfig", "StrategySpec", "STRATEGIES", "TaskSpec", "TASKS", "FinetuneJob",
+           "check_finetune", "finetune_caption", "evaluate_caption", "caption_strategy", "Classify",
            "ClassifyFactory", "PrepareModel", "merge_lora_state", "interpolate_states", "prompt_lookup", "finetune",
            "finetune_classify", "finetune_retrieval", "fit_probe", "evaluate_finetune", "retention",
            "write_prompt_view", "cached_embeddings"]

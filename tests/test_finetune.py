@@ -198,8 +198,106 @@ def test_every_strategy_is_one_table_entry():
 
     from mm.finetune import STRATEGIES, TASKS, Strategy
 
-    assert set(STRATEGIES) == set(get_args(Strategy)) and set(TASKS) == {"classify", "retrieval"}
+    assert set(STRATEGIES) == set(get_args(Strategy)) and set(TASKS) == {"classify", "retrieval", "caption"}
     assert STRATEGIES["lp_ft"].trainable is STRATEGIES["flyp"].trainable is STRATEGIES["full"].trainable
     assert STRATEGIES["head_only"].trainable is None
     full = {n for n, p in PrepareModel("full", ("vision",))(_model()).named_parameters() if p.requires_grad}
     assert {n for n, p in PrepareModel("lp_ft", ("vision",))(_model()).named_parameters() if p.requires_grad} == full
+
+
+# -- --task caption (mm/caption.py through mm.finetune's TASKS) ----------------------------------
+def test_caption_cli_bad_inputs_fail_before_work(tmp_path, cli_errors):
+    """Empty references, references longer than the context, a run without a vision tower, a
+    corpus without captions, a strategy that cannot apply: one line each, exit 2, nothing written."""
+    import shutil
+
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+    from test_evaluate import make_corpus, make_model
+
+    from jobs.finetune import main
+
+    corpus = make_corpus(tmp_path / "c", n=12)
+    make_model(tmp_path / "pre", corpus)
+
+    def variant(name, **columns):
+        """A copy of the corpus with whole columns of every shard replaced (None: dropped)."""
+        d = tmp_path / name
+        shutil.copytree(corpus, d)
+        for f in sorted((d / "data").glob("*.parquet")):
+            t = pq.read_table(f)
+            for col, fn in columns.items():
+                i = t.schema.get_field_index(col)
+                field = t.schema.field(i)
+                t = t.set_column(i, field, pa.array(fn(t[col].to_pylist()), field.type)) if fn else t.drop_columns([col])
+            pq.write_table(t, f)
+        return d
+
+    out = tmp_path / "ft"
+
+    def refused(data, *extra, init=tmp_path / "pre") -> str:
+        assert main(["--init", str(init), "--data", str(data), "--out", str(out), "--task", "caption",
+                     *extra]) == 2
+        lines = cli_errors()
+        assert len(lines) == 1, lines
+        return lines[0]
+
+    assert "2 rows have an empty caption" in refused(variant("e", caption=lambda c: [""] + c[1:]))  # one a shard
+    assert "has no captions" in refused(variant("n", caption=lambda c: [""] * len(c)))
+    assert "no caption column" in refused(variant("x", caption=None))
+    long = variant("l", input_ids=lambda ids: [i[:1] + i[1:-1] * 6 + i[-1:] for i in ids])
+    assert "longer than the model's context" in refused(long)
+    assert "caption takes full, last_n, lora" in refused(corpus, "--set", "finetune.strategy=lp_ft")
+    assert "adapts a trained decoder" in refused(corpus, "--set", "finetune.strategy=lora")
+    assert "model.decoder.max_tokens 8 <" in refused(corpus, "--set", "model.decoder.layers=1",
+                                                     "--set", "model.decoder.max_tokens=8")
+    assert "caption.max_tokens 70 > 63" in refused(corpus, "--set", "caption.max_tokens=70")
+    novision = tmp_path / "novision" / "model"
+    shutil.copytree(tmp_path / "pre" / "model", novision)
+    meta = json.loads((novision / "config.json").read_text())
+    del meta["model"]["vision"]
+    (novision / "config.json").write_text(json.dumps(meta))
+    assert "has no vision tower" in refused(corpus, init=novision.parent)
+    assert not out.exists()
+
+
+@pytest.mark.slow  # two Ray Train runs and a Ray Data captioning pass: ~2-3 min on 2 cores
+def test_pretrain_then_finetune_caption_has_a_decoder_that_generates(ray_session, tmp_path):
+    """A tiny `mm pretrain`, then `mm finetune --task caption`: a decoder added to the run (towers
+    frozen by default), eval.json's caption scores beside the baseline's, captions.jsonl, the
+    report's samples, and the run loads with mm.load and generates."""
+    from test_data import make_corpus
+    from test_train import TINY
+
+    import mm
+    from jobs.finetune import main as finetune_main
+    from jobs.pretrain import main as pretrain_main
+    from mm.caption_metrics import METRICS
+    from mm.checkpoint import read_tensors
+
+    corpus = make_corpus(tmp_path / "c", n=32, seed=3, val_fraction=0.25)
+    small = ["train.num_workers=1", "train.max_steps=4", "train.checkpoint_every_steps=4", "train.log_every_steps=2"]
+    sets = [a for kv in [*TINY, *small] for a in ("--set", kv)]
+    assert pretrain_main(["--data", str(corpus), "--out", str(tmp_path / "pre"), *sets]) == 0
+    out = tmp_path / "cap"
+    decoder = ["model.decoder.layers=1", "model.decoder.width=32", "model.decoder.heads=2", "model.decoder.max_tokens=24",
+               "caption.max_tokens=6", "caption.num_beams=2", "caption.samples=2", "data.batch_size=8"]
+    assert finetune_main(["--init", str(tmp_path / "pre"), "--data", str(corpus), "--out", str(out), "--task",
+                          "caption", *sets, *[a for kv in decoder for a in ("--set", kv)]]) == 0
+    ev = json.loads((out / "eval.json").read_text())
+    assert ev["finetune"]["task"] == "caption" and ev["finetune"]["strategy"] == "full"
+    assert list(ev["metrics"]["caption"]) == list(METRICS) == list(ev["chance"]["caption"])
+    rows = [json.loads(x) for x in (out / "captions.jsonl").read_text().splitlines()]
+    assert len(rows) == ev["counts"]["caption"]["rows"] > 0 and all(r["references"] for r in rows)
+    samples = json.loads((out / "eval_samples.json").read_text())["captions"]
+    assert len(samples) == 2 and samples[0]["image"] and "caption_samples" not in ev
+    assert (out / "report.html").is_file()
+    lines = [json.loads(x) for x in (out / "metrics.jsonl").read_text().splitlines()]
+    assert "loss/captioning" in lines[-1] and "loss/contrastive" not in lines[-1]
+    model = mm.load(str(out))
+    assert model.decoder is not None and model.cfg.decoder.layers == 1
+    captions = model.generate(torch.zeros(2, 3, 32, 32), max_tokens=5)
+    assert len(captions) == 2 and all(isinstance(c, str) for c in captions)
+    pre, tuned = read_tensors(tmp_path / "pre" / "model" / "model.safetensors"), read_tensors(
+        out / "model" / "model.safetensors")
+    assert all(torch.equal(pre[k], tuned[k]) for k in pre)  # finetune.towers defaults to none for caption
