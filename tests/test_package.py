@@ -1,12 +1,17 @@
-"""Packaging: a wheel built from the tree carries every shipped config, and the installed code
-finds them through ``core.config.packaged_config`` without the repository (no network: the wheel
-is built without build isolation, from a copy of the tree).
+"""Packaging: a wheel built from the tree carries every shipped config, the installed code finds
+them through ``core.config.packaged_config`` without the repository, and a plain (not editable)
+``pip install .`` gives an ``mm`` command that runs from any folder: ``mm demo --help`` and a
+tiny real ``mm curate`` with the shipped curate.yaml. No network: the tree is copied and built
+without build isolation, and installed with ``--no-deps --target`` (the dependencies are this
+venv's).
 
     .venv/bin/pytest tests/test_package.py -q
 """
 
 from __future__ import annotations
 
+import json
+import os
 import shutil
 import subprocess
 import sys
@@ -28,13 +33,19 @@ def test_the_clone_links_configs_to_the_package_data():
 
 
 @pytest.fixture(scope="module")
-def wheel(tmp_path_factory) -> Path:
+def src(tmp_path_factory) -> Path:
+    """A copy of what `pip install .` reads (pyproject.toml, README.md and the four packages)."""
     src = tmp_path_factory.mktemp("src")
     for f in ("pyproject.toml", "README.md"):
         shutil.copy2(ROOT / f, src / f)
     skip = shutil.ignore_patterns("__pycache__", "*.pyc", "*.egg-info")
     for pkg in ("core", "mm", "pipelines", "jobs"):
         shutil.copytree(ROOT / pkg, src / pkg, ignore=skip)
+    return src
+
+
+@pytest.fixture(scope="module")
+def wheel(src, tmp_path_factory) -> Path:
     out = tmp_path_factory.mktemp("wheel")
     subprocess.run([sys.executable, "-m", "pip", "wheel", "--no-deps", "--no-build-isolation", "--no-index", "-q",
                     "-w", str(out), str(src)], check=True, capture_output=True)
@@ -61,3 +72,49 @@ def test_installed_code_finds_its_configs_outside_the_repo(wheel, tmp_path):
                          text=True).stdout.split()
     assert out == [str(site / "core" / "configs" / n) for n in ("pretrain.yaml", "templates.json", "pretrain.yaml")]
     assert (site / "core" / "configs" / "pretrain.yaml").read_bytes() == (CONFIGS_DIR / "pretrain.yaml").read_bytes()
+
+
+@pytest.fixture(scope="module")
+def installed(src, tmp_path_factory) -> Path:
+    """`pip install .` (a regular install: the wheel's files copied, no link back to the tree)
+    into a folder of its own; its ``bin/mm`` runs with this venv's interpreter."""
+    target = tmp_path_factory.mktemp("installed")
+    subprocess.run([sys.executable, "-m", "pip", "install", "--no-deps", "--no-build-isolation", "--no-index", "-q",
+                    "--target", str(target), "."], cwd=src, check=True, capture_output=True)
+    return target
+
+
+def _run_installed(target: Path, cwd: Path, *args: str, timeout: float = 300) -> subprocess.CompletedProcess:
+    env = {k: v for k, v in os.environ.items() if k not in ("PYTHONPATH", "RAY_ADDRESS")}
+    env.update(PYTHONPATH=str(target), PATH=f"{target / 'bin'}:{env.get('PATH', '/usr/bin:/bin')}")
+    return subprocess.run(list(args), cwd=cwd, env=env, capture_output=True, text=True, timeout=timeout)
+
+
+def test_pip_install_then_mm_runs_from_another_folder(installed, tmp_path):
+    from pipelines.demo_corpus import generate_demo_corpus
+
+    elsewhere = tmp_path / "elsewhere"
+    elsewhere.mkdir()
+    # not editable: the code and its configs are the installed copies, not the tree's
+    assert not any(p.name.startswith("__editable__") for p in installed.iterdir())
+    probe = _run_installed(installed, elsewhere, sys.executable, "-c",
+                           "import core, jobs, mm, pipelines; from core.config import packaged_config; "
+                           "print(*(m.__file__ for m in (core, jobs, mm, pipelines)), packaged_config('curate.yaml'))")
+    assert probe.returncode == 0, probe.stderr[-2000:]
+    paths = [Path(p) for p in probe.stdout.split()]
+    assert all(p.is_relative_to(installed) for p in paths), paths
+    shipped_curate = paths[-1]
+
+    mm_cmd = shutil.which("mm", path=str(installed / "bin"))
+    assert mm_cmd, sorted(p.name for p in (installed / "bin").iterdir())
+    helped = _run_installed(installed, elsewhere, mm_cmd, "demo", "--help")
+    assert helped.returncode == 0 and "usage: mm demo" in helped.stdout, helped.stderr[-2000:]
+
+    shards = generate_demo_corpus(tmp_path / "raw", n_images=12, n_videos=2, image_px=32)["image_sources"][:1]
+    curated = _run_installed(installed, elsewhere, mm_cmd, "curate", *shards, "--out", "corpus",
+                             "--config", str(shipped_curate), "--set", "images.image_px=32")
+    assert curated.returncode == 0, curated.stderr[-3000:]
+    summary = json.loads([ln for ln in curated.stdout.splitlines() if ln.startswith("{")][-1])
+    assert summary["invariant_ok"] and summary["kept"] > 0, summary
+    out = elsewhere / "corpus"  # relative to the folder it ran in
+    assert list((out / "data").glob("*.parquet")) and (out / "tokenizer").is_dir()
