@@ -50,10 +50,6 @@ class TextTower(nn.Module):
     def blocks(self) -> nn.ModuleList:
         return self.bert.encoder.layer
 
-    @property
-    def word_embeddings(self) -> nn.Embedding:
-        return self.bert.embeddings.word_embeddings
-
     def set_grad_checkpointing(self, enable: bool) -> None:
         if enable:
             self.bert.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
