@@ -44,6 +44,10 @@ Outputs: ``RUN/model`` (plain VLModel), ``RUN/classifier`` (``head.safetensors``
 ``RUN/metrics.jsonl``, ``RUN/eval.json``, ``RUN/report.html``; caption: ``RUN/captions.jsonl`` and
 the report's caption samples in ``RUN/eval_samples.json`` (``captions``). Every input check runs
 before any work (``check_finetune``: one-line ValueErrors). Tested in tests/test_finetune.py.
+
+Longer than ~450 lines on purpose: the two tables and the strategies and tasks they name (their
+checks, training and evaluation glue) read in one place; what each task runs lives apart
+(mm/wise_ft.py, mm/prompt_view.py, mm/probe.py, mm/caption.py).
 """
 
 from __future__ import annotations
