@@ -46,6 +46,7 @@ bench/dedup_distinct.py.
 
 from __future__ import annotations
 
+import time
 import zlib
 from dataclasses import dataclass
 from typing import Literal
@@ -254,8 +255,12 @@ def find_duplicates(rows, cfg: DedupConfig, with_evidence: bool = False) -> pa.T
     return _result(drops, with_evidence)
 
 
-def find_duplicates_local(table: pa.Table, cfg: DedupConfig, with_evidence: bool = False) -> pa.Table:
-    """The same stages on one in-memory table (small corpora, tests, the refresh's new shards)."""
+def find_duplicates_local(table: pa.Table, cfg: DedupConfig, with_evidence: bool = False,
+                          stats: dict | None = None) -> pa.Table:
+    """The same stages on one in-memory table (small corpora, tests, the refresh's new shards).
+    ``stats``, if given, receives the near-duplicate stage's counts and seconds (candidate edges,
+    verified edges, candidates_s, verify_s)."""
+    stats = {} if stats is None else stats
     if table.num_rows == 0:
         return _result([], with_evidence)
     drops: list[pa.Table] = []
@@ -264,6 +269,7 @@ def find_duplicates_local(table: pa.Table, cfg: DedupConfig, with_evidence: bool
         drops.append(exact)
         table = _without(table, exact.column("row_id"))
     for make, edges_fn in _near_stages(cfg):
+        t0 = time.perf_counter()
         if make is make_hash_bands:
             edges = local_hash_edges(table, cfg)
         else:
@@ -273,9 +279,13 @@ def find_duplicates_local(table: pa.Table, cfg: DedupConfig, with_evidence: bool
             bounds = np.flatnonzero(np.r_[True, shard[1:] != shard[:-1], True])
             edges = [edges_fn(bands.slice(lo, hi - lo), cfg) for lo, hi in zip(bounds[:-1], bounds[1:])]
             edges = pa.concat_tables(edges) if edges else EDGE_SCHEMA.empty_table()
+        t1 = time.perf_counter()
+        if make is make_hash_bands:
+            stats.update(candidate_edges=edges.num_rows, candidates_s=round(t1 - t0, 3))
         if make is make_hash_bands and _verifies(cfg, set(table.column_names)):
             rids = pa.array(np.unique(np.r_[edges.column("a").to_numpy(), edges.column("b").to_numpy()]), pa.int64())
             edges = verify_edges(edges, _thumbs_with_rid(table, rids), cfg)
+            stats.update(verified_edges=edges.num_rows, verify_s=round(time.perf_counter() - t1, 3))
         elif make is make_hash_bands:
             edges = _unverified(edges, cfg)
         graph = _union(edges)
