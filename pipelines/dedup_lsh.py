@@ -197,6 +197,24 @@ def hash_shard_edges(t: pa.Table, cfg) -> pa.Table:
     return pa.table({"a": ea, "b": eb, "dist": ed, "score": np.full(len(ea), np.nan)}, schema=EDGE_SCHEMA)
 
 
+def _probe_pairs(keys: np.ndarray, probe_keys: np.ndarray, max_bucket_rows: int,
+                 window: int) -> tuple[np.ndarray, np.ndarray]:
+    """Index pairs (i into ``keys``, j into ``probe_keys``) with equal keys: every hash meets every
+    view in its bucket (a view never needs to meet a view); at most ``window`` views per hash
+    where the views' bucket holds more than ``max_bucket_rows``."""
+    if len(keys) == 0 or len(probe_keys) == 0:
+        return np.zeros(0, np.int64), np.zeros(0, np.int64)
+    order = np.argsort(probe_keys, kind="stable")
+    sorted_keys = probe_keys[order]
+    lo = np.searchsorted(sorted_keys, keys, "left")
+    count = np.searchsorted(sorted_keys, keys, "right") - lo
+    count = np.where(count > max_bucket_rows, window, count)
+    total = int(count.sum())
+    a = np.repeat(np.arange(len(keys)), count)
+    offset = np.arange(total) - np.repeat(np.cumsum(count) - count, count)
+    return a, order[np.repeat(lo, count) + offset]
+
+
 def local_hash_edges(batch: pa.Table, cfg) -> pa.Table:
     """The candidate edges of ``make_hash_bands`` + ``hash_shard_edges`` over one in-memory table,
     one band at a time: memory O(rows x views), not O(rows x views x bands) band rows."""
@@ -215,9 +233,9 @@ def local_hash_edges(batch: pa.Table, cfg) -> pa.Table:
     for j in range(cfg.lsh_bands):
         rows, keys = band_keys(m, lengths, positions[j:j + 1])
         vrows, vkeys = band_keys(vm, vlen, positions[j:j + 1], as_length=np.ones_like(lengths))
-        rows, keys = np.concatenate([rows, vrows]), np.concatenate([keys, vkeys])
         a, b = candidate_pairs(keys, cfg.max_bucket_rows, cfg.bucket_window_rows, order_by=order_by[rows])
-        a, b = rows[a], rows[b]
+        va, vb = _probe_pairs(keys, vkeys, cfg.max_bucket_rows, cfg.bucket_window_rows)  # hash x view only
+        a, b = np.concatenate([rows[a], rows[va]]), np.concatenate([rows[b], vrows[vb]])
         keep = a != b
         a, b = a[keep], b[keep]
         dist = hash_distance(m, lengths, a, b, vm, vlen)
