@@ -1,14 +1,15 @@
 """Candidate pairs for near-duplicate removal: LSH banding over perceptual hashes and MinHash.
 
-    bands = make_hash_bands(rows, cfg)           # (shard, band key, row hash, hashes, views)
+    bands = make_hash_bands(rows, cfg)           # (shard, band key, row hash, hashes, views, view?)
     edges = hash_shard_edges(bands_of_one_shard, cfg)   # candidate edges (a, b, dist, score)
 
 Perceptual hashes (bit sampling, Indyk-Motwani): each of ``lsh_bands`` bands reads
 ``lsh_band_bits`` fixed pseudo-random bit positions of every hash; rows sharing a band value are
 candidates. An image row may carry *views* besides its hash (``crop_hashes``: the pHashes of its
 four corner-anchored 95% crops, pipelines/dedup_verify.py): they are banded in the same key space
-as the hash, so a copy cropped by up to ~5% per side still meets its original, and a candidate's
-distance is the smallest over (hash, hash), (hash, view) and (view, hash). A pair at distance d
+as the hash and meet the hashes of their bucket (never other views), so a copy cropped by up to
+~5% per side still meets its original; a candidate's distance is the smallest over (hash, hash),
+(hash, view) and (view, hash). A pair at distance d
 is missed with probability (1 - C(64-d, b)/C(64, b))^bands. Multi-frame rows (video clips) are
 compared position by position (same list length, every position within ``max_hamming``).
 
@@ -31,7 +32,7 @@ EDGE_SCHEMA = pa.schema([pa.field("a", pa.int64()), pa.field("b", pa.int64()),
                          pa.field("dist", pa.int64()), pa.field("score", pa.float64())])
 BAND_SCHEMA = pa.schema([pa.field("shard", pa.int64()), pa.field("band", pa.int64()),
                          pa.field("rid", pa.int64()), pa.field("vec", pa.list_(pa.int64())),
-                         pa.field("views", pa.list_(pa.int64()))])
+                         pa.field("views", pa.list_(pa.int64())), pa.field("view", pa.bool_())])
 
 
 def band_positions(cfg) -> np.ndarray:
@@ -175,8 +176,9 @@ def make_hash_bands(batch: pa.Table, cfg) -> pa.Table:
     rows, keys = np.concatenate([rows, vrows]), np.concatenate([keys, vkeys])
     rid = row_hash64(batch.column("row_id"))
     take = pa.array(rows, pa.int64())
+    is_view = np.r_[np.zeros(len(rows) - len(vrows), bool), np.ones(len(vrows), bool)]
     return pa.table({"shard": shard_of(keys, cfg.lsh_shards), "band": keys, "rid": rid[rows],
-                     "vec": hashes.take(take), "views": views.take(take)}, schema=BAND_SCHEMA)
+                     "vec": hashes.take(take), "views": views.take(take), "view": is_view}, schema=BAND_SCHEMA)
 
 
 def hash_shard_edges(t: pa.Table, cfg) -> pa.Table:
@@ -189,7 +191,8 @@ def hash_shard_edges(t: pa.Table, cfg) -> pa.Table:
     rid = t.column("rid").to_numpy()
     a, b = candidate_pairs(t.column("band").to_numpy(), cfg.max_bucket_rows, cfg.bucket_window_rows,
                            order_by=m[:, 0].view(np.int64))
-    keep = rid[a] != rid[b]
+    view = t.column("view").to_numpy(zero_copy_only=False)
+    keep = (rid[a] != rid[b]) & ~(view[a] & view[b])  # a view meets hashes, never another view
     a, b = a[keep], b[keep]
     dist = hash_distance(m, lengths, a, b, vm, vlen)
     ok = dist <= cfg.max_hamming
@@ -285,7 +288,8 @@ def make_caption_bands(batch: pa.Table, cfg) -> pa.Table:
     vec = pa.array(list(sig.view(np.int64)), pa.list_(pa.int64())).take(pa.array(rows, pa.int64()))
     flat = keys.ravel()
     return pa.table({"shard": shard_of(flat, cfg.lsh_shards), "band": flat, "rid": rid[rows], "vec": vec,
-                     "views": pa.array([[]] * len(rows), pa.list_(pa.int64()))}, schema=BAND_SCHEMA)
+                     "views": pa.array([[]] * len(rows), pa.list_(pa.int64())),
+                     "view": np.zeros(len(rows), bool)}, schema=BAND_SCHEMA)
 
 
 def caption_shard_edges(t: pa.Table, cfg) -> pa.Table:
