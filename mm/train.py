@@ -58,7 +58,7 @@ from mm.data import (
     trim_padding,
 )
 from mm.frozen import TowerFeatures, check_frozen_features, frozen_feature_dataset
-from mm.models import VLModel, build_model
+from mm.models import VLModel, build_model, lock_towers
 from mm.objectives import ObjectiveFactory, ObjectivesConfig, ObjectiveSet, build_objectives
 from mm.optim import OptimConfig, build_optimizer, build_scheduler
 from mm.train_log import MetricsLog, read_metrics, say
@@ -371,10 +371,12 @@ def train_loop(config: dict) -> None:
     torch.manual_seed(t.seed)  # identical initial weights on every rank
 
     # ---- build --------------------------------------------------------------------------------
-    model = build_model(cfg.model, config["tokens"].vocab_size)
-    if config["init"]:
-        init_model, _ = load_model(config["init"])
-        model.load_state_dict(init_model.state_dict())
+    checkpoint = ray.train.get_checkpoint()
+    saved = None
+    if checkpoint is not None:
+        with checkpoint.as_directory() as d:
+            saved = load_train_state(d)  # (model_state, optim_state, state), restored below
+    model = _build_model(cfg.model, config["tokens"].vocab_size, config["init"], saved[2] if saved else None)
     if config["prepare_model"] is not None:
         model = config["prepare_model"](model)
     objs = build_objectives(cfg.objectives, model, config["tokens"], config["extra_objectives"])
@@ -393,10 +395,8 @@ def train_loop(config: dict) -> None:
 
     # ---- resume -------------------------------------------------------------------------------
     step, nonfinite, positions = 0, 0, {}
-    checkpoint = ray.train.get_checkpoint()
-    if checkpoint is not None:
-        with checkpoint.as_directory() as d:
-            model_state, optim_state, state = load_train_state(d)
+    if saved is not None:
+        model_state, optim_state, state = saved
         restore_state(module, optimizer, model_state, optim_state)
         scheduler.load_state_dict(state["scheduler"])
         if state.get("scaler"):
@@ -454,7 +454,10 @@ def train_loop(config: dict) -> None:
                      "scaler": scaler.state_dict() if scaler.is_enabled() else None,
                      "streams": {name: s.position() for name, s in zip(config["streams"], streams)},
                      "rng": {"scheme": "torch.manual_seed(SeedSequence([seed, rank, micro_step]))",
-                             "seed": t.seed}}
+                             "seed": t.seed},
+                     # a pretrained text tower's architecture: a resume rebuilds it without its files
+                     "text_hf_config": (module_model(module).text.bert.config.to_dict()
+                                        if cfg.model.text.pretrained_path else None)}
             with tempfile.TemporaryDirectory() as tmp:
                 ckpt = None
                 if rank == 0:
@@ -467,6 +470,24 @@ def train_loop(config: dict) -> None:
                 ray.train.report({"step": step}, checkpoint=ckpt, checkpoint_dir_name=f"step_{step:08d}")
     if mlog is not None:
         mlog.close()
+
+
+def _build_model(model_cfg: ModelConfig, vocab_size: int, init: str | None, saved_state: dict | None) -> VLModel:
+    """The model a worker trains. A run is self-contained: started from another run (``init``) it
+    is that run's saved model; continuing from its own step checkpoint it is rebuilt from the
+    saved architecture (the pretrained text tower's config is in the checkpoint). Only a fresh run
+    reads the pretrained weight files (``pretrained_path``). Weights come from the checkpoint
+    either way; locking is applied as configured."""
+    if init:
+        model, _ = load_model(init)
+    elif saved_state is not None and (saved_state.get("text_hf_config") or not model_cfg.text.pretrained_path):
+        bare = dataclasses.replace(model_cfg, vision=dataclasses.replace(model_cfg.vision, pretrained_path=None),
+                                   text=dataclasses.replace(model_cfg.text, pretrained_path=None))
+        model = VLModel(bare, vocab_size, saved_state.get("text_hf_config"))
+    else:
+        return build_model(model_cfg, vocab_size)
+    lock_towers(model, model_cfg.lock)
+    return model
 
 
 def _save_final_model(model: VLModel, model_cfg, run_dir: str, tokenizer_dir: str, state: dict) -> None:

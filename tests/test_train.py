@@ -367,3 +367,25 @@ def test_progress_lines_go_through_the_workers_logger_once(caplog):
     with caplog.at_level(logging.INFO, logger="mm.train_log"):
         say("step 1/2 loss 0.5")
     assert [r.getMessage() for r in caplog.records] == ["step 1/2 loss 0.5"]
+
+
+def test_a_run_continues_and_seeds_another_without_its_pretrained_files(ray_session, tmp_path):
+    """A run is self-contained: once trained, neither continuing it (a resume from its step
+    checkpoint) nor starting another run from it (``init``) needs the pretrained weight files
+    its towers were first built from (before: both rebuilt the towers from ``pretrained_path``)."""
+    import shutil
+
+    corpus = make_corpus(tmp_path / "img", n=48, seed=7)
+    _, towers = _toy_pretrained(tmp_path, corpus)
+    towers = [t for t in towers if not t.startswith("model.vision.scales_px")]
+    run = tmp_path / "run"
+    base = [*towers, "train.frozen_features=false", "train.checkpoint_every_steps=2"]
+    fit(_cfg([*base, "train.max_steps=2"], path="configs/lit_emoji.yaml"), [str(corpus)], str(run))
+    (tmp_path / "cnn.pth").unlink()
+    shutil.rmtree(tmp_path / "bert")
+    fit(_cfg([*base, "train.max_steps=4"], path="configs/lit_emoji.yaml"), [str(corpus)], str(run))
+    assert [m["step"] for m in read_metrics(run / "metrics.jsonl")][-1] == 4
+    out = fit(_cfg([*base, "train.max_steps=2"], path="configs/lit_emoji.yaml"), [str(corpus)],
+              str(tmp_path / "run2"), init=str(run))
+    assert out["steps"] == 2
+    assert mm.load(str(tmp_path / "run2")).encode_image(torch.zeros(1, 3, 64, 64)).ndim == 2
