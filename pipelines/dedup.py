@@ -62,6 +62,7 @@ from pipelines.dedup_lsh import (
     local_hash_edges,
     make_caption_bands,
     make_hash_bands,
+    row_hash64,
 )
 from pipelines.dedup_verify import verify_candidates
 
@@ -125,32 +126,6 @@ def keeper_order(t: pa.Table, first: str | None = None) -> np.ndarray:
         "order": pc.binary_join_element_wise(t.column("source"), t.column("key"), "\x00"),
         "sample_id": t.column("sample_id")})
     return pc.sort_indices(keys, sort_keys=[(c, "ascending") for c in keys.column_names]).to_numpy()
-
-
-def row_hash64(row_ids: pa.Array | pa.ChunkedArray | list[str]) -> np.ndarray:
-    """A 64-bit int per row id (row ids are hex BLAKE2b digests: their first 16 hex digits)."""
-    if isinstance(row_ids, list):
-        row_ids = pa.array(row_ids, pa.string())
-    if isinstance(row_ids, pa.ChunkedArray):
-        row_ids = row_ids.combine_chunks()
-    if len(row_ids) == 0:
-        return np.zeros(0, np.int64)
-    head = pc.utf8_slice_codeunits(row_ids.cast(pa.string()), 0, 16)
-    offsets = np.frombuffer(head.buffers()[1], np.int32)[head.offset:head.offset + len(head) + 1]
-    if not (np.diff(offsets) == 16).all():  # not all hex digests: decode one by one
-        return np.array([int(r[:16], 16) for r in row_ids.to_pylist()], dtype=np.uint64).view(np.int64)
-    raw = np.frombuffer(head.buffers()[2], np.uint8)[offsets[0]:offsets[-1]].reshape(-1, 16)
-    digits = _HEX[raw].astype(np.uint64)
-    value = np.zeros(len(raw), np.uint64)
-    for k in range(16):
-        value = (value << np.uint64(4)) | digits[:, k]
-    return value.view(np.int64)
-
-
-_HEX = np.zeros(256, np.uint8)
-_HEX[np.frombuffer(b"0123456789", np.uint8)] = np.arange(10)
-_HEX[np.frombuffer(b"abcdef", np.uint8)] = np.arange(10, 16)
-_HEX[np.frombuffer(b"ABCDEF", np.uint8)] = np.arange(10, 16)
 
 
 def exact_groups(t: pa.Table, key: str) -> pa.Table:

@@ -35,6 +35,32 @@ BAND_SCHEMA = pa.schema([pa.field("shard", pa.int64()), pa.field("band", pa.int6
                          pa.field("views", pa.list_(pa.int64())), pa.field("view", pa.bool_())])
 
 
+_HEX = np.zeros(256, np.uint8)
+_HEX[np.frombuffer(b"0123456789", np.uint8)] = np.arange(10)
+_HEX[np.frombuffer(b"abcdef", np.uint8)] = np.arange(10, 16)
+_HEX[np.frombuffer(b"ABCDEF", np.uint8)] = np.arange(10, 16)
+
+
+def row_hash64(row_ids: pa.Array | pa.ChunkedArray | list[str]) -> np.ndarray:
+    """A 64-bit int per row id (row ids are hex BLAKE2b digests: their first 16 hex digits)."""
+    if isinstance(row_ids, list):
+        row_ids = pa.array(row_ids, pa.string())
+    if isinstance(row_ids, pa.ChunkedArray):
+        row_ids = row_ids.combine_chunks()
+    if len(row_ids) == 0:
+        return np.zeros(0, np.int64)
+    head = pc.utf8_slice_codeunits(row_ids.cast(pa.string()), 0, 16)
+    offsets = np.frombuffer(head.buffers()[1], np.int32)[head.offset:head.offset + len(head) + 1]
+    if not (np.diff(offsets) == 16).all():  # not all hex digests: decode one by one
+        return np.array([int(r[:16], 16) for r in row_ids.to_pylist()], dtype=np.uint64).view(np.int64)
+    raw = np.frombuffer(head.buffers()[2], np.uint8)[offsets[0]:offsets[-1]].reshape(-1, 16)
+    digits = _HEX[raw].astype(np.uint64)
+    value = np.zeros(len(raw), np.uint64)
+    for k in range(16):
+        value = (value << np.uint64(4)) | digits[:, k]
+    return value.view(np.int64)
+
+
 def band_positions(cfg) -> np.ndarray:
     """(bands, band_bits) bit positions: fixed by ``lsh_seed``, distinct within a band."""
     rng = np.random.default_rng(cfg.lsh_seed)
@@ -163,8 +189,6 @@ def _list_or_empty(batch: pa.Table, name: str, n: int) -> pa.Array:
 
 def make_hash_bands(batch: pa.Table, cfg) -> pa.Table:
     """Rows → band rows (shard, band key, row hash, hash list, views) for the perceptual-hash LSH."""
-    from pipelines.dedup import row_hash64
-
     hashes = batch.column("hashes").combine_chunks()
     views = _list_or_empty(batch, "crop_hashes", batch.num_rows) if cfg.crop_views else \
         pa.array([[] for _ in range(batch.num_rows)], pa.list_(pa.int64()))
@@ -221,8 +245,6 @@ def _probe_pairs(keys: np.ndarray, probe_keys: np.ndarray, max_bucket_rows: int,
 def local_hash_edges(batch: pa.Table, cfg) -> pa.Table:
     """The candidate edges of ``make_hash_bands`` + ``hash_shard_edges`` over one in-memory table,
     one band at a time: memory O(rows x views), not O(rows x views x bands) band rows."""
-    from pipelines.dedup import row_hash64
-
     m, lengths = hash_matrix(batch.column("hashes"))
     if cfg.crop_views and "crop_hashes" in batch.column_names:
         vm, vlen = hash_matrix(batch.column("crop_hashes"))
@@ -272,8 +294,6 @@ def minhash_signatures(captions: list[str | None], cfg) -> np.ndarray:
 
 
 def make_caption_bands(batch: pa.Table, cfg) -> pa.Table:
-    from pipelines.dedup import row_hash64
-
     sig = minhash_signatures(batch.column("caption").to_pylist(), cfg)
     rows_per_band = cfg.caption_band_rows
     n_bands = cfg.caption_num_perm // rows_per_band

@@ -135,8 +135,11 @@ def dedup_against_index(curated: Path, index_dir: Path, snapshot: str, modality:
     # Only a new row whose keeper is an indexed (older or held-out) row leaves: duplicates among the
     # new rows were decided by the snapshot's own curate run.
     new_ids = set(new.column("row_id").to_pylist())
-    new_samples = set(new.column("sample_id").to_pylist())
-    drops = drops.filter(pa.array([r in new_ids and k not in new_samples for r, k in
+    indexed = set()
+    for part in parts[1:]:
+        indexed.update(part.column("sample_id").to_pylist())
+    new_only = set(new.column("sample_id").to_pylist()) - indexed  # an exact copy shares its keeper's id
+    drops = drops.filter(pa.array([r in new_ids and k not in new_only for r, k in
                                    zip(drops.column("row_id").to_pylist(), drops.column("keeper").to_pylist())],
                                   pa.bool_()))
     if drops.num_rows == 0:
