@@ -26,7 +26,7 @@ from core.storage import exists, is_uri, join, local_dir, read_bytes, write_byte
 from jobs.cli import UsageError, add_common, check_out_dir, run
 
 log = logging.getLogger("mm.evaluate")
-TASKS = ("zeroshot", "retrieval", "classify", "linear_probe", "masked")
+TASKS = ("zeroshot", "retrieval", "classify", "linear_probe", "masked", "caption")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -99,6 +99,8 @@ def _evaluate(args: argparse.Namespace, scratch: Path) -> int:
     cfg = load_config(EvalConfig, args.config, args.overrides)
     model = local_run_view(args.model, scratch)
     model_dir = check_inputs(model, args.data, args.out)
+    if args.task == "caption":
+        _check_caption(model_dir, args.data)
     if cfg.rerank_k > 0 and "retrieval" in ((args.task,) if args.task else cfg.tasks):
         from mm.evaluate import itm_checkpoint
 
@@ -111,16 +113,19 @@ def _evaluate(args: argparse.Namespace, scratch: Path) -> int:
 
     init_ray(args.address)
     tasks = (args.task,) if args.task else None
-    result = evaluate_run(model, args.data, cfg, tasks=tasks)
-    # A URI --out: written beside the run view (so the report finds its metrics.jsonl), then put
-    # on the store: eval.json, its samples and report.html, next to each other as locally.
     local_out = (Path(model) if model != args.model else scratch) / Path(args.out).name if is_uri(args.out) \
         else Path(args.out)
+    if args.task == "caption":
+        result = _evaluate_captions(model_dir, args.data, cfg, local_out)
+    else:
+        result = evaluate_run(model, args.data, cfg, tasks=tasks)
+    # A URI --out: written beside the run view (so the report finds its metrics.jsonl), then put
+    # on the store: eval.json, its samples and report.html, next to each other as locally.
     out = write_eval(result, local_out)
     report = write_report(out.parent, eval_path=out)
     if is_uri(args.out):
         target = args.out.rsplit("/", 1)[0]
-        for f in (out, out.with_name(out.stem + "_samples.json"), report):
+        for f in (out, out.with_name(out.stem + "_samples.json"), out.with_name("captions.jsonl"), report):
             if f.is_file():
                 write_bytes(join(target, f.name), f.read_bytes())
         out, report = args.out, join(target, report.name)
@@ -130,6 +135,30 @@ def _evaluate(args: argparse.Namespace, scratch: Path) -> int:
         log.warning("skipped %s: %s", task, why)
     log.info("wrote %s and %s", out, report)
     return 0
+
+
+def _evaluate_captions(model_dir: Path, data: str, cfg, out: Path) -> dict:
+    """``--task caption``: generate on the split (cfg.split, cfg.max_rows), score Bleu_1..4,
+    ROUGE_L and CIDEr beside the most-frequent-training-caption baseline, and write
+    captions.jsonl beside FILE.json (mm/caption.py)."""
+    from mm.caption import CaptionEvalConfig, evaluate_captions
+
+    out.parent.mkdir(parents=True, exist_ok=True)
+    r = evaluate_captions(model_dir, data, CaptionEvalConfig(split=cfg.split, max_rows=cfg.max_rows),
+                          captions_out=out.with_name("captions.jsonl"))
+    return {"model": str(model_dir), "data": data, "split": cfg.split, "metrics": r["metrics"],
+            "chance": r["chance"], "baseline": r["baseline"], "counts": r["counts"], "skipped": {},
+            "samples": {"captions": r["caption_samples"]}}
+
+
+def _check_caption(model_dir: Path, data: str) -> None:
+    from mm.caption import check_caption_corpus, check_caption_model
+
+    try:
+        model_cfg = check_caption_model(model_dir, need_decoder=True)
+        check_caption_corpus(data, int(model_cfg["text"]["max_tokens"]), splits=("train", "val"))
+    except ValueError as e:
+        raise UsageError(str(e)) from None
 
 
 def main(argv: Sequence[str] | None = None) -> int:

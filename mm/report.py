@@ -179,6 +179,14 @@ def _samples_html(samples: dict) -> str:
     return "\n".join(out) or "<p>no samples</p>"
 
 
+def _captions_html(samples: dict) -> str:
+    if not samples.get("captions"):
+        return ""
+    from mm.caption import caption_grid_html
+
+    return "<h2>Generated captions</h2>" + caption_grid_html(samples["captions"])
+
+
 def render_report(run_dir: Path, ev: dict, metric_rows: list[dict], samples: dict,
                   probe_rows: list[dict] | None = None) -> str:
     parts = [f"<!doctype html><html><head><meta charset='utf-8'><title>report: {html.escape(run_dir.name)}"
@@ -199,7 +207,7 @@ def render_report(run_dir: Path, ev: dict, metric_rows: list[dict], samples: dic
     if ev.get("wise_ft"):
         parts.append(_wise_table(ev["wise_ft"]))
     parts += ["<h2>Sample retrievals</h2>", "<p class=meta>green border: a positive of the query</p>",
-              _samples_html(samples), "</body></html>"]
+              _samples_html(samples), _captions_html(samples), "</body></html>"]
     return "\n".join(parts)
 
 

@@ -485,6 +485,18 @@ def test_caption_finetune_then_evaluate(ray_session, tmp_path):
     with pytest.raises(ValueError, match="no caption decoder"):
         evaluate_captions(init, corpus, CaptionEvalConfig())
 
+    # the command: `mm evaluate --task caption` writes eval.json, captions.jsonl and a report with captions
+    from jobs import evaluate as E
+
+    assert E.main(["--model", str(run), "--data", str(corpus), "--out", str(run / "eval.json"),
+                   "--task", "caption"]) == 0
+    ev = json.loads((run / "eval.json").read_text())
+    assert list(ev["metrics"]["caption"]) == list(METRICS) and list(ev["chance"]["caption"]) == list(METRICS)
+    assert (run / "captions.jsonl").is_file() and "Generated captions" in (run / "report.html").read_text()
+    assert E.main(["--model", str(init.parent), "--data", str(corpus), "--out", str(tmp_path / "x.json"),
+                   "--task", "caption"]) == 2
+    assert not (tmp_path / "x.json").exists()
+
 
 @pytest.mark.parametrize("pool", [0, 4])
 def test_decoder_exports_as_a_transformers_model(tmp_path, pool):
