@@ -30,7 +30,9 @@ training caption for every item). It returns the eval.json sections (``metrics.c
 with thumbnails for the report (``caption_grid_html`` renders them).
 
 Every refusal is a ``ValueError`` with one line, raised before any work. Tested in
-tests/test_caption.py.
+tests/test_caption.py. Over ~450 lines on purpose: one task's checks, training hooks,
+evaluation and export read together; splitting the checks from the code they guard would
+scatter one contract over files.
 """
 
 from __future__ import annotations
