@@ -180,8 +180,12 @@ def export(model_path: str | Path, out_dir: str | Path, to: Literal["openclip", 
     vision, embed_layer = timm_vision(model, cfg)
     vproj, vstate = projection_layers(model.vision_proj, "vision")
     tproj, tstate = projection_layers(model.text_proj, "text")
+    has_decoder = getattr(model, "decoder", None) is not None
     if to == "openclip":
         _check_openclip(cfg, embed_layer, vproj, tproj)
+        if has_decoder:
+            raise ExportError("model.decoder: OpenCLIP's CoCa text decoder is another architecture; "
+                              "export the caption decoder with --to hf")
     out = Path(out_dir)
     shutil.rmtree(out, ignore_errors=True)
     out.mkdir(parents=True)
@@ -197,6 +201,12 @@ def export(model_path: str | Path, out_dir: str | Path, to: Literal["openclip", 
         scales["logit_bias"] = model.logit_bias.detach().reshape(()).clone()
     if to == "hf":
         _write_hf(out, cfg, src, vproj, tproj, {**vstate, **tstate, **scales}, embed_layer)
+        if has_decoder:  # a transformers BertLMHeadModel dir + its vision-context layers (mm/caption.py)
+            from mm.caption import export_decoder_hf
+
+            meta = json.loads((out / "export_config.json").read_text(encoding="utf-8"))
+            meta["decoder"] = export_decoder_hf(model, src / "tokenizer", out)
+            (out / "export_config.json").write_text(json.dumps(meta, indent=2, default=str), encoding="utf-8")
     else:
         _write_openclip(out, cfg, vision, vstate, tstate, scales, model.text.bert)
         tok.save_pretrained(str(out))  # get_tokenizer("local-dir:EXPORT") reads the tokenizer there

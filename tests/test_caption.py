@@ -586,3 +586,22 @@ def test_decoder_prompt_is_fed_not_predicted_and_stripped(tmp_path):
         opt.step()
     model.eval()
     assert generate(model, batch["pixels"], max_tokens=5, tokenizer=tok) == captions
+
+
+def test_mm_export_carries_or_refuses_the_decoder(tmp_path):
+    """`mm export --to hf` writes the caption decoder beside the towers; `--to openclip` refuses a
+    run with one in one line instead of leaving it out silently."""
+    import json
+
+    from test_data import make_corpus
+
+    from mm.export import ExportError, export
+
+    corpus = make_corpus(tmp_path / "c", n=8, seed=1)
+    src = _tiny_model_dir(tmp_path, corpus, DecoderConfig(layers=1, width=32, heads=2, max_tokens=16))
+    out = export(src, tmp_path / "hf", to="hf")
+    assert json.loads((out / "export_config.json").read_text())["decoder"]["dir"] == "decoder"
+    assert (out / "decoder" / "config.json").is_file()
+    with pytest.raises(ExportError, match="decoder"):
+        export(src, tmp_path / "oc", to="openclip")
+    assert not (tmp_path / "oc").exists()
