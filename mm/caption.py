@@ -37,10 +37,8 @@ scatter one contract over files.
 
 from __future__ import annotations
 
-import base64
 import dataclasses
 import html
-import io
 import json
 from collections.abc import Sequence
 from dataclasses import dataclass, field
@@ -349,9 +347,10 @@ def generate_split(model_dir: str | Path, data_dir: str | Path, cfg: CaptionEval
 def train_captions(data_dir: str | Path) -> list[str]:
     """The train split's captions (one column, read on the driver)."""
     import pyarrow.compute as pc
-    import pyarrow.dataset as pads
 
-    ds = pads.dataset(str(Path(data_dir) / "data"), format="parquet")
+    from mm.data import corpus_dataset
+
+    ds = corpus_dataset(data_dir)
     return ds.to_table(columns=["caption"], filter=pc.field("split") == "train")["caption"].to_pylist()
 
 
@@ -416,23 +415,14 @@ def write_captions_jsonl(path: str | Path, lines: list[dict]) -> Path:
 # ----------------------------------------------------------------------------- report
 
 
-def _thumb(blob, px: int) -> str:
-    from PIL import Image
-
-    data = blob if isinstance(blob, (bytes, bytearray)) else list(blob)[len(blob) // 2]
-    img = Image.open(io.BytesIO(data)).convert("RGB")
-    img.thumbnail((px, px))
-    buf = io.BytesIO()
-    img.save(buf, format="JPEG", quality=85)
-    return base64.b64encode(buf.getvalue()).decode("ascii")
-
-
 def caption_samples(data_dir: str | Path, rows: list[dict], refs: dict[str, list[str]],
                     cfg: CaptionEvalConfig) -> list[dict]:
     """The first ``cfg.samples`` media items (by sample_id) with a thumbnail (a video's middle
     frame), the generated caption and the references: [{sample_id, image, generated, references}]."""
     import pyarrow.compute as pc
-    import pyarrow.dataset as pads
+
+    from mm.data import corpus_dataset
+    from mm.eval_tasks import thumbnail_b64
 
     picked, seen = [], set()
     for r in rows:
@@ -441,12 +431,12 @@ def caption_samples(data_dir: str | Path, rows: list[dict], refs: dict[str, list
             picked.append(r)
     if not picked:
         return []
-    ds = pads.dataset(str(Path(data_dir) / "data"), format="parquet")
+    ds = corpus_dataset(data_dir)
     media = "frames" if "frames" in ds.schema.names else "image"
     table = ds.to_table(columns=["sample_id", media],
                         filter=pc.field("sample_id").isin([r["sample_id"] for r in picked]))
     blobs = dict(zip(table["sample_id"].to_pylist(), table[media].to_pylist()))
-    return [{"sample_id": r["sample_id"], "image": _thumb(blobs[r["sample_id"]], cfg.thumb_px),
+    return [{"sample_id": r["sample_id"], "image": thumbnail_b64(blobs[r["sample_id"]], cfg.thumb_px),
              "generated": r["generated"], "references": refs[r["media_key"]]} for r in picked]
 
 

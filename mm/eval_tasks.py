@@ -69,7 +69,8 @@ def retrieval_inputs(emb: Embeddings) -> tuple[np.ndarray, np.ndarray, np.ndarra
     return emb.media_emb[first], inverse.astype(np.int64), first
 
 
-def _thumb(blob, px: int) -> str:
+def thumbnail_b64(blob, px: int) -> str:
+    """A JPEG (or a video's middle frame) as a base64 JPEG thumbnail of at most ``px`` for report.html."""
     from PIL import Image
 
     data = blob if isinstance(blob, (bytes, bytearray)) else list(blob)[len(blob) // 2]
@@ -105,7 +106,7 @@ def sample_retrievals(data_dir: str | Path, emb: Embeddings, media: np.ndarray, 
         for j in hits:
             r = rows.get(str(emb.sample_id[first[j]]))
             if r is not None:
-                items.append({"caption": r["caption"], "image": _thumb(r[media_col], cfg.thumb_px),
+                items.append({"caption": r["caption"], "image": thumbnail_b64(r[media_col], cfg.thumb_px),
                               "positive": bool(j == text_to_media[q])})
         out.append({"direction": "text→image" if media_col == "image" else "text→video",
                     "query": qrow.get("caption", ""), "hits": items})
@@ -126,4 +127,4 @@ def linear_probe(cfg: EvalConfig, train: Embeddings, val: Embeddings, classes: l
 
 
 __all__ = ["encode_prompts", "zeroshot_weights", "label_targets", "evaluate_classifier", "retrieval_inputs",
-           "sample_retrievals", "linear_probe"]
+           "sample_retrievals", "linear_probe", "thumbnail_b64"]
