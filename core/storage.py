@@ -83,6 +83,11 @@ def remove(fs: Any, path: str) -> None:
         fs.delete_file(path)
 
 
+def _mirror_root() -> str:
+    """Where ``local_dir``/``local_file`` keep fetched copies: ``$MM_CACHE_DIR/mirror`` (default ~/.cache/mm)."""
+    return os.path.join(os.environ.get("MM_CACHE_DIR") or os.path.expanduser("~/.cache/mm"), "mirror")
+
+
 def local_dir(src: str | os.PathLike) -> str:
     """A local directory holding what ``src`` holds: ``src`` itself when it is local; for a URI
     (a corpus's tokenizer/, a run's model/ on S3), a copy under ``$MM_CACHE_DIR`` (default
@@ -104,7 +109,7 @@ def local_dir(src: str | os.PathLike) -> str:
         raise FileNotFoundError(f"{src} does not exist or is empty")
     listing = "\n".join(f"{i.path}\0{i.size}\0{i.mtime_ns}" for i in sorted(infos, key=lambda i: i.path))
     key = hashlib.sha256(src.encode()).hexdigest()[:16] + "-" + hashlib.sha256(listing.encode()).hexdigest()[:16]
-    root = os.path.join(os.environ.get("MM_CACHE_DIR") or os.path.expanduser("~/.cache/mm"), "mirror")
+    root = _mirror_root()
     target = os.path.join(root, key, os.path.basename(path))
     if os.path.isdir(target):
         return target
@@ -136,7 +141,7 @@ def local_file(src: str | os.PathLike) -> str:
     if info.type != pafs.FileType.File:
         raise FileNotFoundError(f"{src} does not exist")
     key = hashlib.sha256(f"{src}\0{info.size}\0{info.mtime_ns}".encode()).hexdigest()[:32]
-    root = os.path.join(os.environ.get("MM_CACHE_DIR") or os.path.expanduser("~/.cache/mm"), "mirror", key)
+    root = os.path.join(_mirror_root(), key)
     target = os.path.join(root, os.path.basename(path))
     if not os.path.isfile(target):
         os.makedirs(root, exist_ok=True)

@@ -66,7 +66,7 @@ def check_out_dir(out: str) -> Path:
         try:
             fs, path, _ = resolve(out)
             bucket = path.split("/", 1)[0]
-            if fs.get_file_info(bucket).type == pafs.FileType.NotFound:
+            if not isinstance(fs, pafs.LocalFileSystem) and fs.get_file_info(bucket).type == pafs.FileType.NotFound:
                 raise UsageError(f"--out {out}: bucket {bucket} does not exist (create it, or fix the URI)")
             if fs.get_file_info(path).type == pafs.FileType.File:
                 raise UsageError(f"--out {out} is a file, expected a directory")

@@ -77,3 +77,8 @@ def test_module_help(cmd):
                        text=True, timeout=120)
     assert r.returncode == 0, r.stderr
     assert "usage" in r.stdout.lower()
+
+
+def test_out_dir_accepts_a_file_uri(tmp_path):
+    """``--out file:///…`` is a local directory, not a bucket (it was refused as "bucket  does not exist")."""
+    cli.check_out_dir(f"file://{tmp_path / 'out'}")
