@@ -118,3 +118,21 @@ def test_pip_install_then_mm_runs_from_another_folder(installed, tmp_path):
     assert summary["invariant_ok"] and summary["kept"] > 0, summary
     out = elsewhere / "corpus"  # relative to the folder it ran in
     assert list((out / "data").glob("*.parquet")) and (out / "tokenizer").is_dir()
+
+
+@pytest.mark.slow
+def test_pip_install_then_the_whole_mm_demo_runs_from_another_folder(installed, tmp_path):
+    """The whole chain (generate, curate, pretrain on Ray Train, fine-tune, evaluate, report) from
+    the installed copy, in a folder that holds no repository, at a reduced size (~3 min on 2 cores)."""
+    mm_cmd = shutil.which("mm", path=str(installed / "bin"))
+    ran = _run_installed(
+        installed, tmp_path, mm_cmd, "demo", "--out", "demo_out", "--no-progress",
+        "--set", "n_images=160", "--set", "n_videos=48",
+        "--set", 'pretrain_overrides=["train.max_steps=30", "train.checkpoint_every_steps=15", "data.batch_size=16"]',
+        timeout=1200)
+    assert ran.returncode == 0, (ran.stdout[-2000:], ran.stderr[-3000:])
+    runs = tmp_path / "demo_out" / "runs"
+    for run in ("pretrain", "finetune"):
+        assert (runs / run / "report.html").is_file(), sorted(p.name for p in (runs / run).iterdir())
+        assert json.loads((runs / run / "eval.json").read_text()), run
+    assert "report:" in ran.stdout
