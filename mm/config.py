@@ -55,21 +55,6 @@ class VisionConfig:
     # pretrained_path is a torchvision state-dict file (e.g. its ImageNet weights, and set
     # mean/std to IMAGENET_MEAN/STD). No masked image modelling; pool token = avg = GAP.
     torchvision_name: str | None = None
-    # CNN tower only. hypercolumn_stages: earlier trunk stages (indices into ``features``) whose
-    # outputs, average-pooled to the last map's grid, join its channels at every position
-    # (hypercolumns, Hariharan et al. 2015): mid-level shape and colour beside the last stage's
-    # semantics. scales_px: the trunk also runs on the frames resized to these sides, and those
-    # maps (hypercolumn stages included), pooled to the same grid, join the channels too
-    # (multi-scale features). The tower's width is then the sum of every joined map's channels.
-    hypercolumn_stages: tuple[int, ...] = ()
-    scales_px: tuple[int, ...] = ()
-    # CNN tower only, a spatial pyramid (He et al. 2014, SPP): the pooled feature also carries
-    # these stages' channels (hypercolumn stages or the last stage; at image_px) averaged over a
-    # pyramid_cells x pyramid_cells grid of the tokens, so it keeps where things are in the frame
-    # (an arrow's direction, a flag's stripes), which a global average loses. Only the pooled
-    # feature widens; the tokens (fusion) do not.
-    pyramid_stages: tuple[int, ...] = ()
-    pyramid_cells: int = 2
     pretrained_path: str | None = None
     mean: tuple[float, float, float] = CLIP_MEAN
     std: tuple[float, float, float] = CLIP_STD
@@ -84,14 +69,6 @@ class VisionConfig:
         if self.torchvision_name is not None and (self.timm_name is not None or self.stem != "patch"
                                                   or self.attention != "joint"):
             raise ValueError("torchvision_name builds a CNN tower: leave timm_name, stem and attention unset")
-        if (self.hypercolumn_stages or self.scales_px) and self.torchvision_name is None:
-            raise ValueError("hypercolumn_stages and scales_px apply to a CNN tower (torchvision_name)")
-        if self.pyramid_stages and self.torchvision_name is None:
-            raise ValueError("pyramid_stages applies to a CNN tower (torchvision_name)")
-        if self.pyramid_cells < 2:
-            raise ValueError(f"pyramid_cells must be >= 2 (1 is the global average), got {self.pyramid_cells}")
-        if any(px < 1 for px in self.scales_px):
-            raise ValueError(f"scales_px must be positive sides in pixels, got {list(self.scales_px)}")
         if self.timm_name is None and self.torchvision_name is None and self.width % self.heads:
             raise ValueError(f"width {self.width} is not divisible by heads {self.heads}")
 
@@ -174,25 +151,16 @@ class ProjectionConfig:
     linear: CLIP's (no bias). mlp: OpenCLIP's ``timm_proj="mlp"`` / ``hf_proj_type="mlp"`` idea,
     Dropout(dropout) -> Linear(W, hidden) -> GELU -> Linear(hidden, embed_dim, no bias): more
     room for what a locked pretrained tower was not trained to express (LiT on the emoji set,
-    docs/BENCHMARKS.md). ``hidden`` 0 means 2 x embed_dim, as timm's projection MLP.
-
-    heads > 1: an ensemble of that many independently initialised projection pairs, each with its
-    own temperature (and SigLIP bias) and its own contrastive loss. The embedding is the heads'
-    unit vectors concatenated and scaled by heads ** -0.5, so it stays a unit vector (of width
-    heads x embed_dim) and a cosine between two is the mean of the heads' cosines: retrieval,
-    zero-shot and probes score with the ensemble unchanged (``mm.models.ProjectionEnsemble``)."""
+    docs/BENCHMARKS.md). ``hidden`` 0 means 2 x embed_dim, as timm's projection MLP."""
 
     vision: Literal["linear", "mlp"] = "linear"
     text: Literal["linear", "mlp"] = "linear"
     hidden: int = 0
     dropout: float = 0.0
-    heads: int = 1
 
     def __post_init__(self) -> None:
         if self.hidden < 0 or not 0.0 <= self.dropout < 1.0:
             raise ValueError("proj.hidden must be >= 0 and proj.dropout in [0, 1)")
-        if self.heads < 1:
-            raise ValueError(f"proj.heads must be >= 1, got {self.heads}")
 
 
 @dataclass(frozen=True)
@@ -209,11 +177,6 @@ class ModelConfig:
     loss: Literal["clip", "siglip"] = "clip"
     logit_scale_max: float = math.log(100.0)
 
-    @property
-    def embed_width(self) -> int:
-        """The width of an embedding: ``embed_dim`` per projection head."""
-        return self.embed_dim * self.proj.heads
-
     def init_logit_scale(self) -> float:
         return math.log(10.0) if self.loss == "siglip" else math.log(1 / 0.07)
 
@@ -225,10 +188,26 @@ def to_json(cfg: ModelConfig) -> dict[str, Any]:
     return dataclasses.asdict(cfg)
 
 
+# Knobs removed in issue 19 (they bought ~+0.01 R@1 on one benchmark at up to 2x the training
+# cost), with the value that meant "off" (None: any value, it did nothing alone). A config.json
+# saved before then carries them at these values and still loads; any other value is refused.
+_REMOVED = {("vision", "hypercolumn_stages"): [], ("vision", "scales_px"): [], ("vision", "pyramid_stages"): [],
+            ("vision", "pyramid_cells"): None, ("proj", "heads"): 1}
+
+
 def from_json(data: dict[str, Any]) -> ModelConfig:
     """Rebuild a ModelConfig from ``to_json`` output; unknown keys are an error, missing ones default."""
-    from core.config import build
+    from core.config import ConfigError, build
 
+    data = dict(data)
+    for (section, key), off in _REMOVED.items():
+        part = data.get(section)
+        if isinstance(part, dict) and key in part:
+            value = part[key]
+            if off is not None and (list(value) if isinstance(value, (list, tuple)) else value) != off:
+                raise ConfigError(f"model.{section}.{key}={value!r}: this knob was removed (docs/BENCHMARKS.md, "
+                                  "LiT); a model trained with it cannot be rebuilt, retrain without it")
+            data[section] = {k: v for k, v in part.items() if k != key}
     return build(ModelConfig, data)
 
 

@@ -35,7 +35,7 @@ def encode_prompts(model, tokenizer, prompts: list[str], batch: int = 256) -> np
         input_ids, mask = pad_ids(ids, tokenizer.pad_token_id, model.cfg.text.max_tokens, True)
         with torch.inference_mode():
             out.append(model.encode_text(torch.from_numpy(input_ids), torch.from_numpy(mask)).float().numpy())
-    return np.concatenate(out) if out else np.zeros((0, model.cfg.embed_width), np.float32)
+    return np.concatenate(out) if out else np.zeros((0, model.cfg.embed_dim), np.float32)
 
 
 def zeroshot_weights(model, tokenizer, classes: list[str], templates) -> np.ndarray:

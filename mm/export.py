@@ -112,10 +112,6 @@ def _cnn_to_timm(tower, cfg) -> nn.Module:
         raise ExportError(f"vision.torchvision_name={cfg.vision.torchvision_name}: only torchvision's mobilenet_v2 "
                           "maps onto a timm model (mobilenetv2_100)")
     out = timm.create_model("mobilenetv2_100", pretrained=False, num_classes=0, global_pool=_timm_pool(cfg))
-    if out.num_features != tower.pooled_width:
-        raise ExportError(f"vision: the CNN tower's pooled feature ({tower.pooled_width}-d) is wider than the trunk's "
-                          f"last stage ({out.num_features}-d: hypercolumns, extra scales or a pyramid); timm's "
-                          "global pooling holds only the last stage")
     src, dst = tower.features.state_dict(), out.state_dict()
     pairs = list(zip(src, dst))
     if len(src) != len(dst) or any(src[a].shape != dst[b].shape or a.rsplit(".", 1)[1] != b.rsplit(".", 1)[1]

@@ -155,21 +155,11 @@ class Contrastive(Objective):
 
     def step(self, model, batch):
         f = paired_features(model, batch)
-        scales, biases = model.head_scales()
-        heads = len(scales)
-        # An ensemble (proj.heads > 1): each head's unit vector is a slice of the embedding times
-        # heads ** 0.5; each trains on its own loss and temperature. The logits kept for accuracy
-        # and hard negatives are the heads' mean.
-        vision, text = (x.unflatten(-1, (heads, -1)) * heads ** 0.5 for x in (f["vision"], f["text"]))
-        loss = logits = 0
-        for h in range(heads):
-            v, t = vision[:, h].contiguous(), text[:, h].contiguous()  # contiguous for the all-gather
-            if model.cfg.loss == "siglip":
-                loss_h, logits_h = losses.siglip_loss(v, t, scales[h], biases[h])
-            else:
-                loss_h, logits_h = losses.clip_loss(v, t, scales[h], local_loss=self.local_loss)
-            loss, logits = loss + loss_h / heads, logits + logits_h / heads
-        scale = scales.mean()
+        scale, bias = model.scale()
+        if model.cfg.loss == "siglip":
+            loss, logits = losses.siglip_loss(f["vision"], f["text"], scale, bias)
+        else:
+            loss, logits = losses.clip_loss(f["vision"], f["text"], scale, local_loss=self.local_loss)
         rank, _ = losses.world()
         b = logits.shape[0]
         local = logits[:, rank * b:(rank + 1) * b].detach()  # (B, B) this rank's block

@@ -33,13 +33,7 @@ TEXTS = ["a red circle", "two green stars and a blue square on a red field, twic
 
 def shipped_model_config(name: str) -> ModelConfig:
     """The ``model:`` section of a shipped config, without its pretrained files."""
-    data = yaml.safe_load(packaged_config(name).read_text())["model"]
-    # CNN-tower widening knobs and the projection ensemble leave the config in issue 19 (another
-    # branch); popping them keeps this the LiT architecture on either side of that change.
-    for key in ("hypercolumn_stages", "scales_px", "pyramid_stages", "pyramid_cells"):
-        data["vision"].pop(key, None)
-    data.get("proj", {}).pop("heads", None)
-    return build(ModelConfig, data)
+    return build(ModelConfig, yaml.safe_load(packaged_config(name).read_text())["model"])
 
 
 def save_run(tmp_path: Path, cfg: ModelConfig, bert_dir: Path | None = None) -> Path:

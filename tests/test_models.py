@@ -10,7 +10,6 @@ import dataclasses
 
 import pytest
 import torch
-import torch.nn.functional as F
 
 from mm.config import FusionConfig, LockConfig, ModelConfig, ProjectionConfig, TextConfig, VisionConfig
 from mm.models import build_model
@@ -218,70 +217,55 @@ def _calibrated_mobilenet_v2():
     return net.eval()
 
 
-def test_cnn_tower_hypercolumns_and_scales_join_pooled_maps_of_the_plain_trunk(tmp_path):
-    """vision.hypercolumn_stages / scales_px: the mean token is the named stage's global average,
-    then the plain trunk's, then those of the trunk run on the resized frames, concatenated; the
-    projection and fusion read the wider tokens. vision.pyramid_stages adds, to the pooled feature
-    only, those stages' 64 px maps averaged over 2x2 cells. Bad settings are refused."""
+def test_cnn_tower_tokens_are_the_plain_trunk_map(tmp_path):
+    """The CNN tower's tokens are the trunk's last map (positions, mean first), its pooled feature
+    is that map's global average (or max), and projection and fusion read them."""
     torch.manual_seed(0)
     ref = _calibrated_mobilenet_v2()
     torch.save(ref.state_dict(), tmp_path / "mnv2.pth")
     cnn = VisionConfig(image_px=64, torchvision_name="mobilenet_v2", pretrained_path=str(tmp_path / "mnv2.pth"),
-                       hypercolumn_stages=(13,), scales_px=(96,), max_frames=2)
+                       max_frames=2)
     model = build_model(dataclasses.replace(CFG, vision=cnn, fusion=FusionConfig(depth=1, heads=2)), 50).eval()
-    assert model.vision.width == model.vision.pooled_width == 2 * (96 + 1280) and model.vision.grid == (2, 2)
+    assert (model.vision.width, model.vision.grid) == (1280, (2, 2))
     img = torch.randn(3, 3, 64, 64)
-
-    def maps(x, upto, cells):  # the plain trunk's map after stage `upto`, pooled to cells x cells
-        with torch.no_grad():
-            return F.adaptive_avg_pool2d(ref.features[:upto + 1](x), cells)
-
-    def gap(x, upto):  # ... pooled to the 2x2 grid, then averaged
-        return maps(x, upto, 2).mean((2, 3))
-
-    big = F.interpolate(img, size=(96, 96), mode="bicubic", antialias=True, align_corners=False)
-    # 64 px: the last map is 2x2 and stage 13's 4x4, so those two parts are exact global averages;
-    # 96 px: 3x3 and 6x6 maps, pooled to 2x2 by overlapping windows
-    want = torch.cat([gap(img, 13), gap(img, 18), gap(big, 13), gap(big, 18)], 1)
     with torch.no_grad():
         tokens = model.vision_tokens(img[:, None])
-        pooled = model.vision.pool(tokens)
         plain = ref.features(img)
-    assert tokens.shape == (3, 1 + 4, 2752) and plain.mean((2, 3)).abs().mean() > 0.1  # not vanishing
-    torch.testing.assert_close(pooled, want, rtol=1e-4, atol=1e-5)
-    torch.testing.assert_close(pooled[:, 96:96 + 1280], plain.mean((2, 3)), rtol=1e-4, atol=1e-5)
-    torch.testing.assert_close(tokens[:, 1:, 96:96 + 1280], plain.flatten(2).transpose(1, 2), rtol=1e-4, atol=1e-4)
+    assert tokens.shape == (3, 1 + 4, 1280) and plain.mean((2, 3)).abs().mean() > 0.1  # not vanishing
+    torch.testing.assert_close(tokens[:, 1:], plain.flatten(2).transpose(1, 2), rtol=1e-4, atol=1e-4)
+    torch.testing.assert_close(model.vision.pool(tokens), plain.mean((2, 3)), rtol=1e-4, atol=1e-5)
+    maxed = build_model(dataclasses.replace(CFG, vision=dataclasses.replace(cnn, pool="max")), 50).eval()
+    with torch.no_grad():
+        torch.testing.assert_close(maxed.vision.pool(maxed.vision_tokens(img[:, None])), plain.amax((2, 3)),
+                                   rtol=1e-4, atol=1e-5)
     ids, mask = torch.randint(1, 50, (3, 6)), torch.ones(3, 6, dtype=torch.long)
     with torch.no_grad():
-        assert model.encode_image(img).shape == (3, 16)
+        assert model.encode_image(img).shape == model.encode_video(torch.stack([img, img], 1)).shape == (3, 16)
         assert model.fuse(model.text_tokens(ids, mask), mask, tokens).shape == (3, 6, 32)
 
-    # the pyramid: stage 13's 4x4 map, pooled to the 2x2 token grid, then to 2x2 cells (cell-major:
-    # cell 0's 96 channels first), then the last stage's 2x2 map as its own cells; frames averaged
-    pyr = dataclasses.replace(cnn, pyramid_stages=(18, 13))
-    model = build_model(dataclasses.replace(CFG, vision=pyr, fusion=FusionConfig(depth=1, heads=2)), 50).eval()
-    assert model.vision.width == 2752 and model.vision.pooled_width == 2752 + 4 * (96 + 1280)
-    two = torch.stack([img, img.flip(-1)], 1)  # (3, 2 frames, 3, 64, 64)
-    with torch.no_grad():
-        pooled = model.vision.pool(model.vision_tokens(two))
-        assert model.encode_video(two).shape == (3, 16) and model.encode_image(img).shape == (3, 16)
-    cell_major = [(maps(img, i, 2) + maps(img.flip(-1), i, 2)).flatten(2).transpose(1, 2).flatten(1) / 2
-                  for i in (13, 18)]
-    torch.testing.assert_close(pooled[:, 2752:], torch.cat(cell_major, 1), rtol=1e-4, atol=1e-5)
-    assert not torch.allclose(cell_major[0][:, :96], cell_major[0][:, 96:192], atol=1e-3)  # cells differ
 
-    with pytest.raises(ValueError, match="hypercolumn_stages"):
-        build_model(dataclasses.replace(CFG, vision=dataclasses.replace(cnn, hypercolumn_stages=(18,))), 50)
-    with pytest.raises(ValueError, match="pyramid_stages"):  # not a joined stage
-        build_model(dataclasses.replace(CFG, vision=dataclasses.replace(cnn, pyramid_stages=(12,))), 50)
-    with pytest.raises(ValueError, match="pyramid_cells 3 exceeds"):  # 3x3 cells of a 2x2 grid
-        build_model(dataclasses.replace(CFG, vision=dataclasses.replace(pyr, pyramid_cells=3)), 50)
-    with pytest.raises(ValueError, match="CNN tower"):
-        VisionConfig(hypercolumn_stages=(3,))
-    with pytest.raises(ValueError, match="CNN tower"):
-        VisionConfig(pyramid_stages=(3,))
-    with pytest.raises(ValueError, match="pyramid_cells"):
-        VisionConfig(torchvision_name="mobilenet_v2", pyramid_stages=(18,), pyramid_cells=1)
+def test_removed_knobs_load_when_off_and_are_refused_by_name_otherwise():
+    """vision.hypercolumn_stages / scales_px / pyramid_stages / pyramid_cells and proj.heads left
+    the config (issue 19). A config.json saved before then carries them at their "off" values and
+    still loads; one that used them, or a YAML/--set naming them, is refused in one line naming the key."""
+    from core.config import ConfigError, load_config
+    from mm.config import from_json, to_json
+    from mm.train import PretrainConfig
+
+    old = to_json(CFG)
+    old["vision"].update(hypercolumn_stages=[], scales_px=[], pyramid_stages=[], pyramid_cells=2)
+    old["proj"]["heads"] = 1
+    assert from_json(old) == CFG
+    for section, key, value in [("vision", "hypercolumn_stages", [13]), ("vision", "scales_px", [224]),
+                                ("vision", "pyramid_stages", [13]), ("proj", "heads", 3)]:
+        used = to_json(CFG)
+        used[section][key] = value
+        with pytest.raises(ConfigError, match=rf"^model\.{section}\.{key}=.*removed") as e:
+            from_json(used)
+        assert "\n" not in str(e.value)
+    for override in ("model.vision.scales_px=[224]", "model.proj.heads=3"):
+        with pytest.raises(ConfigError, match=f"unknown config key '{override.split('=')[0]}'"):
+            load_config(PretrainConfig, None, [override])
 
 
 def test_pretrained_towers_round_trip_through_a_checkpoint_without_their_files(tmp_path):

@@ -231,10 +231,7 @@ def _toy_pretrained(tmp_path: Path, corpus: Path) -> tuple[torch.nn.Module, list
               add_pooling_layer=False).save_pretrained(tmp_path / "bert")
     return cnn, ["model.vision.torchvision_name=mobilenet_v2", f"model.vision.pretrained_path={tmp_path / 'cnn.pth'}",
                  f"model.text.pretrained_path={tmp_path / 'bert'}", "model.lock.vision=true",
-                 "model.lock.text=true",
-                 # the config's frame and second input sizes at toy scale: 64 px frames give the
-                 # 2x2 grid that its 2x2 pyramid cells need (32 px would give 1x1)
-                 "model.vision.image_px=64", "model.vision.scales_px=[96]"]
+                 "model.lock.text=true", "model.vision.image_px=64"]  # the config's 160 px at toy scale
 
 
 def test_lit_locked_pretrained_towers_train_only_the_heads(ray_session, tmp_path):
@@ -260,9 +257,7 @@ def test_lit_locked_pretrained_towers_train_only_the_heads(ray_session, tmp_path
              if k.startswith("vision.features.")}
     assert saved.keys() == {k.removeprefix("features.") for k in ref if k.startswith("features.")}
     assert all(torch.equal(v, ref[f"features.{k}"]) for k, v in saved.items()), "a locked tower changed"
-    assert model.encode_image(torch.zeros(2, 3, 64, 64)).shape == (2, model.cfg.embed_width)  # 3 pairs x 32
-    with pytest.raises(ValueError, match="needs frames of 64 px"):  # the pyramid's cells need its grid
-        model.encode_image(torch.zeros(2, 3, 32, 32))
+    assert model.encode_image(torch.zeros(2, 3, 64, 64)).shape == (2, model.cfg.embed_dim)
 
 
 def test_frozen_features_are_the_towers_output_computed_once(ray_session, tmp_path):
@@ -377,7 +372,6 @@ def test_a_run_continues_and_seeds_another_without_its_pretrained_files(ray_sess
 
     corpus = make_corpus(tmp_path / "img", n=48, seed=7)
     _, towers = _toy_pretrained(tmp_path, corpus)
-    towers = [t for t in towers if not t.startswith("model.vision.scales_px")]
     run = tmp_path / "run"
     base = [*towers, "train.frozen_features=false", "train.checkpoint_every_steps=2"]
     fit(_cfg([*base, "train.max_steps=2"], path="configs/lit_emoji.yaml"), [str(corpus)], str(run))

@@ -16,8 +16,6 @@ Tested in tests/test_models.py.
 
 from __future__ import annotations
 
-import dataclasses
-
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -29,27 +27,8 @@ from mm.models.text import TextTower
 from mm.models.vision import build_vision_tower
 
 
-class ProjectionEnsemble(nn.Module):
-    """``len(heads)`` projections of one feature: their L2-normalised outputs concatenated and
-    scaled by ``len(heads) ** -0.5``. The result is a unit vector whose dot product with another
-    is the mean of the heads' cosine similarities, the score of an ensemble (Lakshminarayanan et
-    al. 2017) of independently initialised heads; ``Contrastive`` trains each head with its own
-    loss and temperature (``VLModel.head_scales``), so the heads stay independent models."""
-
-    def __init__(self, heads: list[nn.Module]) -> None:
-        super().__init__()
-        self.heads = nn.ModuleList(heads)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return torch.cat([F.normalize(h(x), dim=-1) for h in self.heads], -1) * len(self.heads) ** -0.5
-
-
 def projection(width: int, embed_dim: int, kind: str, cfg: ProjectionConfig) -> nn.Module:
-    """CLIP's linear projection (no bias, Radford et al. 2021) or the MLP of ``ProjectionConfig``;
-    ``cfg.heads`` > 1 gives a ``ProjectionEnsemble`` of that many."""
-    if cfg.heads > 1:
-        return ProjectionEnsemble([projection(width, embed_dim, kind, dataclasses.replace(cfg, heads=1))
-                                   for _ in range(cfg.heads)])
+    """CLIP's linear projection (no bias, Radford et al. 2021) or the MLP of ``ProjectionConfig``."""
     if kind == "linear":
         proj = nn.Linear(width, embed_dim, bias=False)
         nn.init.normal_(proj.weight, std=width ** -0.5)
@@ -69,15 +48,14 @@ class VLModel(nn.Module):
         self.vocab_size = vocab_size
         self.vision = build_vision_tower(cfg.vision)
         self.text = TextTower(cfg.text, vocab_size, text_hf_config)
-        self.vision_proj = projection(self.vision.pooled_width, cfg.embed_dim, cfg.proj.vision, cfg.proj)
+        self.vision_proj = projection(self.vision.width, cfg.embed_dim, cfg.proj.vision, cfg.proj)
         self.text_proj = projection(self.text.width, cfg.embed_dim, cfg.proj.text, cfg.proj)
-        # One per projection head (``proj.heads``), shape (heads,) and never 0-d: FSDP2's
-        # fully_shard refuses 0-d parameters. ``scale()`` returns their means as scalars.
-        self.logit_scale = nn.Parameter(torch.full((cfg.proj.heads,), cfg.init_logit_scale()))
+        # Shape (1,), not a scalar: FSDP2's fully_shard refuses 0-d parameters. ``scale()`` returns
+        # them as scalars.
+        self.logit_scale = nn.Parameter(torch.tensor([cfg.init_logit_scale()]))
         # Only SigLIP trains a bias; for CLIP it stays a frozen 0 (DDP needs every trainable
         # parameter to get a gradient).
-        self.logit_bias = nn.Parameter(torch.full((cfg.proj.heads,), cfg.init_logit_bias()),
-                                       requires_grad=cfg.loss == "siglip")
+        self.logit_bias = nn.Parameter(torch.tensor([cfg.init_logit_bias()]), requires_grad=cfg.loss == "siglip")
         self.fusion = FusionEncoder(cfg.fusion, self.text.width, self.vision.width) if cfg.fusion.depth else None
         self.decoder = CaptionDecoder(cfg.decoder, self.vision.width, vocab_size) if cfg.decoder.layers else None
 
@@ -134,15 +112,9 @@ class VLModel(nn.Module):
         """(B, L) -> (B, D), L2-normalised."""
         return self.project_text(self.text_tokens(input_ids, attention_mask), attention_mask)
 
-    def head_scales(self) -> tuple[torch.Tensor, torch.Tensor]:
-        """(heads,) exp(logit_scale) clamped at exp(logit_scale_max) (CLIP clamps at 100), and
-        the biases: each projection head's own, for its loss."""
-        return self.logit_scale.clamp(max=self.cfg.logit_scale_max).exp(), self.logit_bias
-
     def scale(self) -> tuple[torch.Tensor, torch.Tensor]:
-        """The scale and bias as scalars, for logits of the (ensemble's) cosine: the heads' means."""
-        scale, bias = self.head_scales()
-        return scale.mean(), bias.mean()
+        """exp(logit_scale) clamped at exp(logit_scale_max) (CLIP clamps at 100), and the bias."""
+        return self.logit_scale.clamp(max=self.cfg.logit_scale_max).exp().squeeze(0), self.logit_bias.squeeze(0)
 
     def forward(self, pixels: torch.Tensor, input_ids: torch.Tensor, attention_mask: torch.Tensor):
         """Both embeddings and the scale, for callers that want CLIP's ``model(image, text)``."""

@@ -26,7 +26,6 @@ from __future__ import annotations
 
 import timm
 import torch
-import torch.nn.functional as F
 from timm.layers import Attention, DropPath
 from torch import nn
 from torch.utils.checkpoint import checkpoint
@@ -101,7 +100,6 @@ class VisionTower(nn.Module):
         if getattr(self.vit, "reg_token", None) is not None or getattr(self.vit, "cls_token", None) is None:
             raise ValueError("vision tower needs a ViT with a class token and no register tokens")
         self.width = self.vit.embed_dim
-        self.pooled_width = self.width  # pool()'s output
         self.patch_px = self.vit.patch_embed.patch_size[0]
         self.grid = self.vit.patch_embed.grid_size  # (H/p, W/p)
         self.num_patches = self.grid[0] * self.grid[1]
@@ -200,12 +198,7 @@ class CNNTower(nn.Module):
     Frames are encoded independently; the tokens are the positions of the last feature map
     (B, 1 + T*h*w, C) with their mean first, so pooling, fusion cross-attention and evaluation
     see the ViT tower's layout. ``blocks`` are the trunk's stages, for locking and last-N
-    fine-tunes. ``vision.hypercolumn_stages`` and ``vision.scales_px`` widen every position with
-    earlier stages' and other input sizes' maps pooled to the last grid (``feature_map``); the mean
-    token is then each map's global average, concatenated (exactly so where a map's grid is a
-    multiple of the last one's, approximately where adaptive pooling windows overlap).
-    ``vision.pyramid_stages`` widens only the pooled feature (``pooled_width``) with those stages'
-    channels averaged over a grid of cells (a spatial pyramid's second level).
+    fine-tunes.
     """
 
     supports_masking = False
@@ -225,33 +218,14 @@ class CNNTower(nn.Module):
             raise ValueError(f"torchvision model {cfg.torchvision_name!r} has no `features` trunk "
                              "(MobileNet, EfficientNet, ConvNeXt, VGG and DenseNet have one)")
         self.features = features  # the classifier is dropped
-        last = len(features) - 1
-        bad = [i for i in cfg.hypercolumn_stages if not 0 <= i < last]
-        if bad or len(set(cfg.hypercolumn_stages)) != len(cfg.hypercolumn_stages):
-            raise ValueError(f"hypercolumn_stages {list(cfg.hypercolumn_stages)}: distinct indices of "
-                             f"{cfg.torchvision_name}'s earlier trunk stages, 0..{last - 1}")
-        self._stages = frozenset(cfg.hypercolumn_stages)
-        joined = sorted(self._stages) + [last]  # the maps at image_px, in feature_map's channel order
-        bad = [i for i in cfg.pyramid_stages if i not in joined]
-        if bad or len(set(cfg.pyramid_stages)) != len(cfg.pyramid_stages):
-            raise ValueError(f"pyramid_stages {list(cfg.pyramid_stages)}: distinct stages among the "
-                             f"hypercolumn stages and the last one, {joined}")
         self.grad_checkpointing = False
         with torch.no_grad():
             self.features.eval()  # the shape probe must not touch BatchNorm statistics
-            probe = torch.zeros(1, 3, cfg.image_px, cfg.image_px)
-            fmap = self.feature_map(probe)
-            widths = [m.shape[1] for m in self._trunk(probe)]
+            fmap = self.feature_map(torch.zeros(1, 3, cfg.image_px, cfg.image_px))
         self.width = fmap.shape[1]
         self.grid = tuple(fmap.shape[2:])
         self.num_patches = self.grid[0] * self.grid[1]
         self.patch_px = cfg.image_px // self.grid[0]  # the trunk's total stride
-        if cfg.pyramid_stages and min(self.grid) < cfg.pyramid_cells:
-            raise ValueError(f"pyramid_cells {cfg.pyramid_cells} exceeds the {self.grid} grid of "
-                             f"{cfg.image_px} px frames")
-        starts = [sum(widths[:j]) for j in range(len(widths))]
-        self._pyramid = [(starts[joined.index(i)], widths[joined.index(i)]) for i in sorted(cfg.pyramid_stages)]
-        self.pooled_width = self.width + cfg.pyramid_cells ** 2 * sum(w for _, w in self._pyramid)
         self._norms = _batch_norms(self.features)
 
     @property
@@ -276,49 +250,17 @@ class CNNTower(nn.Module):
         return torch.cat([x.mean(1, keepdim=True), x], dim=1)
 
     def feature_map(self, x: torch.Tensor) -> torch.Tensor:
-        """(N, 3, H, W) at image_px -> (N, C, h, w): the last stage's map, with the
-        ``hypercolumn_stages`` and the ``scales_px`` maps average-pooled to its grid and
-        concatenated on the channels (just the last map when neither is set)."""
-        maps = self._trunk(x)
-        for px in self.cfg.scales_px:
-            maps += self._trunk(F.interpolate(x, size=(px, px), mode="bicubic", antialias=True,
-                                              align_corners=False))
-        if len(maps) == 1:
-            return maps[0]
-        grid = maps[len(self._stages)].shape[-2:]  # the last stage at image_px
-        return torch.cat([m if m.shape[-2:] == grid else F.adaptive_avg_pool2d(m, grid) for m in maps], 1)
-
-    def _trunk(self, x: torch.Tensor) -> list[torch.Tensor]:
-        """The hypercolumn stages' outputs in trunk order, then the last stage's."""
-        maps = []
-        for i, stage in enumerate(self.features):
+        """(N, 3, H, W) -> (N, C, h, w): the trunk's last map."""
+        for stage in self.features:
             if self.grad_checkpointing and self.training and torch.is_grad_enabled():
                 x = checkpoint(stage, x, use_reentrant=False)
             else:
                 x = stage(x)
-            if i in self._stages:
-                maps.append(x)
-        return [*maps, x]
+        return x
 
     def pool(self, tokens: torch.Tensor) -> torch.Tensor:
-        """(B, 1 + T*h*w, C) -> (B, pooled_width). token and avg: global average pooling; max:
-        global max pooling; then, with ``pyramid_stages``, each such stage's channels averaged over
-        a pyramid_cells² grid of the positions (and over the frames), cell-major per stage."""
-        pooled = tokens[:, 1:].amax(1) if self.cfg.pool == "max" else tokens[:, 0]
-        if not self._pyramid:
-            return pooled
-        b, (h, w) = tokens.shape[0], self.grid
-        if (tokens.shape[1] - 1) % (h * w):
-            raise ValueError(f"the spatial pyramid (vision.pyramid_stages) needs frames of "
-                             f"{self.cfg.image_px} px, the {h}x{w} grid it was built for; got "
-                             f"{tokens.shape[1] - 1} positions")
-        x = tokens[:, 1:].reshape(b, -1, h, w, self.width)  # (B, T, h, w, C)
-        cells = []
-        for start, width in self._pyramid:
-            m = x[..., start:start + width].flatten(0, 1).permute(0, 3, 1, 2)  # (B*T, c, h, w)
-            m = F.adaptive_avg_pool2d(m, self.cfg.pyramid_cells).reshape(b, -1, width, self.cfg.pyramid_cells ** 2)
-            cells.append(m.mean(1).transpose(1, 2).flatten(1))  # (B, cells² * c)
-        return torch.cat([pooled, *cells], 1)
+        """(B, 1 + T*h*w, C) -> (B, C). token and avg: global average pooling; max: global max pooling."""
+        return tokens[:, 1:].amax(1) if self.cfg.pool == "max" else tokens[:, 0]
 
     def patchify(self, frames: torch.Tensor) -> torch.Tensor:
         raise ValueError("masked image modelling needs a ViT tower")
