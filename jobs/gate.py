@@ -16,11 +16,14 @@ Tested in tests/test_refresh.py (the decisions, and the three-refresh story).
 from __future__ import annotations
 
 import json
+import os
+import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Literal
 
 from core import lineage as L
+from core.storage import is_local, join, write_bytes
 from jobs.stages import StageFailed, stage_errors
 
 
@@ -33,22 +36,30 @@ class GateConfig:
     tolerance: float = 0.02                    # absolute: promote if new >= current - tolerance
 
 
-def _evaluate(run: Path, heldout: Path, eval_cfg, task: str) -> dict:
-    """``task``'s evaluation of ``run`` on ``heldout``, cached per held-out version (Ray is up)."""
+def _evaluate(run: str | os.PathLike, heldout: str | os.PathLike, eval_cfg, task: str) -> dict:
+    """``task``'s evaluation of ``run`` on ``heldout``, cached per held-out version (Ray is up).
+    A run on an object store is evaluated through a local view of its model (jobs/evaluate.py)
+    and its ``heldout/`` files are put beside it on the store."""
+    from jobs.evaluate import local_run_view
     from mm.evaluate import evaluate_run, write_eval
     from mm.report import write_report
 
-    out = run / "heldout" / "eval.json"
+    out = join(run, "heldout", "eval.json")
     ref = L.manifest_ref(heldout)
     cached = L.read_json(out)
     if isinstance(cached, dict) and cached.get("heldout_manifest_sha256") == ref["manifest_sha256"]:
         return cached
-    with stage_errors(f"evaluate of {run}"):
-        result = evaluate_run(run, heldout, eval_cfg, tasks=(task,))
-    write_report(write_eval(result, out).parent, eval_path=out)
-    result = json.loads(out.read_text())
-    result["heldout_manifest_sha256"] = ref["manifest_sha256"]
-    L.write_json_atomic(out, result)
+    with tempfile.TemporaryDirectory(prefix="mm-gate-") as scratch:
+        local_out = Path(out) if is_local(out) else Path(scratch) / "heldout" / "eval.json"
+        with stage_errors(f"evaluate of {run}"):
+            result = evaluate_run(local_run_view(str(run), Path(scratch)), str(heldout), eval_cfg, tasks=(task,))
+        write_report(write_eval(result, local_out).parent, eval_path=local_out)
+        result = json.loads(local_out.read_text())
+        result["heldout_manifest_sha256"] = ref["manifest_sha256"]
+        L.write_json_atomic(local_out, result)
+        if not is_local(out):
+            for f in sorted(local_out.parent.iterdir()):
+                write_bytes(join(run, "heldout", f.name), f.read_bytes())
     return result
 
 
@@ -57,10 +68,10 @@ def metric_name(gate: GateConfig, modality: str) -> str:
     return gate.metric.replace("{media}", "video" if modality == "video" else "image")
 
 
-def heldout_metric(run: Path, heldout: Path, eval_cfg, gate: GateConfig) -> float:
-    """The gate metric of ``run`` on the held-out set."""
+def heldout_metric(run: str | os.PathLike, heldout: str | os.PathLike, eval_cfg, gate: GateConfig) -> float:
+    """The gate metric of ``run`` (a path or URI) on the held-out set."""
     result = _evaluate(run, heldout, eval_cfg, gate.task)
-    modality = (L.read_json(heldout / "stats.json") or {}).get("modality", "image")
+    modality = (L.read_json(join(heldout, "stats.json")) or {}).get("modality", "image")
     name = metric_name(gate, modality)
     try:
         return float(result["metrics"][gate.task][name])

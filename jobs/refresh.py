@@ -3,18 +3,25 @@
     mm refresh --config configs/refresh.yaml [--set train.max_steps=50 ...] [--address ADDR]
     python -m jobs.refresh ...     # the same, for `ray job submit --submission-id refresh-<date>`
 
-One run, under a lock in storage (``CORPUS/_refresh.lock``; a second run exits at once, code 3):
+Every root (``storage.corpus_root``, ``models_root``, ``reports_root``) and every source may be a
+local path or a URI (``s3://``, ``gs://``: pyarrow.fs through core.storage); on an object store
+the refresh needs no shared POSIX filesystem.
+
+One run, under a lock in storage (``CORPUS/_refresh.lock``: an ``O_EXCL`` file locally, an object
+created with ``If-None-Match: *`` on S3, core.storage.StorageLock; a second run exits at once,
+code 3, with one line naming the holder):
 
 1. **discover** the inputs (tar shards, manifests, folders) under ``sources`` that the ledger
    ``CORPUS/_ledger.parquet`` does not hold yet, or holds with another checksum
    (pipelines/ledger.py). Nothing new: the run stops here (no curation, no training) and says so.
 2. **curate** the new and changed inputs (the corpus tokenizer once one exists) into a staging
-   dir, then dedup them against the *whole existing corpus* through the index
-   ``CORPUS/_index/*.parquet`` (pipelines/incremental.py): cross-snapshot duplicates move from
+   dir, then dedup them against the *whole existing corpus* through the banded index
+   ``CORPUS/_index/`` (pipelines/incremental.py: only the new rows are banded, joined on the
+   stored band keys, and verified against the stored rows they meet): cross-snapshot duplicates move from
    ``data/`` to ``rejects/cross_snapshot.parquet`` and ``stats.json`` is corrected so the
    invariant still holds. The fixed held-out set (``heldout_sources``) is curated once into
    ``CORPUS/heldout``.
-3. **commit**: the snapshot's index rows are written, the staging dir is renamed to
+3. **commit**: the snapshot's index rows and bands are written, the staging dir is moved to
    ``CORPUS/snapshot=YYYYMMDDTHHMM/`` (a partition, readable with
    ``ray.data.read_parquet("CORPUS/snapshot=*/data")``) and the ledger gains its inputs.
 4. **train**: continue pretraining from the promoted model (``MODELS/current``; from scratch the
@@ -23,7 +30,8 @@ One run, under a lock in storage (``CORPUS/_refresh.lock``; a second run exits a
 5. **evaluate** the candidate (and the promoted model, once per held-out version) on the held-out
    set; **promote** (``MODELS/current`` swapped atomically) only if ``gate.metric`` is no worse
    than the promoted model's by more than ``gate.tolerance``; otherwise keep it and say why
-   (jobs/gate.py).
+   (jobs/gate.py). ``MODELS/current`` is a symlink locally and the object ``MODELS/current.json``
+   (``{"target": RUN}``, one PUT) on an object store (core.storage.write_pointer).
 6. **report**: ``REPORTS/refresh-<id>.json``, and a summary line on stdout.
 
 Each stage runs the library function its own command runs (``run_curate``, ``fit``,
@@ -46,7 +54,6 @@ import contextlib
 import functools
 import json
 import logging
-import shutil
 import sys
 import time
 from collections.abc import Sequence
@@ -56,7 +63,8 @@ from typing import Literal
 
 from core import lineage as L
 from core.config import load_config, to_dict
-from jobs.cli import UsageError, add_common, run
+from core.storage import exists, is_local, join, local_dir, move, read_bytes, remove, resolve
+from jobs.cli import UsageError, add_common, check_out_dir, run
 from jobs.gate import GateConfig, decide, heldout_metric, metric_name
 from jobs.stages import StageConfig, StageFailed, load_stage_config, stage_errors
 
@@ -109,10 +117,10 @@ class Refresh:
         self.cfg = cfg
         self.address = address
         self.lock = lock  # checked before every step
-        self.corpus = Path(cfg.storage.corpus_root).resolve()
-        self.models = Path(cfg.storage.models_root).resolve()
-        self.reports = Path(cfg.storage.reports_root).resolve()
-        self.state_path = self.corpus / "_refresh_state.json"
+        self.corpus = _root(cfg.storage.corpus_root)
+        self.models = _root(cfg.storage.models_root)
+        self.reports = _root(cfg.storage.reports_root)
+        self.state_path = join(self.corpus, "_refresh_state.json")
         self.argv_config = argv_config
         self.state: dict = {}
 
@@ -155,7 +163,7 @@ class Refresh:
         t = time.time()
         while True:
             sid = time.strftime("%Y%m%dT%H%M", time.gmtime(t))
-            if not (self.corpus / f"snapshot={sid}").exists() and not (self.reports / f"refresh-{sid}.json").exists():
+            if not exists(join(self.corpus, f"snapshot={sid}")) and not exists(join(self.reports, f"refresh-{sid}.json")):
                 return sid
             t += 60
 
@@ -170,20 +178,28 @@ class Refresh:
         return self.state["snapshot"]
 
     @property
-    def snapshot_dir(self) -> Path:
-        return self.corpus / f"snapshot={self.sid}"
+    def snapshot_dir(self) -> str:
+        return join(self.corpus, f"snapshot={self.sid}")
 
     @property
-    def staging(self) -> Path:
-        return self.corpus / "_staging" / f"snapshot={self.sid}"
+    def staging(self) -> str:
+        return join(self.corpus, "_staging", f"snapshot={self.sid}")
 
     @property
-    def run_dir(self) -> Path:
-        return self.models / f"run-{self.sid}"
+    def run_dir(self) -> str:
+        return join(self.models, f"run-{self.sid}")
 
     @property
-    def index_dir(self) -> Path:
-        return self.corpus / "_index"
+    def index_dir(self) -> str:
+        return join(self.corpus, "_index")
+
+    @property
+    def tokenizer_dir(self) -> str:
+        return join(self.corpus, "tokenizer")
+
+    def has_tokenizer(self) -> bool:
+        """The corpus tokenizer is complete (its copy is made under a temp name, then moved)."""
+        return exists(self.tokenizer_dir) and not exists(join(self.corpus, ".tokenizer.tmp"))
 
     # -- driver ------------------------------------------------------------------------------
     def run(self) -> dict:
@@ -230,7 +246,7 @@ class Refresh:
 
     def _with_tokenizer(self, cfg, **output):
         """The curate config with the corpus tokenizer (and ``output`` fields) put in."""
-        cfg = replace(cfg, tokenizer=replace(cfg.tokenizer, path=str(self.corpus / "tokenizer")))
+        cfg = replace(cfg, tokenizer=replace(cfg.tokenizer, path=local_dir(self.tokenizer_dir)))
         return replace(cfg, output=replace(cfg.output, **output)) if output else cfg
 
     def step_curate(self) -> dict:
@@ -238,17 +254,24 @@ class Refresh:
 
         d = self.state["steps"]["discover"]
         uris = [r["uri"] for r in d["new"] + d["changed"]]
-        tok = self.corpus / "tokenizer"
-        cfg = self._with_tokenizer(self.curate_config) if tok.is_dir() else self.curate_config
-        shutil.rmtree(self.staging, ignore_errors=True)
+        has_tok = self.has_tokenizer()
+        cfg = self._with_tokenizer(self.curate_config) if has_tok else self.curate_config
+        _remove(self.staging)
         with stage_errors(f"curate of {self.staging}"):
             curate_snapshot(uris, self.staging, cfg)
-        if not tok.is_dir():  # the first snapshot's tokenizer becomes the corpus tokenizer
-            shutil.copytree(self.staging / "tokenizer", tok.with_name(".tokenizer.tmp"), dirs_exist_ok=True)
-            tok.with_name(".tokenizer.tmp").rename(tok)
+        if not has_tok:  # the first snapshot's tokenizer becomes the corpus tokenizer
+            import pyarrow.fs as pafs
+
+            fs, tok, _ = resolve(self.tokenizer_dir)
+            tmp = resolve(join(self.corpus, ".tokenizer.tmp"))[1]
+            remove(fs, tok)
+            remove(fs, tmp)
+            pafs.copy_files(resolve(join(self.staging, "tokenizer"))[1], tmp, source_filesystem=fs,
+                            destination_filesystem=fs)
+            move(fs, tmp, tok)
         self.ensure_heldout()
         dups = dedup_against_index(self.staging, self.index_dir, self.sid, self.cfg.modality, cfg.dedup)
-        st = json.loads((self.staging / "stats.json").read_text())
+        st = L.read_json(join(self.staging, "stats.json"))
         log.info("curated %d inputs into snapshot=%s: %d kept; cross-snapshot %s", st["inputs"], self.sid,
                  st["kept"], dups)
         return {"inputs": st["inputs"], "kept": st["kept"], "rejected": st["rejected"],
@@ -260,7 +283,7 @@ class Refresh:
             return
         from pipelines.incremental import HELDOUT, curate_snapshot, index_snapshot
 
-        out = self.corpus / "heldout"
+        out = join(self.corpus, "heldout")
         key = L.stage_key("heldout", L.source_refs(self.cfg.heldout_sources), {"curate": to_dict(self.curate_config)})
         plan = L.plan_stage(out, key)
         if plan.action != "skip":
@@ -268,23 +291,29 @@ class Refresh:
             with stage_errors(f"curate of {out}"):
                 curate_snapshot(list(self.cfg.heldout_sources), out,
                                 self._with_tokenizer(self.curate_config, val_fraction=0.0))
-            index_snapshot(out, self.index_dir, HELDOUT, self.cfg.modality)
+            index_snapshot(out, self.index_dir, HELDOUT, self.cfg.modality, self.curate_config.dedup)
             L.stamp(out, L.lineage_record("heldout", key, L.source_refs(self.cfg.heldout_sources), {}))
 
     def step_commit(self) -> dict:
+        from pipelines.curate import WORK_ROWS_DIR
         from pipelines.incremental import index_snapshot
         from pipelines.ledger import write_ledger_rows
 
-        if self.staging.exists():
-            index_snapshot(self.staging, self.index_dir, self.sid, self.cfg.modality)
+        if exists(self.staging):
+            if exists(join(self.staging, WORK_ROWS_DIR)):  # else indexed by an attempt that stopped later
+                index_snapshot(self.staging, self.index_dir, self.sid, self.cfg.modality, self.curate_config.dedup)
             d = self.state["steps"]["discover"]
             inputs = [{"uri": r["uri"], "size": r["size"], "checksum": r["checksum"]} for r in d["new"] + d["changed"]]
             L.stamp(self.staging, L.lineage_record("curate", L.sha256_json(inputs), inputs,
                                                    {"curate": to_dict(self.curate_config)}, {"snapshot": self.sid}))
-            self.staging.rename(self.snapshot_dir)
-            with contextlib.suppress(OSError):
-                self.staging.parent.rmdir()  # _staging/ when no other staging dir is left
-        elif not self.snapshot_dir.is_dir():
+            fs, staging, _ = resolve(self.staging)
+            snapshot = resolve(self.snapshot_dir)[1]
+            remove(fs, snapshot)  # a move an earlier attempt left half done (object stores copy, then delete)
+            move(fs, staging, snapshot)
+            if is_local(self.corpus):
+                with contextlib.suppress(OSError):
+                    Path(staging).parent.rmdir()  # _staging/ when no other staging dir is left
+        elif not exists(self.snapshot_dir):
             raise StageFailed(f"neither {self.staging} nor {self.snapshot_dir} exists; rerun after removing "
                               f"{self.state_path} to start over")
         d = self.state["steps"]["discover"]
@@ -297,7 +326,7 @@ class Refresh:
         from mm.train import fit
         from pipelines.incremental import replay_mix
 
-        init = L.read_pointer(self.models / "current")
+        init = L.read_pointer(join(self.models, "current"))
         corpora, weights = replay_mix(self.corpus, self.snapshot_dir, self.cfg.train.replay_ratio)
         base = self.pretrain_config
         cfg = replace(base, train=replace(base.train, max_steps=self.cfg.train.max_steps),
@@ -309,29 +338,30 @@ class Refresh:
         if plan.action != "skip":
             L.begin_stage(self.run_dir, key, plan)
             with stage_errors("pretrain"):
-                fit(cfg, [str(c) for c in corpora], str(self.run_dir), init=str(init) if init else None)
+                fit(cfg, corpora, self.run_dir, init=str(init) if init else None)
             L.stamp(self.run_dir, L.lineage_record("pretrain", key, inputs, config))
-        lines = [json.loads(x) for x in (self.run_dir / "metrics.jsonl").read_text().splitlines() if x.strip()]
+        metrics = (read_bytes(join(self.run_dir, "metrics.jsonl")) or b"").decode()
+        lines = [json.loads(x) for x in metrics.splitlines() if x.strip()]
         return {"run_dir": str(self.run_dir), "init": str(init) if init else None, "plan": plan.action,
-                "corpora": [str(c) for c in corpora], "mix_weights": weights,
+                "corpora": corpora, "mix_weights": weights,
                 "steps": lines[-1]["step"] if lines else 0}
 
     def step_evaluate(self) -> dict:
         if not self.cfg.heldout_sources:
             raise StageFailed("heldout_sources is empty: a refresh needs a fixed held-out set to gate on")
-        heldout, cur_run = self.corpus / "heldout", self.state["steps"]["train"]["init"]
+        heldout, cur_run = join(self.corpus, "heldout"), self.state["steps"]["train"]["init"]
         cand = heldout_metric(self.run_dir, heldout, self.evaluate_config, self.cfg.gate)
-        cur = heldout_metric(Path(cur_run), heldout, self.evaluate_config, self.cfg.gate) if cur_run else None
+        cur = heldout_metric(cur_run, heldout, self.evaluate_config, self.cfg.gate) if cur_run else None
         return {"candidate": cand, "current": cur, "current_run": cur_run}
 
     def step_decide(self) -> dict:
         e = self.state["steps"]["evaluate"]
-        modality = (L.read_json(self.corpus / "heldout" / "stats.json") or {}).get("modality", "image")
+        modality = (L.read_json(join(self.corpus, "heldout", "stats.json")) or {}).get("modality", "image")
         gate = replace(self.cfg.gate, metric=metric_name(self.cfg.gate, modality))
         action, why = decide(e["candidate"], e["current"], e["current_run"], gate)
         if action == "promoted":
-            L.write_pointer(self.models / "current", self.run_dir)
-        return {"action": action, "why": why, "current": str(L.read_pointer(self.models / "current"))}
+            L.write_pointer(join(self.models, "current"), self.run_dir)
+        return {"action": action, "why": why, "current": str(L.read_pointer(join(self.models, "current")))}
 
     def finish(self) -> dict:
         s = self.state["steps"]
@@ -342,9 +372,19 @@ class Refresh:
                   "started_at": self.state["started_at"], "finished_at": L.now_utc(),
                   "resumed": self.state.get("resumed", 0), "decision": decision, "steps": s,
                   "config": self.state["config"], "code_version": L.code_version()}
-        L.write_json_atomic(self.reports / f"refresh-{rid}.json", report)
-        self.state_path.unlink(missing_ok=True)
+        L.write_json_atomic(join(self.reports, f"refresh-{rid}.json"), report)
+        _remove(self.state_path)
         return report
+
+
+def _root(path: str) -> str:
+    """A storage root as the refresh names it: an absolute local path, or the URI as given."""
+    return resolve(path)[1] if is_local(path) else str(path).rstrip("/")
+
+
+def _remove(path: str) -> None:
+    fs, p, _ = resolve(path)
+    remove(fs, p)
 
 
 def summarize(report: dict) -> str:
@@ -385,22 +425,29 @@ def check_config(cfg: RefreshConfig) -> None:
         expand_sources(list(cfg.heldout_sources))
     except ValueError as e:
         raise UsageError(f"heldout_sources: {e}") from None
-    for root in (cfg.storage.corpus_root, cfg.storage.models_root, cfg.storage.reports_root):
-        if Path(root).exists() and not Path(root).is_dir():
-            raise UsageError(f"{root} is a file, expected a directory")
+    for name in ("corpus_root", "models_root", "reports_root"):
+        try:
+            check_out_dir(getattr(cfg.storage, name))
+        except UsageError as e:  # its message names --out
+            raise UsageError(str(e).replace("--out ", f"storage.{name} ", 1)) from None
 
 
 def _main(args: argparse.Namespace) -> int:
     cfg = load_config(RefreshConfig, args.config, args.overrides)
     check_config(cfg)
-    corpus = Path(cfg.storage.corpus_root)
-    corpus.mkdir(parents=True, exist_ok=True)
+    corpus = _root(cfg.storage.corpus_root)
+    if is_local(corpus):
+        Path(corpus).mkdir(parents=True, exist_ok=True)
     try:
-        lock = L.StorageLock(corpus / "_refresh.lock", owner="mm refresh", stale_after_s=cfg.lock_stale_after_s)
+        lock = L.StorageLock(join(corpus, "_refresh.lock"), owner="mm refresh", stale_after_s=cfg.lock_stale_after_s)
         lock.acquire()
+    except ValueError as e:  # a store whose lock is not supported (gs://)
+        raise UsageError(f"storage.corpus_root: {e}") from None
     except L.LockHeld as e:
         print(f"refresh: {e}; this run exits without changing anything", file=sys.stderr)
         return EXIT_LOCKED
+    except OSError as e:  # credentials, a missing bucket, an unreachable endpoint: nothing was changed
+        raise UsageError(f"storage.corpus_root {corpus}: {str(e).splitlines()[0]}") from None
     try:
         report = Refresh(cfg, {"file": args.config, "overrides": list(args.overrides), "resolved": to_dict(cfg)},
                          address=args.address, lock=lock).run()
@@ -409,13 +456,13 @@ def _main(args: argparse.Namespace) -> int:
               file=sys.stderr)
         return 1
     except StageFailed as e:
-        print(f"refresh: {e}\nrefresh: the state is kept in {corpus / '_refresh_state.json'}; fix the cause and "
+        print(f"refresh: {e}\nrefresh: the state is kept in {join(corpus, '_refresh_state.json')}; fix the cause and "
               f"rerun: the refresh resumes at the failed step", file=sys.stderr)
         return 1
     finally:
         lock.release()
     print(summarize(report))
-    print(json.dumps({"report": str(Path(cfg.storage.reports_root).resolve() / f"refresh-{report['refresh']}.json"),
+    print(json.dumps({"report": join(_root(cfg.storage.reports_root), f"refresh-{report['refresh']}.json"),
                       "decision": report["decision"]["action"]}))
     return 0
 

@@ -1,87 +1,232 @@
 """Incremental curation: a snapshot of new inputs, deduplicated against the corpus curated before it.
 
     stats = curate_snapshot(new_uris, staging, cfg)          # run_curate, its work rows kept
-    dups = dedup_against_index(staging, corpus / "_index", "20260101T0000", "image", cfg.dedup)
-    index_snapshot(staging, corpus / "_index", "20260101T0000", "image")   # then the work rows go
+    dups = dedup_against_index(staging, corpus + "/_index", "20260101T0000", "image", cfg.dedup)
+    index_snapshot(staging, corpus + "/_index", "20260101T0000", "image", cfg.dedup)   # then the work rows go
 
-The corpus index (a folder, ``CORPUS/_index`` for ``mm refresh``) holds one Parquet file per snapshot, ``snapshot=ID.parquet``, and
-one for the held-out set, ``heldout.parquet`` (``HELDOUT``), of the kept rows' dedup columns
-(``INDEX_COLUMNS``: content hash, pHash sequence, area, caption ...), with row ids namespaced by
-snapshot so the same (source, key) in two snapshots never collides. ``dedup_against_index`` runs
-``dedup.find_duplicates`` over a new snapshot's kept rows and every other file of the index:
-indexed rows get priority 0 (never dropped), the held-out set's -1, new rows 1. A new row
-that duplicates an indexed one moves from ``data/`` to ``rejects/cross_snapshot.parquet``
-(reason ``duplicate``/``near_duplicate``, the keeper's sample_id in ``detail``) and
-``stats.json`` is corrected (counts, splits, histograms) so the accounting invariant still holds.
+Every path may be local or a URI (``s3://``, ``gs://``: pyarrow.fs through core.storage).
 
-The kept rows' dedup columns and original sizes come from the curate run's work rows
-(``curate.WORK_ROWS_DIR``, kept by ``curate_snapshot``); ``index_snapshot`` writes the index file
-and then removes them. ``replay_mix`` names the corpora (and their mix weights) a model
-continued on a new snapshot trains on: the new snapshot, and the older committed ones replayed
-in proportion to their train rows. Used by ``mm refresh`` (jobs/refresh.py). Tested in tests/test_refresh.py
-(the three-refresh story: exact and near duplicates of an older snapshot are rejected).
+**The index** (``CORPUS/_index`` for ``mm refresh``) holds, per snapshot, the kept rows' dedup
+columns in ``snapshot=ID.parquet`` (``heldout.parquet`` for the held-out set, ``HELDOUT``):
+``INDEX_COLUMNS`` (content hash, pHash sequence, area, caption ...) and, for images, the
+verification descriptors ``crop_hashes`` and ``thumb`` (a ~2 KB JPEG thumbnail, so a cross-snapshot
+near duplicate is verified exactly as within a snapshot; about 2 KB per indexed image), in row
+groups of ``ROW_GROUP_ROWS``; row ids are namespaced by snapshot so the same (source, key) in two
+snapshots never collides. Beside it, in its *banded form*, ``bands/snapshot=ID.parquet``: one row
+per LSH band key of every row (the pHash bands and crop-view bands of pipelines/dedup_lsh.py, and
+an exact key per content hash), sorted by key, with the row's position in the snapshot file. Its
+metadata records the band parameters; a bands file written with other parameters (or missing:
+an index written before bands existed) is rebuilt from its snapshot file once.
+
+**A refresh's cost follows the new data** (``dedup_against_index``): only the new snapshot's rows
+are banded; their keys are joined with each stored bands file (a sorted search over the stored
+key column); only the stored rows that share a key (a band bucket, an exact content hash) are
+read, by row group, and deduplicated together with the new rows by the same code as curation
+(``dedup.find_duplicates_local``: exact, then LSH candidates verified on the thumbnails), indexed
+rows with priority 0 (never dropped), the held-out set's -1, new rows 1. A stored bucket larger than
+``max_bucket_rows`` contributes ``bucket_window_rows`` rows, as the sorted window does within a
+snapshot. Index rows written before thumbnails were indexed have none: a candidate set holding
+such rows is decided on the hashes alone (``unverified_max_hamming``), as before.
+
+A new row that duplicates an indexed one moves from ``data/`` to
+``rejects/cross_snapshot.parquet`` (reason ``duplicate``/``near_duplicate``; ``detail``: the
+keeper's sample_id, then the evidence, as curate writes it: ``dedup.drop_details``) and ``stats.json`` is corrected (counts, splits, histograms) so the accounting
+invariant still holds. The kept rows' dedup columns and original sizes come from the curate run's
+work rows (``curate.WORK_ROWS_DIR``, kept by ``curate_snapshot``); ``index_snapshot`` writes the
+index files and then removes them. ``replay_mix`` names the corpora (and their mix weights) a model
+continued on a new snapshot trains on: the new snapshot, and the older committed ones replayed in
+proportion to their train rows. Used by ``mm refresh`` (jobs/refresh.py). Tested in
+tests/test_incremental.py and tests/test_refresh.py; the cost in bench/refresh_cost.py.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import hashlib
 import json
-import shutil
-from pathlib import Path
+import time
+from typing import Any
 
+import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
+import pyarrow.fs as pafs
 import pyarrow.parquet as pq
 
 from core.lineage import read_json, read_manifest, write_json_atomic
+from core.storage import exists, join, remove, resolve
 from pipelines import stats as stats_mod
 from pipelines.curate import WORK_DIR, WORK_ROWS_DIR, CurateConfig, run_curate
-from pipelines.dedup import DedupConfig, find_duplicates
+from pipelines.dedup import DedupConfig, drop_details, find_duplicates, find_duplicates_local
+from pipelines.dedup_lsh import band_keys, band_positions, hash_matrix
 from pipelines.schema import REJECT_SCHEMA, make_sample_id
 
 INDEX_COLUMNS = ["row_id", "sample_id", "source", "key", "content_hash", "hashes", "area", "caption"]
+VERIFY_COLUMNS = ["crop_hashes", "thumb"]  # image rows: the near-duplicate verification descriptors
 HELDOUT = "heldout"  # the snapshot id of the held-out set in the index
+ROW_GROUP_ROWS = 512  # index rows per row group: a candidate costs reading at most one group
+BANDS_DIR = "bands"
+_EXACT = np.uint64(0xFF) << np.uint64(56)  # the key space of exact keys (band keys hold a list length < 255 there)
 
 
-def curate_snapshot(sources: list[str], out: str | Path, cfg: CurateConfig) -> dict:
+def curate_snapshot(sources: list[str], out: str, cfg: CurateConfig) -> dict:
     """``run_curate`` that keeps the work rows this module reads (Ray already initialised)."""
     keep = dataclasses.replace(cfg, output=dataclasses.replace(cfg.output, keep_work=True))
     return run_curate(sources, str(out), keep)
 
 
-def _index_path(index_dir: Path, snapshot: str) -> Path:
-    return index_dir / (f"{HELDOUT}.parquet" if snapshot == HELDOUT else f"snapshot={snapshot}.parquet")
+# --------------------------------------------------------------------------- parquet at a path or URI
+def _read(uri: str, columns: list[str] | None = None) -> pa.Table:
+    fs, path, _ = resolve(str(uri))
+    return pq.read_table(path, filesystem=fs, columns=columns)
 
 
-def index_snapshot(curated: Path, index_dir: Path, snapshot: str, modality: str) -> None:
-    """Write the index rows of what ``curated/data`` kept as ``snapshot``'s index file (atomically),
-    then drop the work rows."""
+def _write(table: pa.Table, uri: str, **kw) -> None:
+    """One Parquet file, atomically: a temp file renamed locally, one object (a single upload) on a store."""
+    fs, path, _ = resolve(str(uri))
+    if isinstance(fs, pafs.LocalFileSystem):
+        parent, name = path.rsplit("/", 1)
+        fs.create_dir(parent, recursive=True)
+        tmp = f"{parent}/.{name}.tmp"
+        pq.write_table(table, tmp, filesystem=fs, **kw)
+        fs.move(tmp, path)
+        return
+    pq.write_table(table, path, filesystem=fs, **kw)
+
+
+def _files(uri: str, prefix: str = "", suffix: str = ".parquet") -> list[str]:
+    """The files directly under ``uri`` whose names start with ``prefix``, as paths/URIs, sorted."""
+    fs, path, scheme = resolve(str(uri))
+    infos = fs.get_file_info(pafs.FileSelector(path, allow_not_found=True))
+    names = sorted(i.base_name for i in infos if i.type == pafs.FileType.File)
+    return [join(uri, n) for n in names if n.startswith(prefix) and n.endswith(suffix) and not n.startswith(".")]
+
+
+# --------------------------------------------------------------------------- the index
+def _index_path(index_dir: str, snapshot: str) -> str:
+    return join(index_dir, f"{HELDOUT}.parquet" if snapshot == HELDOUT else f"snapshot={snapshot}.parquet")
+
+
+def _bands_path(index_file: str) -> str:
+    parent, name = str(index_file).rsplit("/", 1)
+    return join(parent, BANDS_DIR, name)
+
+
+def _band_params(cfg: DedupConfig) -> dict:
+    return {"lsh_bands": cfg.lsh_bands, "lsh_band_bits": cfg.lsh_band_bits, "lsh_seed": cfg.lsh_seed,
+            "crop_views": cfg.crop_views, "version": 1}
+
+
+def _exact_keys(content_hashes: list[str | None]) -> np.ndarray:
+    h = np.array([int.from_bytes(hashlib.blake2b((c or "").encode(), digest_size=8).digest(), "little")
+                  for c in content_hashes], np.uint64)
+    return ((h >> np.uint64(8)) | _EXACT).view(np.int64)
+
+
+def band_rows(rows: pa.Table, cfg: DedupConfig) -> pa.Table:
+    """The banded form of index rows: (band, row) for every pHash band key and crop-view band key
+    (pipelines/dedup_lsh.py's key space) and the exact (content hash) key of each row; ``row`` is
+    the position in ``rows``; sorted by key."""
+    m, lengths = hash_matrix(rows.column("hashes"))
+    positions = band_positions(cfg)
+    r, k = band_keys(m, lengths, positions)
+    parts_r, parts_k = [r, np.arange(rows.num_rows)], [k, _exact_keys(rows.column("content_hash").to_pylist())]
+    if cfg.crop_views and "crop_hashes" in rows.column_names:
+        vm, vlen = hash_matrix(rows.column("crop_hashes"))
+        vr, vk = band_keys(vm, np.where(lengths == 1, vlen, 0), positions, as_length=np.ones_like(lengths))
+        parts_r.append(vr)
+        parts_k.append(vk)
+    keys, pos = np.concatenate(parts_k), np.concatenate(parts_r).astype(np.int32)
+    order = np.argsort(keys, kind="stable")
+    return pa.table({"band": keys[order], "row": pos[order]})
+
+
+def _write_index(rows: pa.Table, path: str, cfg: DedupConfig) -> None:
+    """The bands file first, the snapshot file last (a bands file without its snapshot file is ignored)."""
+    bands = band_rows(rows, cfg)
+    meta = {"params": _band_params(cfg), "rows": rows.num_rows}
+    _write(bands.replace_schema_metadata({"mm_bands": json.dumps(meta, sort_keys=True)}), _bands_path(path),
+           compression="zstd")
+    _write(rows, path, row_group_size=ROW_GROUP_ROWS)
+
+
+def _stored_bands(path: str, cfg: DedupConfig) -> pa.Table:
+    """The bands of index file ``path``, rebuilt (and rewritten) when missing or of other parameters."""
+    bp = _bands_path(path)
+    try:
+        bands = _read(bp)
+        meta = json.loads((bands.schema.metadata or {}).get(b"mm_bands", b"{}"))
+    except (OSError, pa.ArrowInvalid):
+        bands, meta = None, {}
+    if bands is not None and meta.get("params") == _band_params(cfg):
+        return bands
+    rows = _read(path)
+    meta = {"params": _band_params(cfg), "rows": rows.num_rows}
+    bands = band_rows(rows, cfg).replace_schema_metadata({"mm_bands": json.dumps(meta, sort_keys=True)})
+    _write(bands, bp, compression="zstd")
+    return bands
+
+
+def _matching_rows(stored: pa.Table, keys: np.ndarray, cfg: DedupConfig) -> np.ndarray:
+    """Positions of the stored rows sharing a key with ``keys`` (sorted unique); a bucket larger
+    than ``max_bucket_rows`` gives ``bucket_window_rows`` of its rows."""
+    sk = stored.column("band").to_numpy()
+    lo, hi = np.searchsorted(sk, keys, "left"), np.searchsorted(sk, keys, "right")
+    count = hi - lo
+    count = np.where(count > cfg.max_bucket_rows, cfg.bucket_window_rows, count)
+    total = int(count.sum())
+    if total == 0:
+        return np.zeros(0, np.int64)
+    idx = np.repeat(lo, count) + (np.arange(total) - np.repeat(np.cumsum(count) - count, count))
+    return np.unique(stored.column("row").to_numpy()[idx]).astype(np.int64)
+
+
+def _read_positions(uri: str, positions: np.ndarray, columns: list[str] | None) -> pa.Table:
+    """Rows at ``positions`` of a Parquet file, reading only the row groups that hold them."""
+    fs, path, _ = resolve(str(uri))
+    with fs.open_input_file(path) as f:
+        pf = pq.ParquetFile(f)
+        sizes = np.array([pf.metadata.row_group(i).num_rows for i in range(pf.num_row_groups)], np.int64)
+        starts = np.r_[0, np.cumsum(sizes)]
+        groups = np.unique(np.searchsorted(starts, positions, "right") - 1)
+        cols = [c for c in columns if c in pf.schema_arrow.names] if columns else None
+        t = pf.read_row_groups(groups.tolist(), columns=cols)
+    base = np.r_[0, np.cumsum(sizes[groups])][:-1]  # where each read group starts in ``t``
+    g = np.searchsorted(groups, np.searchsorted(starts, positions, "right") - 1)
+    return t.take(pa.array(base[g] + positions - starts[groups[g]]))
+
+
+def index_snapshot(curated: str, index_dir: str, snapshot: str, modality: str,
+                   dedup_cfg: DedupConfig | None = None) -> None:
+    """Write ``snapshot``'s index files (rows and bands) for what ``curated/data`` kept, then drop
+    the work rows."""
     rows = kept_index_rows(curated, modality, snapshot)
-    path = _index_path(index_dir, snapshot)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp")
-    pq.write_table(rows, tmp)
-    tmp.replace(path)
-    shutil.rmtree(curated / WORK_DIR, ignore_errors=True)
+    _write_index(rows, _index_path(index_dir, snapshot), dedup_cfg or DedupConfig())
+    fs, path, _ = resolve(join(curated, WORK_DIR))
+    remove(fs, path)
 
 
-def replay_mix(corpus: Path, new: Path, replay_ratio: float) -> tuple[list[Path], list[float]]:
+def replay_mix(corpus: str, new: str, replay_ratio: float) -> tuple[list[str], list[float]]:
     """``([new, *older], weights)``: ``new`` gets ``1 - replay_ratio`` of the batches (all of them
     when nothing older has train rows), the committed older snapshots of ``corpus`` (``snapshot=*``
     with a lineage stamp) share the rest by their train rows."""
+    fs, path, _ = resolve(str(corpus))
+    names = sorted(i.base_name for i in fs.get_file_info(pafs.FileSelector(path, allow_not_found=True))
+                   if i.type == pafs.FileType.Directory and i.base_name.startswith("snapshot="))
     old = []
-    for d in sorted(corpus.glob("snapshot=*")):
-        st = read_json(d / "stats.json") or {}
+    for name in names:
+        d = join(corpus, name)
+        st = read_json(join(d, "stats.json")) or {}
         rows = (st.get("splits") or {}).get("train", 0)
-        if d != new and rows > 0 and (read_manifest(d) or {}).get("lineage"):
+        if d.rstrip("/") != str(new).rstrip("/") and rows > 0 and (read_manifest(d) or {}).get("lineage"):
             old.append((d, rows))
     replay = replay_ratio if old else 0.0
     total_old = sum(n for _, n in old) or 1
-    return [new] + [d for d, _ in old], [1.0 - replay] + [replay * n / total_old for _, n in old]
+    return [str(new)] + [d for d, _ in old], [1.0 - replay] + [replay * n / total_old for _, n in old]
 
 
-def _work_rows(curated: Path) -> pa.Table:
-    return pq.read_table(curated / WORK_ROWS_DIR)
+def _work_rows(curated: str, columns: list[str] | None = None) -> pa.Table:
+    return _read(join(curated, WORK_ROWS_DIR), columns)
 
 
 def _join_keys(t: pa.Table, modality: str) -> list[tuple]:
@@ -90,15 +235,18 @@ def _join_keys(t: pa.Table, modality: str) -> list[tuple]:
     return [tuple(round(v, 3) if isinstance(v, float) else v for v in row) for row in zip(*values)]
 
 
-def kept_index_rows(curated: Path, modality: str, namespace: str) -> pa.Table:
-    """Index rows (INDEX_COLUMNS) of the rows ``curated/data`` kept, from its ``_work`` rows; the
-    row_id is namespaced so the same (source, key) in two snapshots never collides."""
-    data = pq.read_table(curated / "data", columns=["source", "key"] + (["start_s"] if modality == "video" else []))
+def kept_index_rows(curated: str, modality: str, namespace: str) -> pa.Table:
+    """Index rows (INDEX_COLUMNS, ``start_s`` for video, the VERIFY_COLUMNS the work rows hold) of
+    the rows ``curated/data`` kept, from its ``_work`` rows; the row_id is namespaced so the same
+    (source, key) in two snapshots never collides."""
+    video = ["start_s"] if modality == "video" else []
+    data = _read(join(curated, "data"), ["source", "key"] + video)
     kept = set(_join_keys(data, modality))
     work = _work_rows(curated)
     work = work.filter(pc.is_null(work.column("reason")))
     mask = pa.array([k in kept for k in _join_keys(work, modality)], pa.bool_())
-    rows = work.filter(mask).select(INDEX_COLUMNS + (["start_s"] if modality == "video" else []))
+    extra = [c for c in VERIFY_COLUMNS if c in work.column_names and modality == "image"]
+    rows = work.filter(mask).select(INDEX_COLUMNS + video + extra)
     if modality == "video":  # one row per clip: a clip's caption rows (MSR-VTT style) share its media
         first: dict[tuple, int] = {}
         for i, k in enumerate(_join_keys(rows, modality)):
@@ -108,51 +256,73 @@ def kept_index_rows(curated: Path, modality: str, namespace: str) -> pa.Table:
     return rows.set_column(0, "row_id", rid)
 
 
-def dedup_against_index(curated: Path, index_dir: Path, snapshot: str, modality: str, dedup_cfg: DedupConfig) -> dict:
+def _candidates(index_dir: str, snapshot: str, new: pa.Table, cfg: DedupConfig, stats: dict) -> list[pa.Table]:
+    """The stored index rows (other snapshots, the held-out set) that share a band or exact key
+    with a row of ``new``, each file's with its ``priority`` column."""
+    own = _index_path(index_dir, snapshot)
+    files = [f for f in _files(index_dir, "snapshot=") if f != own]
+    files += [_index_path(index_dir, HELDOUT)] if exists(_index_path(index_dir, HELDOUT)) else []
+    keys = np.unique(band_rows(new, cfg).column("band").to_numpy())
+    out, stored_rows = [], 0
+    columns = INDEX_COLUMNS + ["start_s"] + VERIFY_COLUMNS
+    for f in files:
+        bands = _stored_bands(f, cfg)
+        stored_rows += json.loads(bands.schema.metadata[b"mm_bands"])["rows"]
+        pos = _matching_rows(bands, keys, cfg)
+        if len(pos) == 0:
+            continue
+        t = _read_positions(f, pos, columns)
+        prio = -1 if f == _index_path(index_dir, HELDOUT) else 0
+        out.append(t.append_column("priority", pa.array(np.full(t.num_rows, prio, np.int64))))
+    stats.update(index_files=len(files), index_rows=stored_rows, candidate_rows=sum(t.num_rows for t in out))
+    return out
+
+
+def dedup_against_index(curated: str, index_dir: str, snapshot: str, modality: str, dedup_cfg: DedupConfig,
+                        stats: dict | None = None) -> dict:
     """Reject rows of ``curated`` (snapshot ``snapshot``) that duplicate a row of the index's other
     files (older snapshots, the held-out set). Returns {"duplicate": n, "near_duplicate": n,
-    "heldout": n}; rewrites data/, rejects/, stats.json."""
+    "heldout": n}; rewrites data/, rejects/, stats.json. ``stats``, if given, receives the index
+    size, the candidate rows read and the seconds of each part."""
     import ray
 
-    own = _index_path(index_dir, snapshot)
-    index_files = [f for f in sorted(index_dir.glob("snapshot=*.parquet")) if f != own]
-    if _index_path(index_dir, HELDOUT).is_file():
-        index_files.append(_index_path(index_dir, HELDOUT))
+    stats = {} if stats is None else stats
+    t0 = time.perf_counter()
     new = kept_index_rows(curated, modality, snapshot)
     counts = {"duplicate": 0, "near_duplicate": 0, "heldout": 0}
-    if new.num_rows == 0 or not index_files:
+    if new.num_rows == 0:
         return counts
-    parts = [new.select(INDEX_COLUMNS).append_column("priority", pa.array([1] * new.num_rows, pa.int64()))]
-    heldout_ids: set[str] = set()
-    for f in index_files:
-        t = pq.read_table(f).select(INDEX_COLUMNS)  # a video index also holds start_s
-        prio = -1 if f.stem == HELDOUT else 0
-        if prio < 0:
-            heldout_ids.update(t.column("sample_id").to_pylist())
-        parts.append(t.append_column("priority", pa.array([prio] * t.num_rows, pa.int64())))
-    rows = ray.data.from_arrow(pa.concat_tables(parts))
-    drops = find_duplicates(rows, dedup_cfg)
+    parts = _candidates(index_dir, snapshot, new, dedup_cfg, stats)
+    t1 = time.perf_counter()
+    stats.update(new_rows=new.num_rows, candidates_s=round(t1 - t0, 3))
+    if not parts:
+        return counts
+    heldout_ids = {s for p in parts if p.column("priority")[0].as_py() < 0 for s in p.column("sample_id").to_pylist()}
+    old = pa.concat_tables(parts, promote_options="default")
+    table = pa.concat_tables([new.append_column("priority", pa.array(np.ones(new.num_rows, np.int64))), old],
+                             promote_options="default")
+    if "thumb" in table.column_names and ("thumb" not in old.column_names or old.column("thumb").null_count):
+        table = table.drop_columns(["thumb"])  # index rows written before thumbnails: the hashes decide alone
+    table = table.select([c for c in table.column_names if c != "start_s"])
+    drops = (find_duplicates(ray.data.from_arrow(table), dedup_cfg, with_evidence=True)
+             if table.num_rows > dedup_cfg.local_max_rows else find_duplicates_local(table, dedup_cfg, with_evidence=True))
+    stats.update(dedup_rows=table.num_rows, dedup_s=round(time.perf_counter() - t1, 3))
     # Only a new row whose keeper is an indexed (older or held-out) row leaves: duplicates among the
     # new rows were decided by the snapshot's own curate run.
     new_ids = set(new.column("row_id").to_pylist())
-    indexed = set()
-    for part in parts[1:]:
-        indexed.update(part.column("sample_id").to_pylist())
-    new_only = set(new.column("sample_id").to_pylist()) - indexed  # an exact copy shares its keeper's id
+    new_only = set(new.column("sample_id").to_pylist()) - set(old.column("sample_id").to_pylist())
     drops = drops.filter(pa.array([r in new_ids and k not in new_only for r, k in
                                    zip(drops.column("row_id").to_pylist(), drops.column("keeper").to_pylist())],
                                   pa.bool_()))
     if drops.num_rows == 0:
         return counts
     by_rid = {r: i for i, r in enumerate(new.column("row_id").to_pylist())}
-    idx = pa.array([by_rid[r] for r in drops.column("row_id").to_pylist()], pa.int64())
-    dropped = new.take(idx)
+    dropped = new.take(pa.array([by_rid[r] for r in drops.column("row_id").to_pylist()], pa.int64()))
     rejects = pa.table({"source": dropped.column("source"), "key": dropped.column("key"),
                         "stage": pa.array(["dedup"] * drops.num_rows), "reason": drops.column("reason"),
-                        "detail": drops.column("keeper")}).cast(REJECT_SCHEMA)
-    pq.write_table(rejects, curated / "rejects" / "cross_snapshot.parquet")
-    gone = set(_join_keys(dropped, modality))
-    removed = _rewrite_data(curated, gone, modality)
+                        "detail": drop_details(drops)}).cast(REJECT_SCHEMA)
+    _write(rejects, join(curated, "rejects", "cross_snapshot.parquet"))
+    removed = _rewrite_data(curated, set(_join_keys(dropped, modality)), modality)
     for reason, keeper in zip(drops.column("reason").to_pylist(), drops.column("keeper").to_pylist()):
         counts[reason] += 1
         counts["heldout"] += keeper in heldout_ids
@@ -160,24 +330,22 @@ def dedup_against_index(curated: Path, index_dir: Path, snapshot: str, modality:
     return counts
 
 
-def _rewrite_data(curated: Path, gone: set, modality: str) -> pa.Table:
+def _rewrite_data(curated: str, gone: set, modality: str) -> pa.Table:
     """Drop rows keyed in ``gone`` from every data/ file (each rewritten atomically); return the
     removed rows' (split, caption, input_ids) for the stats correction."""
     removed = []
-    for f in sorted((curated / "data").glob("*.parquet")):
-        t = pq.read_table(f)
+    for f in _files(join(curated, "data")):
+        t = _read(f)
         mask = pa.array([k in gone for k in _join_keys(t, modality)], pa.bool_())
         if not pc.any(mask).as_py():
             continue
         removed.append(t.filter(mask).select(["sample_id", "split", "caption", "input_ids"]))
-        tmp = f.with_name(f".{f.name}.tmp")
-        pq.write_table(t.filter(pc.invert(mask)), tmp)
-        tmp.replace(f)
+        _write(t.filter(pc.invert(mask)), f)
     return pa.concat_tables(removed)
 
 
-def _correct_stats(curated: Path, removed: pa.Table, reasons: list[str], modality: str) -> None:
-    st = json.loads((curated / "stats.json").read_text())
+def _correct_stats(curated: str, removed: pa.Table, reasons: list[str], modality: str) -> None:
+    st: dict[str, Any] = read_json(join(curated, "stats.json"))
     n = removed.num_rows
     st["kept"] -= n
     for r in reasons:
@@ -187,7 +355,7 @@ def _correct_stats(curated: Path, removed: pa.Table, reasons: list[str], modalit
     for s in removed.column("split").to_pylist():
         st["splits"][s] -= 1
     # Subtract the removed rows' caption histograms (bins are fixed, counts add up exactly).
-    work = _work_rows(curated).select(["sample_id", "orig_width", "orig_height"])
+    work = _work_rows(curated, ["sample_id", "orig_width", "orig_height"])
     dims = {s: (w, h) for s, w, h in zip(*(work.column(c).to_pylist() for c in work.column_names))}
     ids = removed.column("sample_id").to_pylist()
     part = stats_mod.histogram_partials(pa.table({
@@ -201,9 +369,8 @@ def _correct_stats(curated: Path, removed: pa.Table, reasons: list[str], modalit
     st["duplicates_dropped"] = st.get("duplicates_dropped", 0) + len(reasons)
     if modality == "image":
         st["invariant_ok"] = st["inputs"] == st["kept"] + st["rejected_total"]
-    write_json_atomic(curated / "stats.json", st)
+    write_json_atomic(join(curated, "stats.json"), st)
 
 
-
-__all__ = ["INDEX_COLUMNS", "HELDOUT", "curate_snapshot", "index_snapshot", "kept_index_rows",
-           "dedup_against_index", "replay_mix"]
+__all__ = ["INDEX_COLUMNS", "VERIFY_COLUMNS", "HELDOUT", "curate_snapshot", "index_snapshot", "kept_index_rows",
+           "band_rows", "dedup_against_index", "replay_mix"]

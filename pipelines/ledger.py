@@ -8,7 +8,8 @@ uri, kind, size, mtime_ns, checksum, snapshot, recorded_at. An input whose size 
 ledger row is unchanged without being read; otherwise it is checksummed (in parallel Ray tasks,
 ``curate.checksum_inputs``), and it is new or changed when no ledger row has that checksum. A
 folder's mtime is its newest file's and its checksum a digest of its listing. Writing the rows
-of a snapshot replaces that snapshot's rows (idempotent) and is atomic (temp file + rename).
+of a snapshot replaces that snapshot's rows (idempotent) and is atomic (temp file + rename
+locally, one PUT on an object store). ``corpus`` is a local path or a URI (``s3://``...).
 
 Used by ``mm refresh`` (jobs/refresh.py). Tested in tests/test_ledger.py.
 """
@@ -16,14 +17,15 @@ Used by ``mm refresh`` (jobs/refresh.py). Tested in tests/test_ledger.py.
 from __future__ import annotations
 
 import logging
+import os
 from collections.abc import Sequence
-from pathlib import Path
 
 import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
 from core.lineage import now_utc
+from core.storage import join, read_bytes, write_bytes
 
 log = logging.getLogger(__name__)
 
@@ -33,26 +35,25 @@ LEDGER_SCHEMA = pa.schema([pa.field("uri", pa.string()), pa.field("kind", pa.str
                            pa.field("recorded_at", pa.string())])
 
 
-def ledger_path(corpus: Path) -> Path:
-    return corpus / "_ledger.parquet"
+def ledger_path(corpus: str | os.PathLike) -> str:
+    return join(corpus, "_ledger.parquet")
 
 
-def read_ledger(corpus: Path) -> pa.Table:
-    p = ledger_path(corpus)
-    return pq.read_table(p).cast(LEDGER_SCHEMA) if p.is_file() else LEDGER_SCHEMA.empty_table()
+def read_ledger(corpus: str | os.PathLike) -> pa.Table:
+    blob = read_bytes(ledger_path(corpus))
+    return pq.read_table(pa.BufferReader(blob)).cast(LEDGER_SCHEMA) if blob is not None else LEDGER_SCHEMA.empty_table()
 
 
-def write_ledger_rows(corpus: Path, rows: list[dict], snapshot: str) -> None:
+def write_ledger_rows(corpus: str | os.PathLike, rows: list[dict], snapshot: str) -> None:
     """Append ``rows`` for ``snapshot`` (replacing any rows of that snapshot: idempotent), atomically."""
     old = read_ledger(corpus)
     old = old.filter(pc.not_equal(old.column("snapshot"), snapshot))
     now = now_utc()
     new = pa.Table.from_pylist([{**{k: r[k] for k in ("uri", "kind", "size", "mtime_ns", "checksum")},
                                  "snapshot": snapshot, "recorded_at": now} for r in rows], schema=LEDGER_SCHEMA)
-    p = ledger_path(corpus)
-    tmp = p.with_name(f".{p.name}.tmp")
-    pq.write_table(pa.concat_tables([old, new]), tmp)
-    tmp.replace(p)
+    buf = pa.BufferOutputStream()
+    pq.write_table(pa.concat_tables([old, new]), buf)
+    write_bytes(ledger_path(corpus), buf.getvalue().to_pybytes())
 
 
 def discover(sources: Sequence[str], ledger: pa.Table, ensure_ray=lambda: None) -> dict:
