@@ -37,8 +37,9 @@ def check_frozen_features(cfg, objectives: Sequence[ObjectiveFactory] | None,
         problems.append("both towers must be wholly locked (model.lock.vision/text true, no unlocked blocks)")
     if cfg.data.augment or cfg.data.flip:
         problems.append("data.augment and data.flip must be off (a locked tower's features would change per step)")
-    if o.contrastive.weight <= 0 or any(x.weight > 0 for x in (o.mlm, o.fusion_mlm, o.mim, o.itm)):
-        problems.append("the contrastive objective must be the only one (MLM, MIM and ITM need the towers' tokens)")
+    if o.contrastive.weight <= 0 or any(x.weight > 0 for x in (o.mlm, o.fusion_mlm, o.mim, o.itm, o.captioning)):
+        problems.append("the contrastive objective must be the only one (MLM, MIM, ITM and captioning need the "
+                        "towers' tokens)")
     if objectives or prepare_model is not None:
         problems.append("no extra objectives or model preparation (fine-tuning computes its own cached features)")
     if cfg.train.parallel != "ddp":

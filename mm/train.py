@@ -290,7 +290,8 @@ def _wrap(module: torch.nn.Module, t: TrainConfig, device: torch.device) -> torc
         mp = MixedPrecisionPolicy(param_dtype=torch.bfloat16, reduce_dtype=torch.float32) \
             if _amp_dtype(t, device) == torch.bfloat16 else MixedPrecisionPolicy()
         model = module.model
-        for blk in [*model.vision.blocks, *model.text.blocks, *(model.fusion.layers if model.fusion else [])]:
+        for blk in [*model.vision.blocks, *model.text.blocks, *(model.fusion.layers if model.fusion else []),
+                    *(model.decoder.blocks if model.decoder is not None else [])]:
             fully_shard(blk, mp_policy=mp)
         return fully_shard(module, mp_policy=mp)
     return ray.train.torch.prepare_model(module, parallel_strategy="ddp", parallel_strategy_kwargs={

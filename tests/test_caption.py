@@ -103,6 +103,40 @@ def test_captioning_alone_needs_no_text_tower():
     assert all(p.grad is not None for p in model.decoder.parameters())
 
 
+def test_frozen_features_refuse_captioning():
+    """train.frozen_features keeps pooled features only; the decoder needs the vision tokens."""
+    from core.config import load_config
+    from mm.frozen import check_frozen_features
+    from mm.train import PretrainConfig
+
+    base = ["model.lock.vision=true", "model.lock.text=true", "train.frozen_features=true", "data.augment=false"]
+    check_frozen_features(load_config(PretrainConfig, None, base), None, None)
+    cfg = load_config(PretrainConfig, None, [*base, "model.decoder.layers=1", "objectives.captioning.weight=1.0"])
+    with pytest.raises(ValueError, match="captioning need"):
+        check_frozen_features(cfg, None, None)
+
+
+def test_fsdp_shards_every_decoder_block(tmp_path):
+    """train.parallel=fsdp: each decoder layer is its own FSDP2 unit, like the towers' blocks
+    (one-process gloo group; the two-worker FSDP run is tests/test_train.py's)."""
+    import torch.distributed as dist
+    from torch.distributed.fsdp import FSDPModule
+
+    from mm.train import TrainConfig, _wrap
+
+    dist.init_process_group("gloo", init_method=f"file://{tmp_path / 'pg'}", rank=0, world_size=1)
+    try:
+        model = build_model(dataclasses.replace(CFG, decoder=dataclasses.replace(CFG.decoder, layers=2)), 40)
+        module = _wrap(ObjectiveSet(model, build_objectives(COCA, model, TOK)), TrainConfig(parallel="fsdp"),
+                       torch.device("cpu"))
+        assert all(isinstance(b, FSDPModule) for b in model.decoder.blocks) and len(model.decoder.blocks) == 2
+        assert all(isinstance(b, FSDPModule) for b in model.vision.blocks)
+        total, _ = module(_batch())
+        total.backward()
+    finally:
+        dist.destroy_process_group()
+
+
 def test_captioning_needs_a_decoder():
     model = build_model(dataclasses.replace(CFG, decoder=DecoderConfig()), TOK.vocab_size)
     with pytest.raises(ValueError, match="model.decoder.layers"):
