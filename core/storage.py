@@ -247,12 +247,36 @@ def write_json(dst: str | os.PathLike, data: Any) -> None:
 
 
 # --------------------------------------------------------------------------- the current pointer
+def _s3_client():
+    """A boto3 S3 client (``AWS_ENDPOINT_URL`` honoured: MinIO, moto); boto3 clients are thread-safe."""
+    global _S3_CLIENT
+    if _S3_CLIENT is None:
+        try:
+            import boto3
+        except ImportError:
+            raise OSError("s3:// locks and pointers need boto3 (pip install boto3)") from None
+        _S3_CLIENT = boto3.client("s3", endpoint_url=os.environ.get("AWS_ENDPOINT_URL") or None)
+    return _S3_CLIENT
+
+
+_S3_CLIENT = None
+
+
+def _pointer_object(link: str | os.PathLike) -> str:
+    return f"{str(link).rstrip('/')}.json"
+
+
 def write_pointer(link: str | os.PathLike, target: str | os.PathLike) -> None:
     """Point ``link`` at ``target`` atomically. Local: a symlink (target relative to the link's
     folder, so the tree can be moved or mounted) renamed over the old one. Object store:
-    ``link.json`` holding ``{"target": URI}``, one PUT."""
+    ``link.json`` holding ``{"target": URI}``, one PUT (on S3 through boto3)."""
     if not is_local(link):
-        write_json(f"{str(link).rstrip('/')}.json", {"target": str(target).rstrip("/"), "written_at": time.time()})
+        body = json.dumps({"target": str(target).rstrip("/"), "written_at": time.time()}).encode()
+        if str(link).startswith("s3://"):
+            bucket, _, key = _pointer_object(link)[len("s3://"):].partition("/")
+            _s3_client().put_object(Bucket=bucket, Key=key, Body=body, ContentType="application/json")
+        else:
+            write_bytes(_pointer_object(link), body)
         return
     link = Path(resolve(str(link))[1])
     link.parent.mkdir(parents=True, exist_ok=True)
@@ -270,7 +294,14 @@ def read_pointer(link: str | os.PathLike) -> Path | str | None:
     """The target of ``link`` (a resolved Path locally, a URI on an object store), or None when
     there is no pointer or its target is gone."""
     if not is_local(link):
-        ptr = read_json(f"{str(link).rstrip('/')}.json")
+        if str(link).startswith("s3://"):  # one GET: pyarrow reads a HEAD then ranges, torn by a concurrent PUT
+            bucket, _, key = _pointer_object(link)[len("s3://"):].partition("/")
+            try:
+                ptr = json.loads(_s3_client().get_object(Bucket=bucket, Key=key)["Body"].read())
+            except _s3_client().exceptions.NoSuchKey:
+                ptr = None
+        else:
+            ptr = read_json(_pointer_object(link))
         target = ptr.get("target") if isinstance(ptr, dict) else None
         return target if target and exists(target) else None
     link = Path(resolve(str(link))[1])
@@ -469,14 +500,9 @@ class _S3Lock(StorageLock):
         self.path = str(path)
         self.bucket, _, self.key = self.path.split("://", 1)[1].partition("/")
         self._etag: str | None = None  # of the lock object as this holder last wrote it
-        self._client = None
 
     def _s3(self):
-        if self._client is None:
-            import boto3
-
-            self._client = boto3.client("s3", endpoint_url=os.environ.get("AWS_ENDPOINT_URL") or None)
-        return self._client
+        return _s3_client()
 
     def _call(self, op: str, **kw) -> dict | None:
         """One S3 call; None when a condition failed (412, or 409 for a concurrent conditional
