@@ -8,7 +8,9 @@ head_only, lora, lp_ft, flyp; which strategy applies to which task is theirs to 
 RUN2/model, RUN2/classifier (classify), RUN2/metrics.jsonl, RUN2/eval.json (metrics, chance; classify
 and retrieval: WiSE-FT curve, zero-shot retention; caption: Bleu/ROUGE_L/CIDEr beside the
 most-frequent-caption baseline, with RUN2/captions.jsonl) and RUN2/report.html. Bad paths, config
-or inputs (mm.finetune.check_finetune) fail before Ray starts, with one line and exit code 2.
+or inputs (mm.finetune.check_finetune) fail before Ray starts, with one line and exit code 2; so
+does a ``model.*`` override (``--set`` or the config file's ``model`` section) that differs from
+the --init run's saved model, which the fine-tune would otherwise drop (mm.finetune.check_init_overrides).
 Tested in tests/test_finetune.py.
 """
 
@@ -39,15 +41,43 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
-def check_inputs(init: str, data: str, task: str, out: str, cfg) -> None:
+def model_keys(config: str | None, overrides: Sequence[str]) -> list[str]:
+    """The ``model.*`` keys a user set, dotted without ``model.``: the config file's ``model``
+    section (its leaves) and the ``--set model.…`` overrides, in that order."""
+    keys: list[str] = []
+
+    def leaves(node, prefix: str) -> None:
+        for k, v in node.items():
+            if isinstance(v, dict) and v:
+                leaves(v, f"{prefix}{k}.")
+            else:
+                keys.append(f"{prefix}{k}")
+
+    if config is not None:
+        import yaml
+
+        section = (yaml.safe_load(Path(config).read_text(encoding="utf-8")) or {}).get("model")
+        if isinstance(section, dict):
+            leaves(section, "")
+    keys += [k.strip()[len("model."):] for k, _, _ in (o.partition("=") for o in overrides)
+             if k.strip().startswith("model.")]
+    return keys
+
+
+def check_inputs(init: str, data: str, task: str, out: str, cfg, keys: Sequence[str] = ()) -> None:
+    from mm.checkpoint import CheckpointError
     from mm.data import check_corpus, corpus_tokenizer_dir, same_tokenizer
     from mm.evaluate import resolve_model_dir
-    from mm.finetune import check_finetune
+    from mm.finetune import check_finetune, check_init_overrides
 
     try:
         model_dir = resolve_model_dir(init)
     except FileNotFoundError as e:
         raise UsageError(str(e).replace("--model", "--init", 1)) from None
+    try:
+        check_init_overrides(model_dir, task, cfg, keys)
+    except (ValueError, CheckpointError) as e:
+        raise UsageError(str(e).splitlines()[0]) from None
     for path, flag in ((data, "--data"), (cfg.finetune.retention_data, "finetune.retention_data")):
         if path is None:
             continue
@@ -70,7 +100,7 @@ def _main(args: argparse.Namespace) -> int:
     from mm.finetune import FinetuneConfig, finetune
 
     cfg = load_config(FinetuneConfig, args.config, args.overrides)
-    check_inputs(args.init, args.data, args.task, args.out, cfg)
+    check_inputs(args.init, args.data, args.task, args.out, cfg, model_keys(args.config, args.overrides))
     from core.runtime import init_ray
 
     init_ray(args.address)

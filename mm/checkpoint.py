@@ -179,6 +179,34 @@ def load_model(path: str | os.PathLike) -> tuple[torch.nn.Module, ModelConfig]:
     return model, cfg
 
 
+def saved_model_config(path: str | os.PathLike) -> ModelConfig:
+    """The ``ModelConfig`` saved with a model dir or run dir (its config.json only, no weights)."""
+    d = model_dir(path)
+    meta = read_json(d / "config.json")
+    if not isinstance(meta, dict) or meta.get("format") != FORMAT:
+        raise CheckpointError(f"{d / 'config.json'} is not an {FORMAT} config")
+    return from_json(meta["model"])
+
+
+def changed_model_keys(saved: ModelConfig, wanted: ModelConfig, keys) -> list[tuple[str, Any, Any]]:
+    """Of the ``model.*`` keys a user set (dotted, without ``model.``: ``vision.width``), those
+    whose value in ``wanted`` differs from the saved run's ``saved``: ``[(key, wanted, saved)]``,
+    in ``keys`` order. A run started from another (``--init``) keeps that run's architecture, so
+    the caller refuses (or applies, where it can) each one instead of dropping it silently."""
+    import dataclasses
+
+    out = []
+    for key in dict.fromkeys(keys):
+        a, b = wanted, saved
+        for part in key.split("."):
+            a, b = getattr(a, part), getattr(b, part)
+        if dataclasses.is_dataclass(a):  # a whole section: name its first differing field
+            out += changed_model_keys(saved, wanted, [f"{key}.{f.name}" for f in dataclasses.fields(a)])
+        elif a != b:
+            out.append((key, a, b))
+    return out
+
+
 def _without_pretrained(cfg: ModelConfig) -> ModelConfig:
     import dataclasses
 
@@ -258,6 +286,6 @@ def load_train_state(directory: str | os.PathLike) -> tuple[dict[str, torch.Tens
     return model_state, optim_state, state
 
 
-__all__ = ["FORMAT", "MARKER", "CheckpointError", "save_model", "load_model", "model_dir", "unwrap", "save_train_state",
-           "load_train_state", "check_named_objectives", "restore_state", "write_json", "read_json", "write_tensors",
-           "read_tensors"]
+__all__ = ["FORMAT", "MARKER", "CheckpointError", "save_model", "load_model", "model_dir", "saved_model_config",
+           "changed_model_keys", "unwrap", "save_train_state", "load_train_state", "check_named_objectives",
+           "restore_state", "write_json", "read_json", "write_tensors", "read_tensors"]

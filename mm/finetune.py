@@ -502,6 +502,25 @@ def check_finetune(model_dir: str | Path, data: str, task: str, cfg: FinetuneCon
     TASKS[task].check(Path(model_dir), data, cfg)
 
 
+def check_init_overrides(model_dir: str | Path, task: str, cfg: FinetuneConfig, keys) -> None:
+    """``model.*`` keys the user set (dotted, without ``model.``) against the run's saved config:
+    a fine-tune starts from the run's model, architecture and all, so an override that differs
+    would be dropped; refuse the first one in one line naming the key and both values. Applied,
+    hence allowed: ``model.decoder.*`` for ``--task caption`` on a run without a decoder (the
+    fresh decoder is built from it). ``model.lock.*`` is not: the strategy (``finetune.strategy``,
+    ``finetune.towers``) chooses which weights train."""
+    from mm.checkpoint import changed_model_keys, saved_model_config
+
+    saved = saved_model_config(model_dir)
+    fresh_decoder = task == "caption" and not saved.decoder.layers
+    for key, wanted, was in changed_model_keys(saved, cfg.model, keys):
+        if fresh_decoder and key.startswith("decoder."):
+            continue
+        hint = ("finetune.strategy and finetune.towers choose what trains" if key.startswith("lock.")
+                else "--init keeps the run's architecture and settings; drop the override or pretrain a new run")
+        raise ValueError(f"model.{key}={wanted!r} differs from the --init run's {was!r}: {hint}")
+
+
 def finetune(init: str, data: str, task: str, out: str, cfg: FinetuneConfig) -> dict:
     """Fine-tune ``init`` (run or model dir) on ``data`` for ``task`` (a key of ``TASKS``) with
     ``cfg.finetune.strategy``; then the task's evaluation (classify, retrieval: WiSE-FT), eval.json
@@ -532,7 +551,7 @@ def finetune(init: str, data: str, task: str, out: str, cfg: FinetuneConfig) -> 
 
 
 __all__ = ["StrategyConfig", "FinetuneConfig", "StrategySpec", "STRATEGIES", "TaskSpec", "TASKS", "FinetuneJob",
-           "check_finetune", "finetune_caption", "evaluate_caption", "caption_strategy", "Classify",
+           "check_finetune", "check_init_overrides", "finetune_caption", "evaluate_caption", "caption_strategy", "Classify",
            "ClassifyFactory", "PrepareModel", "merge_lora_state", "interpolate_states", "prompt_lookup", "finetune",
            "finetune_classify", "finetune_retrieval", "fit_probe", "evaluate_finetune", "retention",
            "write_prompt_view", "cached_embeddings"]

@@ -158,6 +158,46 @@ def test_cli_bad_inputs_fail_before_work(tmp_path, capsys):
     assert not (tmp_path / "ft").exists()
 
 
+def test_init_refuses_model_overrides_it_would_drop(tmp_path, cli_errors):
+    """--init starts from the run's saved model: a model.* override (--set or the config file's
+    model section) that differs from it used to be dropped silently; now it is refused before any
+    work, in one line naming the key and both values. One that equals the saved value passes, and
+    model.decoder.* applies to --task caption on a run without a decoder (a fresh decoder)."""
+    from test_evaluate import make_corpus, make_model
+
+    from jobs.finetune import check_inputs, main, model_keys
+    from mm.finetune import FinetuneConfig
+
+    corpus = make_corpus(tmp_path / "c", n=8)
+    make_model(tmp_path / "pre", corpus)  # vision.width 32, text.depth 1, no decoder
+    out = tmp_path / "ft"
+    base = ["--init", str(tmp_path / "pre"), "--data", str(corpus), "--out", str(out)]
+
+    def refused(*extra, task="retrieval") -> str:
+        assert main([*base, "--task", task, *extra]) == 2
+        lines = cli_errors()
+        assert len(lines) == 1, lines
+        return lines[0]
+
+    assert "model.vision.width=64 differs from the --init run's 32" in refused("--set", "model.vision.width=64")
+    cfg_file = tmp_path / "ft.yaml"
+    cfg_file.write_text("model:\n  text: {depth: 3}\nfinetune: {strategy: full}\n")
+    assert "model.text.depth=3 differs from the --init run's 1" in refused("--config", str(cfg_file))
+    assert "finetune.strategy and finetune.towers" in refused("--set", "model.lock.vision=true")
+    assert "model.decoder.layers=1 differs" in refused("--set", "model.decoder.layers=1")  # retrieval has no decoder
+    assert not out.exists()
+
+    def accepted(overrides, task="retrieval") -> None:
+        from core.config import load_config
+
+        cfg = load_config(FinetuneConfig, None, overrides)
+        check_inputs(str(tmp_path / "pre"), str(corpus), task, str(out), cfg, model_keys(None, overrides))
+
+    accepted(["model.vision.width=32", "model.text.depth=1", "optim.lr=0.001"])  # the saved values: nothing dropped
+    accepted(["model.decoder.layers=1", "model.decoder.width=32", "model.decoder.heads=2"], task="caption")
+    assert model_keys(str(cfg_file), ["model.embed_dim=16", "train.max_steps=2"]) == ["text.depth", "embed_dim"]
+
+
 FAST = ["--set", "train.max_steps=4", "--set", "train.num_workers=1", "--set", "data.batch_size=8",
         "--set", "train.log_every_steps=2", "--set", "train.checkpoint_every_steps=4",
         "--set", "finetune.wise_ft_alphas=[0.5]", "--set", "eval.batch_rows=32"]
