@@ -141,8 +141,10 @@ def band_rows(rows: pa.Table, cfg: DedupConfig) -> pa.Table:
     return pa.table({"band": keys[order], "row": pos[order]})
 
 
-def _write_index(rows: pa.Table, path: str, cfg: DedupConfig) -> None:
-    """The bands file first, the snapshot file last (a bands file without its snapshot file is ignored)."""
+def write_index(rows: pa.Table, index_dir: str, snapshot: str, cfg: DedupConfig) -> None:
+    """Index ``rows`` (``kept_index_rows``' columns) as ``snapshot``: the bands file first, the
+    snapshot file last (a bands file without its snapshot file is ignored)."""
+    path = _index_path(index_dir, snapshot)
     bands = band_rows(rows, cfg)
     meta = {"params": _band_params(cfg), "rows": rows.num_rows}
     _write(bands.replace_schema_metadata({"mm_bands": json.dumps(meta, sort_keys=True)}), _bands_path(path),
@@ -201,7 +203,7 @@ def index_snapshot(curated: str, index_dir: str, snapshot: str, modality: str,
     """Write ``snapshot``'s index files (rows and bands) for what ``curated/data`` kept, then drop
     the work rows."""
     rows = kept_index_rows(curated, modality, snapshot)
-    _write_index(rows, _index_path(index_dir, snapshot), dedup_cfg or DedupConfig())
+    write_index(rows, index_dir, snapshot, dedup_cfg or DedupConfig())
     fs, path, _ = resolve(join(curated, WORK_DIR))
     remove(fs, path)
 
@@ -373,4 +375,4 @@ def _correct_stats(curated: str, removed: pa.Table, reasons: list[str], modality
 
 
 __all__ = ["INDEX_COLUMNS", "VERIFY_COLUMNS", "HELDOUT", "curate_snapshot", "index_snapshot", "kept_index_rows",
-           "band_rows", "dedup_against_index", "replay_mix"]
+           "band_rows", "write_index", "dedup_against_index", "replay_mix"]
