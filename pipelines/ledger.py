@@ -25,7 +25,7 @@ import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
 from core.lineage import now_utc
-from core.storage import join, read_bytes, write_bytes
+from core.storage import is_local, join, read_bytes, write_bytes
 
 log = logging.getLogger(__name__)
 
@@ -68,8 +68,8 @@ def discover(sources: Sequence[str], ledger: pa.Table, ensure_ray=lambda: None) 
     for src in sources:
         try:
             files += expand_sources([src])
-        except ValueError as e:
-            if "holds no inputs" not in str(e):
+        except ValueError as e:  # an empty folder; on an object store an empty prefix does not exist
+            if "holds no inputs" not in str(e) and not (not is_local(src) and "does not exist" in str(e)):
                 raise
             log.info("source %s holds no inputs yet", src)
     known = {(r["uri"], r["size"], r["mtime_ns"]): r["checksum"] for r in ledger.to_pylist()}

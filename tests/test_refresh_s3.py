@@ -143,6 +143,20 @@ def test_s3_pointer_flips_atomically(s3_server):  # noqa: F811
     assert seen <= {a, b}, f"a reader saw {seen}"
 
 
+def test_ledger_and_discovery_on_s3(s3_server):  # noqa: F811
+    """The ledger lives on the store; an empty source prefix (which on S3 does not exist until its
+    first object arrives) holds no inputs yet instead of failing the scheduled run."""
+    from pipelines.ledger import discover, read_ledger, write_ledger_rows
+
+    bucket = s3_server.bucket("ledger")
+    assert discover([f"{bucket}/incoming"], read_ledger(f"{bucket}/corpus")) == {"new": [], "changed": [],
+                                                                                 "unchanged": 0}
+    rows = [{"uri": f"{bucket}/incoming/a.tar", "kind": "tar", "size": 3, "mtime_ns": 1, "checksum": "c1"}]
+    write_ledger_rows(f"{bucket}/corpus", rows, "20260101T0000")
+    write_ledger_rows(f"{bucket}/corpus", rows, "20260101T0000")  # idempotent per snapshot
+    assert read_ledger(f"{bucket}/corpus").column("uri").to_pylist() == [rows[0]["uri"]]
+
+
 def _refresh_config(tmp_path: Path, bucket: str, train_steps: int = 2) -> Path:
     from test_refresh import TRAIN
 
