@@ -58,6 +58,7 @@ from pipelines.images import ImageConfig, process_image_batch
 from pipelines.inputs import SourceFile
 from pipelines.listing import expand_sources
 from pipelines.schema import REJECT_SCHEMA, assign_split, schema_for
+from pipelines.semdedup import SEMANTIC_COLUMNS, check_semantic, embed_batch, semantic_duplicates
 from pipelines.sources import SourceConfig
 from pipelines.tokenize import TokenizerConfig, build_tokenizer, tokenize_batch
 from pipelines.video import VideoConfig
@@ -126,6 +127,8 @@ def process_batch(batch: pa.Table, cfg: CurateConfig, progress: Any = None) -> p
         out = process_video_batch(batch, cfg.video, cfg.captions)
     else:
         out = process_image_batch(batch, cfg.images, cfg.captions)
+        if cfg.dedup.semantic.enabled:  # the embedding work column (pipelines/semdedup.py)
+            out = embed_batch(out, cfg.dedup.semantic)
     if progress is not None:  # bytes consumed ~ media + caption + two 512-byte tar headers and padding
         nbytes = 1536 * batch.num_rows
         for col in ("media", "caption_raw"):
@@ -199,6 +202,7 @@ def _run_curate(sources: list[str], out: str, cfg: CurateConfig) -> dict:
 
     t0 = time.time()
     check_language_support(cfg.captions)
+    check_semantic(cfg.dedup, cfg.modality)
     files = expand_sources(list(sources))
     fs, root, uri_prefix = _out_fs(out)
     work = f"{root}/{WORK_DIR}"
@@ -242,6 +246,8 @@ def _run_curate(sources: list[str], out: str, cfg: CurateConfig) -> dict:
         drops = video_mod.find_clip_duplicates(read, cfg.dedup, light)
     else:
         drops = find_duplicates(candidates.drop_columns(["orig_width", "orig_height"]), cfg.dedup)
+    if cfg.dedup.semantic.enabled:  # after exact/near dedup, on their survivors
+        drops = semantic_duplicates(read(list(SEMANTIC_COLUMNS)), drops, cfg.dedup)
     drop_ids = drops.column("row_id")
     t_dedup = time.time()
 

