@@ -11,7 +11,9 @@ most-frequent-caption baseline, with RUN2/captions.jsonl) and RUN2/report.html. 
 or inputs (mm.finetune.check_finetune) fail before Ray starts, with one line and exit code 2; so
 does a ``model.*`` override (``--set`` or the config file's ``model`` section) that differs from
 the --init run's saved model, which the fine-tune would otherwise drop (mm.finetune.check_init_overrides).
-Tested in tests/test_finetune.py.
+RUN, DIR and RUN2 may be URIs (``s3://``, ``gs://``): the init run's model/ is fetched once to
+the local cache, the corpus is read from the store, and RUN2 is written there as ``mm pretrain``
+writes a run (mm.finetune.finetune). Tested in tests/test_finetune.py and tests/test_s3_finetune.py.
 """
 
 from __future__ import annotations
@@ -32,11 +34,11 @@ def build_parser() -> argparse.ArgumentParser:
     from mm.finetune import TASKS
 
     p = argparse.ArgumentParser(prog="mm finetune", description=__doc__.split("\n\n")[0])
-    p.add_argument("--init", required=True, help="pretrained run dir (with model/) or model dir")
+    p.add_argument("--init", required=True, help="pretrained run dir (with model/) or model dir; a path or URI")
     p.add_argument("--data", required=True,
-                   help="curated corpus dir (labelled for --task classify, captioned for --task caption)")
+                   help="curated corpus dir (labelled for --task classify, captioned for --task caption); a path or URI")
     p.add_argument("--task", required=True, choices=tuple(TASKS))
-    p.add_argument("--out", required=True, help="run dir to write")
+    p.add_argument("--out", required=True, help="run dir to write; a path or URI (s3://, gs://)")
     add_common(p)
     return p
 
@@ -65,15 +67,17 @@ def model_keys(config: str | None, overrides: Sequence[str]) -> list[str]:
 
 
 def check_inputs(init: str, data: str, task: str, out: str, cfg, keys: Sequence[str] = ()) -> None:
+    from core.storage import is_uri, join
     from mm.checkpoint import CheckpointError
     from mm.data import check_corpus, corpus_tokenizer_dir, same_tokenizer
-    from mm.evaluate import resolve_model_dir
-    from mm.finetune import check_finetune, check_init_overrides
+    from mm.finetune import check_finetune, check_init_overrides, local_model_dir
 
     try:
-        model_dir = resolve_model_dir(init)
+        model_dir = local_model_dir(init)
     except FileNotFoundError as e:
         raise UsageError(str(e).replace("--model", "--init", 1)) from None
+    except OSError as e:  # a URI: credentials, a missing bucket, a timeout
+        raise UsageError(f"--init {init}: {str(e).splitlines()[0]}") from None
     try:
         check_init_overrides(model_dir, task, cfg, keys)
     except (ValueError, CheckpointError) as e:
@@ -88,7 +92,10 @@ def check_inputs(init: str, data: str, task: str, out: str, cfg, keys: Sequence[
         if not same_tokenizer(model_dir / "tokenizer", corpus_tokenizer_dir(path)):
             raise UsageError(f"{flag} {path}: its tokenizer differs from --init's; curate with the model's tokenizer")
     check_out_dir(out)
-    if Path(out).resolve() == model_dir.parent.resolve() or Path(out).resolve() == model_dir.resolve():
+    if is_uri(out) or is_uri(init):
+        if out.rstrip("/") in (init.rstrip("/"), join(init, "model")):
+            raise UsageError(f"--out {out} would overwrite --init {init}")
+    elif Path(out).resolve() == model_dir.parent.resolve() or Path(out).resolve() == model_dir.resolve():
         raise UsageError(f"--out {out} would overwrite --init {init}")
     try:
         check_finetune(model_dir, data, task, cfg)

@@ -59,13 +59,14 @@ import shutil
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from pathlib import Path
+from pathlib import Path, PurePosixPath
 from typing import Any, Literal
 
 import numpy as np
 import torch
 from torch import nn
 
+from core.storage import exists, is_uri, join, local_dir, read_bytes, upload_dir, write_bytes
 from mm.caption import CaptionEvalConfig
 from mm.eval_inputs import EvalConfig
 from mm.objectives import ContrastiveConfig, ObjectivesConfig
@@ -256,11 +257,15 @@ def cached_embeddings(run: Path, model_dir: Path, data: str, split: str, cfg: Ev
     return emb
 
 
-def _checkpoint_head(summary: dict) -> tuple[np.ndarray, np.ndarray]:
-    """The trained classify head from the run's final Ray Train checkpoint (it is not part of RUN/model)."""
+def _checkpoint_head(summary: dict, store: str = "") -> tuple[np.ndarray, np.ndarray]:
+    """The trained classify head from the run's final Ray Train checkpoint (it is not part of
+    RUN/model); a run on a URI (``store``) has it there, fetched to the local cache."""
     from mm.checkpoint import load_train_state
 
-    state, _, _ = load_train_state(summary["checkpoint"])
+    ckpt = summary["checkpoint"]
+    if is_uri(store):  # Ray names it inside its filesystem (no scheme): RUN/ray/<checkpoint dir>
+        ckpt = local_dir(join(store, "ray", PurePosixPath(str(ckpt)).name))
+    state, _, _ = load_train_state(ckpt)
     keys = [f"objectives.{Classify.name}.classifier.{leaf}" for leaf in ("weight", "bias")]  # keyed by name
     if any(k not in state for k in keys):
         raise ValueError(f"no classify head in checkpoint {summary['checkpoint']}")
@@ -283,7 +288,10 @@ def _merge_lora_run(run: Path, s: StrategyConfig) -> None:
 @dataclass
 class FinetuneJob:
     """What a task's function gets: the config, the data, the run dir it writes, and the model
-    (with its tokenizer) it starts from."""
+    (with its tokenizer) it starts from. ``run`` is local; for an ``--out`` URI it is a staging
+    dir and ``store`` the URI: Ray Train writes checkpoints, metrics.jsonl and RUN/model there
+    (``fit_dir``), ``fetch_model`` brings RUN/model back for evaluation, and ``finetune`` uploads
+    the rest at the end."""
 
     cfg: FinetuneConfig
     data: str
@@ -292,6 +300,19 @@ class FinetuneJob:
     init_model: nn.Module
     tok: Any  # the run's Hugging Face tokenizer
     task: str = "classify"
+    store: str = ""  # the --out URI; "" when the run is local
+
+    @property
+    def fit_dir(self) -> str:
+        """Where ``mm.train.fit`` writes the run: the store, or the local run dir."""
+        return self.store or str(self.run)
+
+    def fetch_model(self) -> None:
+        """After a fit on the store: its RUN/model copied into the local run dir (a copy, so
+        a LoRA merge never edits the fetch cache)."""
+        if self.store:
+            shutil.rmtree(self.run / "model", ignore_errors=True)
+            shutil.copytree(local_dir(join(self.store, "model")), self.run / "model")
 
     def prepare(self, towers: tuple[str, ...], train_scale: bool = False) -> PrepareModel:
         s = self.cfg.finetune
@@ -308,8 +329,9 @@ def finetune_retrieval(job: FinetuneJob) -> dict[str, ClassifierHead]:
     objectives = job.cfg.objectives
     if objectives.contrastive.weight <= 0:
         objectives = dataclasses.replace(objectives, contrastive=ContrastiveConfig(weight=1.0))
-    fit(job.cfg.pretrain(objectives=objectives), [job.data], str(job.run), init=str(job.init_dir),
+    fit(job.cfg.pretrain(objectives=objectives), [job.data], job.fit_dir, init=str(job.init_dir),
         prepare_model=job.prepare(towers, train_scale=len(towers) == 2))
+    job.fetch_model()
     return {}
 
 
@@ -340,19 +362,21 @@ def finetune_classify(job: FinetuneJob) -> dict[str, ClassifierHead]:
         return {"zeroshot": zeroshot, "finetuned": head0}
     if spec.prompts_contrastive:  # flyp: both towers, contrastive, against every class prompt
         view = write_prompt_view(data, run / "ft_data", classes, prompts, tok, max_tokens)
-        fit(job.cfg.pretrain(objectives=ObjectivesConfig()), [str(view)], str(run), init=str(job.init_dir),
+        fit(job.cfg.pretrain(objectives=ObjectivesConfig()), [str(view)], job.fit_dir, init=str(job.init_dir),
             prepare_model=job.prepare(("vision", "text"), train_scale=True))
+        job.fetch_model()
         tuned = mm.load(str(run))
         w = zeroshot_weights(tuned, tok, classes, templates) * float(tuned.scale()[0].detach())
         return {"zeroshot": zeroshot, "finetuned": ClassifierHead(classes, w, np.zeros(len(classes), np.float32))}
     # cross-entropy on the view's one prompt per class
     view = write_prompt_view(data, run / "ft_data", classes, [p[:1] for p in prompts], tok, max_tokens)
     lookup = prompt_lookup([tokenize_prompts(tok, p[:1], max_tokens)[0] for p in prompts])
-    summary = fit(job.cfg.pretrain(), [str(view)], str(run), init=str(job.init_dir),
+    summary = fit(job.cfg.pretrain(), [str(view)], job.fit_dir, init=str(job.init_dir),
                   objectives=[ClassifyFactory(head0.weight.astype(np.float32), head0.bias.astype(np.float32),
                                               lookup, s.label_smoothing)],
                   prepare_model=job.prepare(("vision",)))
-    w, b = _checkpoint_head(summary)
+    job.fetch_model()
+    w, b = _checkpoint_head(summary, job.store)
     return {"zeroshot": zeroshot, "finetuned": ClassifierHead(classes, w, b)}
 
 
@@ -421,6 +445,9 @@ def check_classify(model_dir: Path, data: str, cfg: FinetuneConfig) -> None:
     from mm.eval_inputs import split_labels
 
     _check_lora_vision(model_dir, cfg, adapts_vision=True)
+    if is_uri(data) and STRATEGIES[cfg.finetune.strategy].trainable is not None:
+        raise ValueError(f"--data {data}: --task classify with finetune.strategy={cfg.finetune.strategy} writes a "
+                         "prompt view of a local corpus (mm/prompt_view.py); give a local --data, or use head_only")
     if not any(split_labels(data, "train")):
         raise ValueError(f"--data {data} has no labelled train rows (needed for --task classify)")
 
@@ -521,37 +548,105 @@ def check_init_overrides(model_dir: str | Path, task: str, cfg: FinetuneConfig, 
         raise ValueError(f"model.{key}={wanted!r} differs from the --init run's {was!r}: {hint}")
 
 
+def local_model_dir(init: str | Path) -> Path:
+    """``--init`` (a run or model dir, a path or a URI) as a local model dir: a URI's model/ is
+    fetched once into the local cache (core.storage.local_dir), checkpoints stay on the store."""
+    from mm.eval_inputs import resolve_model_dir
+
+    if not is_uri(str(init)):
+        return resolve_model_dir(init)
+    src = join(init, "model") if exists(join(init, "model", "config.json")) else str(init)
+    try:
+        return resolve_model_dir(local_dir(src))
+    except FileNotFoundError:
+        raise FileNotFoundError(f"--model {init} is neither a run dir with model/ nor a model dir "
+                                "(config.json + model.safetensors)") from None
+
+
+# In a staging dir but not uploaded with an --out URI: caches of this process.
+_STAGING_ONLY = ("features", "ft_data", "init_model", "wise_ft")
+
+
 def finetune(init: str, data: str, task: str, out: str, cfg: FinetuneConfig) -> dict:
     """Fine-tune ``init`` (run or model dir) on ``data`` for ``task`` (a key of ``TASKS``) with
     ``cfg.finetune.strategy``; then the task's evaluation (classify, retrieval: WiSE-FT), eval.json
-    and report.html in ``out``. Ray must be initialised. Returns the eval dict."""
-    from mm.eval_inputs import load_model_and_tokenizer, resolve_model_dir
+    and report.html in ``out``. Ray must be initialised. Returns the eval dict.
+
+    Any of ``init``, ``data``, ``out`` may be a URI (``s3://``, ``gs://``). With an ``out`` URI the
+    run is staged in a local temp dir: Ray Train's checkpoints, metrics.jsonl, the manifest and
+    RUN/model go straight to the store (classify, retrieval; as ``mm pretrain``), and RUN/model
+    (after a LoRA merge), classifier/, eval.json, its samples and report.html are uploaded at
+    the end, eval.json and report.html last. ``--task caption`` trains in the staging dir and
+    uploads the whole run (mm/caption.py writes its decoder's init model locally)."""
+    import tempfile
+
+    init_dir = local_model_dir(init)
+    check_finetune(init_dir, data, task, cfg)
+    if not is_uri(out):
+        run = Path(out).resolve()
+        run.mkdir(parents=True, exist_ok=True)
+        return _finetune(str(init), init_dir, data, task, run, "", cfg)
+    store = out.rstrip("/")
+    with tempfile.TemporaryDirectory(prefix="mm-finetune-") as tmp:
+        run = Path(tmp) / "run"
+        run.mkdir()
+        result = _finetune(str(init), init_dir, data, task, run, "" if task == "caption" else store, cfg)
+        _upload_run(run, store)
+    return result
+
+
+def _finetune(init: str, init_dir: Path, data: str, task: str, run: Path, store: str, cfg: FinetuneConfig) -> dict:
+    from mm.eval_inputs import load_model_and_tokenizer
     from mm.evaluate import write_eval
     from mm.report import write_report
 
     t0 = time.time()
     s = cfg.finetune
-    init_dir = resolve_model_dir(init)
-    check_finetune(init_dir, data, task, cfg)
-    run = Path(out).resolve()
-    run.mkdir(parents=True, exist_ok=True)
     init_model, tok = load_model_and_tokenizer(init_dir)
-    job = FinetuneJob(cfg, data, run, init_dir, init_model, tok, task)
+    job = FinetuneJob(cfg, data, run, init_dir, init_model, tok, task, store)
     heads = TASKS[task].train(job)
+    _record_init_uri(init, job.fit_dir if task != "caption" else str(run))
     if s.strategy == "lora":
         _merge_lora_run(run, s)
     if "finetuned" in heads:
         save_classifier(heads["finetuned"], run / "classifier")
     result = TASKS[task].evaluate(job, heads)
-    result["finetune"] = {"init": str(init_dir), "task": task, "strategy": s.strategy,
+    result["finetune"] = {"init": init if is_uri(init) else str(init_dir), "task": task, "strategy": s.strategy,
                           "time_s": round(time.time() - t0, 1)}
     write_eval(result, run / "eval.json")
+    if store and not (run / "metrics.jsonl").is_file():  # the report's loss curves, written by fit on the store
+        metrics = read_bytes(join(store, "metrics.jsonl"))
+        if metrics:
+            (run / "metrics.jsonl").write_bytes(metrics)
     write_report(run)
     return result
 
 
+def _record_init_uri(init: str, run: str) -> None:
+    """fit's manifest names the local cache it read an ``--init`` URI from: name the URI."""
+    from core.storage import read_json, write_json
+
+    manifest = read_json(join(run, "manifest.json")) if is_uri(init) else None
+    if isinstance(manifest, dict) and isinstance(manifest.get("inputs"), dict):
+        manifest["inputs"]["init"] = init
+        write_json(join(run, "manifest.json"), manifest)
+
+
+def _upload_run(run: Path, store: str) -> None:
+    """The staged run to its URI: folders first, then files, eval.json and report.html last (a
+    run on the store with an eval.json is complete)."""
+    last = ("eval.json", "report.html")
+    entries = sorted((p for p in run.iterdir() if p.name not in _STAGING_ONLY), key=lambda p: (
+        p.is_file(), p.name in last, last.index(p.name) if p.name in last else 0, p.name))
+    for p in entries:
+        if p.is_dir():
+            upload_dir(p, join(store, p.name))
+        else:
+            write_bytes(join(store, p.name), p.read_bytes())
+
+
 __all__ = ["StrategyConfig", "FinetuneConfig", "StrategySpec", "STRATEGIES", "TaskSpec", "TASKS", "FinetuneJob",
-           "check_finetune", "check_init_overrides", "finetune_caption", "evaluate_caption", "caption_strategy", "Classify",
+           "check_finetune", "check_init_overrides", "local_model_dir", "finetune_caption", "evaluate_caption", "caption_strategy", "Classify",
            "ClassifyFactory", "PrepareModel", "merge_lora_state", "interpolate_states", "prompt_lookup", "finetune",
            "finetune_classify", "finetune_retrieval", "fit_probe", "evaluate_finetune", "retention",
            "write_prompt_view", "cached_embeddings"]
