@@ -3,7 +3,8 @@
 Same as ``python -m jobs.curate ...`` (for ``ray job submit``). Curates tar shards, folders and
 manifests into ``DIR`` (DESIGN.md "Curate output"); see pipelines/curate.py. A missing or empty
 SRC, an unknown ``--set`` key, a bad config or ``--out`` pointing at a file: one line on stderr,
-exit code 2, nothing written. Prints the stats summary as JSON on stdout.
+exit code 2, nothing written. Prints the stats summary as JSON on stdout, one line, with
+``report``: where the curation report (``DIR/report.html``, pipelines/curate_report.py) is.
 
     mm curate shards/{00000..00009}.tar photos/ urls.parquet --out corpus/ --set images.image_px=224
 """
@@ -58,6 +59,10 @@ def main_args(args: argparse.Namespace) -> int:
     stats = run_curate(args.sources, args.out, cfg)
     summary = {k: stats[k] for k in ("inputs", "kept", "rejected", "invariant_ok") if k in stats}
     summary["out"] = args.out
+    from core.storage import exists, join
+
+    if exists(join(args.out, "report.html")):
+        summary["report"] = join(args.out, "report.html")
     print(json.dumps(summary))
     return 0
 

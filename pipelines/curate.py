@@ -15,8 +15,14 @@ Passes (each a streaming Ray Data plan; memory stays flat as the corpus grows):
 3. **tokenizer**: trained on the kept captions (in ``sample_id`` order) or loaded → ``DIR/tokenizer``.
 4. **write**: kept rows, tokenised and split → ``DIR/data/*.parquet`` (``schema.schema_for``),
    ``rows_per_file`` rows per shard; every reject → ``DIR/rejects/*.parquet`` (REJECT_SCHEMA).
-5. **stats/manifest**: ``stats.json`` (counts per reason, histograms, the invariant) and
-   ``manifest.json`` (inputs with checksums, resolved config, code version, time).
+5. **stats/manifest/report**: ``stats.json`` (counts per reason, histograms, the invariant),
+   ``manifest.json`` (inputs with checksums, resolved config, code version, time) and
+   ``report.html`` (pipelines/curate_report.py: counts, plots, samples, duplicate pairs with
+   their evidence, near misses; bounded samples, never the corpus).
+
+A duplicate's reject ``detail`` is its keeper's ``sample_id``, a space, then the evidence as
+``name=value`` tokens (``dedup.drop_details``/``dedup.parse_detail``), e.g.
+``"<keeper> hamming=3 residual=6.1 limit=22.0"`` or ``"<keeper> exact=media"``.
 
 Work rows (the hook for other modalities): a modality's batch function maps INPUT_SCHEMA
 records to rows carrying ``WORK_COLUMNS`` — ``row_id`` (unique per row), ``sample_id``,
@@ -52,8 +58,9 @@ from core.progress import Progress, report
 from core.storage import move, remove, resolve
 from pipelines import stats as stats_mod
 from pipelines.captions import CaptionConfig, check_language_support
+from pipelines.curate_report import NEAR_MISSES, write_curate_report
 from pipelines.datasources import has_urls, read_inputs
-from pipelines.dedup import DROP_SCHEMA, DedupConfig, find_duplicates
+from pipelines.dedup import DROP_SCHEMA, DedupConfig, drop_details, find_duplicates
 from pipelines.images import ImageConfig, process_image_batch
 from pipelines.inputs import SourceFile
 from pipelines.listing import expand_sources
@@ -153,11 +160,12 @@ def finalize_kept(batch: pa.Table, drops: pa.Array, tokenizer_dir: str, max_toke
 
 
 def finalize_rejects(batch: pa.Table, drops: pa.Table) -> pa.Table:
-    """Reject rows: stage rejects as they are, duplicates with the keeper's sample_id in detail."""
+    """Reject rows: stage rejects as they are, duplicates with the keeper's sample_id and the
+    evidence in detail (``dedup.drop_details``)."""
     idx = pc.index_in(batch.column("row_id"), value_set=drops.column("row_id"))
     is_dup = pc.is_valid(idx)
     reason = pc.if_else(is_dup, pc.take(drops.column("reason"), idx), batch.column("reason"))
-    detail = pc.if_else(is_dup, pc.take(drops.column("keeper"), idx), batch.column("detail"))
+    detail = pc.if_else(is_dup, pc.take(drop_details(drops), idx), batch.column("detail"))
     stage = pc.if_else(is_dup, pa.scalar("dedup"), batch.column("stage"))
     t = pa.table({"source": batch.column("source"), "key": batch.column("key"), "stage": stage,
                   "reason": reason, "detail": detail})
@@ -240,12 +248,14 @@ def _run_curate(sources: list[str], out: str, cfg: CurateConfig) -> dict:
                   "orig_width", "orig_height", "stage", "reason", "detail",
                   *(IMAGE_DEDUP_COLUMNS if cfg.modality == "image" else ())]).materialize()
     candidates = small.map_batches(_candidates_only, **light).materialize()
+    dedup_stats: dict = {}
     if cfg.modality == "video":  # one candidate per clip; a dropped clip takes all its caption rows
         from pipelines import video_accounting as video_mod
 
         drops = video_mod.find_clip_duplicates(read, cfg.dedup, light)
     else:
-        drops = find_duplicates(candidates.drop_columns(["orig_width", "orig_height"]), cfg.dedup)
+        drops = find_duplicates(candidates.drop_columns(["orig_width", "orig_height"]), cfg.dedup,
+                                with_evidence=True, stats=dedup_stats, near_misses=NEAR_MISSES)
     if cfg.dedup.semantic.enabled:  # after exact/near dedup, on their survivors
         drops = semantic_duplicates(read(list(SEMANTIC_COLUMNS)), drops, cfg.dedup)
     drop_ids = drops.column("row_id")
@@ -298,6 +308,13 @@ def _run_curate(sources: list[str], out: str, cfg: CurateConfig) -> dict:
         log.error("accounting invariant violated: inputs %d != kept %d + rejected %d",
                   n_inputs, n_kept, n_rejected)
     _write_text(fs, f"{stage}/manifest.json", json.dumps(build_manifest(files, cfg, sources), indent=2) + "\n")
+    try:  # the report is for reading: a failure to draw it never costs the corpus
+        media = candidates.select_columns(["row_id", "sample_id", "key", "thumb"]) if cfg.modality == "image" \
+            else read(["row_id", "sample_id", "key", "frames"])
+        write_curate_report(fs, stage, st, media=media, drops=drops, rejects=rejects, light=light, title=out,
+                            near_misses=dedup_stats.get("near_misses"))
+    except Exception as e:  # noqa: BLE001
+        log.warning("report.html not written: %s: %s", type(e).__name__, e)
     _commit(fs, root, stage)
     st["seconds"]["total"] = round(time.time() - t0, 3)
     _write_text(fs, f"{work}/stats.json", stats_mod.dumps(st))
@@ -376,9 +393,10 @@ def _commit(fs: Any, root: str, stage: str) -> None:
     incomplete), then each output is replaced by its staged copy (a rename on a local disk, a
     server-side copy on an object store, which has no rename: core.storage.move)."""
     remove(fs, f"{root}/stats.json")
-    for name in ("data", "rejects", "tokenizer", "manifest.json"):
+    for name in ("data", "rejects", "tokenizer", "manifest.json", "report.html"):
         remove(fs, f"{root}/{name}")
-        move(fs, f"{stage}/{name}", f"{root}/{name}")
+        if name != "report.html" or fs.get_file_info(f"{stage}/{name}").type == pafs.FileType.File:
+            move(fs, f"{stage}/{name}", f"{root}/{name}")
 
 
 def _local_tokenizer_dir(root: str, uri_prefix: str) -> Path:

@@ -2,7 +2,9 @@
 verification), near-duplicate captions.
 
     drops = find_duplicates(rows_ds, DedupConfig())   # pyarrow Table: row_id, reason, keeper
-    drops = find_duplicates(rows_ds, cfg, with_evidence=True)   # + evidence ("hamming=3 residual=6.1 ...")
+    drops = find_duplicates(rows_ds, cfg, with_evidence=True)   # + evidence ("hamming=3 residual=6.1 limit=22.0")
+    detail = drop_details(drops)      # a reject's ``detail``: "<keeper sample_id> hamming=3 residual=6.1 limit=22.0"
+    keeper, evidence = parse_detail(detail[0].as_py())   # ("<sample_id>", {"hamming": "3", ...})
 
 Input rows carry the generic dedup columns (``curate.WORK_COLUMNS``): ``row_id`` (unique per
 row), ``sample_id``, ``content_hash`` (exact media key), ``hashes`` (list<int64> of perceptual
@@ -29,10 +31,19 @@ lexicographic order, then smallest ``sample_id``.
    edges are joined with union-find; within a component, members are visited in keeper-rule
    order and a member is dropped only when it has a verified edge to a keeper (no chaining:
    every dropped row was verified against the keeper named in its ``detail``). Reason
-   ``near_duplicate``; the evidence (Hamming distance, residual, information) of that edge is
-   returned with ``with_evidence=True``.
+   ``near_duplicate``; the evidence of that edge is returned with ``with_evidence=True``.
+   With ``near_misses=n`` (and a ``stats`` dict) the n candidate pairs verification came
+   closest to accepting but kept apart are reported too (``stats["near_misses"]``), so a user
+   can see how far the threshold is from the look-alikes (the curation report shows them).
 3. *Near-duplicate captions* (off by default for image-text): MinHash over character shingles,
    LSH bands of ``caption_band_rows`` rows, candidates verified by estimated Jaccard.
+
+**Evidence** (``evidence`` column; a reject's ``detail`` is the keeper's ``sample_id``, a space,
+then this, see ``drop_details``/``parse_detail``): whitespace-separated ``name=value`` tokens.
+``exact=media`` (same decoded pixels) or ``exact=pair`` (same pixels and caption);
+``hamming=D residual=R limit=L`` for a verified near duplicate (D bits between the nearest hash
+views, R the aligned worst-block residual in grey levels, L the largest residual the pair's
+information allowed); ``hamming=D`` for one decided on hashes alone; ``jaccard=J`` for captions.
 
 Scale: band rows are grouped with Ray Data ``groupby`` on a hash shard of the band key
 (``lsh_shards`` groups) and every shard is processed vectorised in numpy; union-find and the
@@ -138,6 +149,29 @@ class DedupConfig:
             raise ValueError("verify_max_gain must be >= 1; verify_max_residual and verify_min_info >= 0")
 
 
+_EXACT_EVIDENCE = {"content_hash": "exact=media", "sample_id": "exact=pair"}
+
+
+# --------------------------------------------------------------------------- detail of a drop
+def drop_details(drops: pa.Table) -> pa.Array:
+    """The reject ``detail`` of each drop: its keeper's sample_id, then (with an ``evidence``
+    column) a space and the evidence, e.g. ``"9f3c... hamming=3 residual=6.1 limit=22.0"``."""
+    keeper = drops.column("keeper")
+    if "evidence" not in drops.column_names:
+        return keeper.combine_chunks() if isinstance(keeper, pa.ChunkedArray) else keeper
+    joined = pc.binary_join_element_wise(keeper, drops.column("evidence"), " ")
+    return pc.coalesce(joined, keeper).combine_chunks()
+
+
+def parse_detail(detail: str | None) -> tuple[str | None, dict[str, str]]:
+    """A duplicate reject's ``detail`` → (keeper sample_id, {evidence name: value}). A bare
+    keeper id (video clips, older corpora) gives an empty evidence dict."""
+    if not detail:
+        return None, {}
+    keeper, *tokens = detail.split()
+    return keeper, dict(t.split("=", 1) if "=" in t else (t, "") for t in tokens)
+
+
 # --------------------------------------------------------------------------- keeper rule
 def keeper_order(t: pa.Table, first: str | None = None) -> np.ndarray:
     """Row indices of ``t`` sorted best-first by the keeper rule (after column ``first``, if given)."""
@@ -162,7 +196,7 @@ def exact_groups(t: pa.Table, key: str) -> pa.Table:
     return pa.table({"row_id": t.column("row_id").take(pa.array(dup)),
                      "reason": pa.array(["duplicate"] * len(dup), pa.string()),
                      "keeper": t.column("sample_id").take(pa.array(run_start[dup])),
-                     "evidence": pa.array(["same " + key] * len(dup), pa.string())}, schema=EVIDENCE_SCHEMA)
+                     "evidence": pa.array([_EXACT_EVIDENCE[key]] * len(dup), pa.string())}, schema=EVIDENCE_SCHEMA)
 
 
 class UnionFind:
@@ -204,16 +238,19 @@ ROW_COLUMNS = ["row_id", "sample_id", "source", "key", "content_hash", "hashes",
 _HEAVY = ("hashes", "caption", "crop_hashes", "thumb")
 
 
-def find_duplicates(rows, cfg: DedupConfig, with_evidence: bool = False) -> pa.Table:
+def find_duplicates(rows, cfg: DedupConfig, with_evidence: bool = False, stats: dict | None = None,
+                    near_misses: int = 0) -> pa.Table:
     """``rows``: Ray Dataset of candidate rows (ROW_COLUMNS, optional ``priority``, ``crop_hashes``,
     ``thumb``). Returns a pyarrow Table (DROP_SCHEMA, or EVIDENCE_SCHEMA with ``with_evidence``)
     of every row to drop, with its keeper's sample_id. Up to ``local_max_rows`` rows the same
     functions run in this process (a Ray shuffle costs seconds of fixed overhead); above it
-    every grouping is a Ray Data groupby."""
+    every grouping is a Ray Data groupby. ``stats`` and ``near_misses``: see find_duplicates_local."""
+    stats = {} if stats is None else stats
     rows = rows.materialize()
     if rows.count() <= cfg.local_max_rows:
         table = _collect(rows, None)
-        return find_duplicates_local(table if table is not None else pa.table({}), cfg, with_evidence)
+        return find_duplicates_local(table if table is not None else pa.table({}), cfg, with_evidence,
+                                     stats, near_misses)
     drops: list[pa.Table] = []
     survivors = rows
     if cfg.exact != "off":
@@ -238,7 +275,14 @@ def find_duplicates(rows, cfg: DedupConfig, with_evidence: bool = False) -> pa.T
         if make is make_hash_bands and _verifies(cfg, columns):
             thumbs = _collect(survivors.map_batches(_thumbs_with_rid, fn_kwargs={"rids": rids},
                                                     batch_format="pyarrow", num_cpus=0.5), None)
-            edges = verify_edges(edges, thumbs, cfg)
+            stats["candidate_edges"] = edges.num_rows
+            edges = verify_edges(edges, thumbs, cfg, stats, near_misses)
+            stats["verified_edges"] = edges.num_rows
+            misses = stats.pop("near_miss_edges", None)
+            if misses is not None and misses.num_rows:
+                named = _collect(survivors.map_batches(_rows_with_rid, fn_kwargs={"rids": _edge_rids(misses)},
+                                                       batch_format="pyarrow", num_cpus=0.5), None)
+                stats["near_misses"] = near_miss_rows(misses, named)
         elif make is make_hash_bands:
             edges = _unverified(edges, cfg)
         graph = _union(edges)
@@ -253,10 +297,12 @@ def find_duplicates(rows, cfg: DedupConfig, with_evidence: bool = False) -> pa.T
 
 
 def find_duplicates_local(table: pa.Table, cfg: DedupConfig, with_evidence: bool = False,
-                          stats: dict | None = None) -> pa.Table:
+                          stats: dict | None = None, near_misses: int = 0) -> pa.Table:
     """The same stages on one in-memory table (small corpora, tests, the refresh's new shards).
     ``stats``, if given, receives the near-duplicate stage's counts and seconds (candidate edges,
-    verified edges, candidates_s, verify_s)."""
+    verified edges, candidates_s, verify_s) and, with ``near_misses=n``, ``near_misses``: the n
+    candidate pairs with the smallest residuals that verification kept apart, as dicts
+    (row_id, sample_id, other_row_id, other_sample_id, evidence), closest first."""
     stats = {} if stats is None else stats
     if table.num_rows == 0:
         return _result([], with_evidence)
@@ -280,9 +326,11 @@ def find_duplicates_local(table: pa.Table, cfg: DedupConfig, with_evidence: bool
         if make is make_hash_bands:
             stats.update(candidate_edges=edges.num_rows, candidates_s=round(t1 - t0, 3))
         if make is make_hash_bands and _verifies(cfg, set(table.column_names)):
-            rids = pa.array(np.unique(np.r_[edges.column("a").to_numpy(), edges.column("b").to_numpy()]), pa.int64())
-            edges = verify_edges(edges, _thumbs_with_rid(table, rids), cfg)
+            edges = verify_edges(edges, _thumbs_with_rid(table, _edge_rids(edges)), cfg, stats, near_misses)
             stats.update(verified_edges=edges.num_rows, verify_s=round(time.perf_counter() - t1, 3))
+            misses = stats.pop("near_miss_edges", None)
+            if misses is not None and misses.num_rows:
+                stats["near_misses"] = near_miss_rows(misses, _rows_with_rid(table, _edge_rids(misses)))
         elif make is make_hash_bands:
             edges = _unverified(edges, cfg)
         graph = _union(edges)
@@ -292,11 +340,14 @@ def find_duplicates_local(table: pa.Table, cfg: DedupConfig, with_evidence: bool
     return _result(drops, with_evidence)
 
 
-def verify_edges(edges: pa.Table, thumbs: pa.Table | None, cfg: DedupConfig) -> pa.Table:
-    """Candidate edges (a, b, dist) → the verified ones, ``score`` = their residual. ``thumbs``:
-    (rid, thumb) of the rows the edges touch; a pair missing a thumbnail is not verified (kept)."""
+def verify_edges(edges: pa.Table, thumbs: pa.Table | None, cfg: DedupConfig, stats: dict | None = None,
+                 near_misses: int = 0) -> pa.Table:
+    """Candidate edges (a, b, dist) → the verified ones, ``score`` = their residual, ``limit`` =
+    the residual they had to stay under. ``thumbs``: (rid, thumb) of the rows the edges touch; a
+    pair missing a thumbnail is not verified (kept). With ``near_misses=n``, ``stats`` receives
+    ``near_miss_edges``: the n rejected pairs with the smallest (finite) residuals."""
     if edges.num_rows == 0 or thumbs is None or thumbs.num_rows == 0:
-        return EDGE_SCHEMA.empty_table()
+        return EDGE_SCHEMA.empty_table().append_column("limit", pa.array([], pa.float64()))
     edges = _dedupe_edges(edges)
     rid = thumbs.column("rid").to_numpy()
     order = np.argsort(rid)
@@ -306,9 +357,33 @@ def verify_edges(edges: pa.Table, thumbs: pa.Table | None, cfg: DedupConfig) -> 
     ib = np.searchsorted(rid_sorted, b).clip(0, len(rid) - 1)
     present = (rid_sorted[ia] == a) & (rid_sorted[ib] == b)
     blobs = thumbs.column("thumb").take(pa.array(order)).to_pylist()
-    ok, residual = verify_candidates(blobs, ia, ib, cfg, cfg.verify_chunk_pairs)
+    ok, residual, limit = verify_candidates(blobs, ia, ib, cfg, cfg.verify_chunk_pairs)
     ok &= present
-    return edges.filter(pa.array(ok)).set_column(3, "score", pa.array(residual[ok].astype(np.float64)))
+    edges = edges.set_column(3, "score", pa.array(residual.astype(np.float64))).append_column(
+        "limit", pa.array(limit.astype(np.float64)))
+    if near_misses > 0 and stats is not None:
+        missed = np.flatnonzero(~ok & present & np.isfinite(residual))
+        closest = missed[np.argsort(residual[missed], kind="stable")[:near_misses]]
+        stats["near_miss_edges"] = edges.take(pa.array(closest, pa.int64()))
+    return edges.filter(pa.array(ok))
+
+
+def near_miss_rows(misses: pa.Table, rows: pa.Table | None) -> list[dict]:
+    """Near-miss edges (a, b, dist, score, limit) → dicts naming both rows, closest first."""
+    if rows is None or rows.num_rows == 0:
+        return []
+    rid = row_hash64(rows.column("row_id")).tolist()
+    named = dict(zip(rid, zip(rows.column("row_id").to_pylist(), rows.column("sample_id").to_pylist())))
+    out = []
+    for a, b, d, s, lim in zip(*(misses.column(c).to_pylist() for c in ("a", "b", "dist", "score", "limit"))):
+        if a in named and b in named:
+            out.append({"row_id": named[a][0], "sample_id": named[a][1], "other_row_id": named[b][0],
+                        "other_sample_id": named[b][1], "evidence": _evidence(d, s, lim)})
+    return out
+
+
+def _edge_rids(edges: pa.Table) -> pa.Array:
+    return pa.array(np.unique(np.r_[edges.column("a").to_numpy(), edges.column("b").to_numpy()]), pa.int64())
 
 
 def _verifies(cfg: DedupConfig, columns: set[str]) -> bool:
@@ -342,20 +417,21 @@ def _union(edges: pa.Table) -> tuple[UnionFind, dict[int, dict[int, str]]]:
     uf = UnionFind()
     adjacent: dict[int, dict[int, str]] = {}
     cols = [edges.column(c).to_numpy().tolist() for c in ("a", "b", "dist")]
-    for x, y, d, s in zip(*cols, edges.column("score").to_pylist()):
+    limits = edges.column("limit").to_pylist() if "limit" in edges.column_names else [None] * edges.num_rows
+    for x, y, d, s, lim in zip(*cols, edges.column("score").to_pylist(), limits):
         uf.union(x, y)
-        evidence = _evidence(d, s)
+        evidence = _evidence(d, s, lim)
         adjacent.setdefault(x, {})[y] = evidence
         adjacent.setdefault(y, {})[x] = evidence
     return uf, adjacent
 
 
-def _evidence(dist: int, score: float | None) -> str:
+def _evidence(dist: int, score: float | None, limit: float | None = None) -> str:
     if dist < 0:
         return f"jaccard={score:.2f}"
     if score is None or score != score:  # NaN: decided on the hashes alone
         return f"hamming={dist}"
-    return f"hamming={dist} residual={score:.1f}"
+    return f"hamming={dist} residual={score:.1f}" + (f" limit={limit:.1f}" if limit is not None else "")
 
 
 def component_drops(members: pa.Table | None, graph: tuple[UnionFind, dict[int, dict[int, str]]]) -> pa.Table:
@@ -421,4 +497,5 @@ def _collect(ds, schema: pa.Schema | None) -> pa.Table | None:
 
 
 __all__ = ["DedupConfig", "DROP_SCHEMA", "EVIDENCE_SCHEMA", "find_duplicates", "find_duplicates_local",
-           "keeper_order", "exact_groups", "UnionFind", "component_drops", "row_hash64", "verify_edges"]
+           "keeper_order", "exact_groups", "UnionFind", "component_drops", "row_hash64", "verify_edges",
+           "drop_details", "parse_detail", "near_miss_rows"]

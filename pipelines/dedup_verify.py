@@ -220,11 +220,12 @@ def verify_pairs(ta: np.ndarray, tb: np.ndarray, cfg) -> tuple[np.ndarray, np.nd
 
 
 def verify_candidates(blobs: list[bytes | None], a: np.ndarray, b: np.ndarray, cfg,
-                      chunk_pairs: int = 20000) -> tuple[np.ndarray, np.ndarray]:
-    """(ok, residual) of candidate pairs (row positions ``a``, ``b`` into ``blobs``, the rows'
-    thumbnail bytes). Every thumbnail is decoded once for the screen (block means, information);
-    only pairs that pass it are decoded again, ``chunk_pairs`` at a time, and aligned. A row
-    whose thumbnail is missing or broken matches nothing."""
+                      chunk_pairs: int = 20000) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """(ok, residual, limit) of candidate pairs (row positions ``a``, ``b`` into ``blobs``, the
+    rows' thumbnail bytes); ``limit`` is the residual the pair had to stay under (the evidence a
+    drop records, and how near a rejected pair came). Every thumbnail is decoded once for the
+    screen (block means, information); only pairs that pass it are decoded again, ``chunk_pairs``
+    at a time, and aligned. A row whose thumbnail is missing or broken matches nothing."""
     n = len(blobs)
     means = np.zeros((n, 192), np.float32)
     info = np.zeros(n, np.float32)
@@ -245,13 +246,18 @@ def verify_candidates(blobs: list[bytes | None], a: np.ndarray, b: np.ndarray, c
         thumbs, _ = decode_thumbs([blobs[i] for i in rows])
         pa, pb = np.searchsorted(rows, a[sel]), np.searchsorted(rows, b[sel])
         ok[sel], residual[sel] = _decide(thumbs, thumbs, pa, pb, pair_info[sel], screen[sel], cfg)
-    return ok, residual
+    return ok, residual, residual_limit(pair_info, cfg)
+
+
+def residual_limit(info: np.ndarray, cfg) -> np.ndarray:
+    """The largest residual a pair of this information may have and still be a duplicate."""
+    return np.minimum(cfg.verify_max_residual, cfg.verify_residual_per_info * np.asarray(info, np.float32))
 
 
 def _decide(ta: np.ndarray, tb: np.ndarray, ia: np.ndarray, ib: np.ndarray, info: np.ndarray,
             screen: np.ndarray, cfg) -> tuple[np.ndarray, np.ndarray]:
     """Pairs (ta[ia], tb[ib]) with their information and screen value → (ok, residual)."""
-    limit = np.minimum(cfg.verify_max_residual, cfg.verify_residual_per_info * info)
+    limit = residual_limit(info, cfg)
     residual = np.full(len(ia), np.inf, np.float32)
     # too little to go on (kept), or too different even before alignment (kept): no residual
     enough = np.flatnonzero((info >= cfg.verify_min_info) & (screen <= cfg.verify_screen))
@@ -262,5 +268,5 @@ def _decide(ta: np.ndarray, tb: np.ndarray, ia: np.ndarray, ib: np.ndarray, info
 
 
 __all__ = ["THUMB_PX", "phash_of_grey32", "crop_boxes", "compute_descriptors", "decode_thumbs", "information",
-           "block_means", "coarse_difference", "verify_candidates",
+           "block_means", "coarse_difference", "verify_candidates", "residual_limit",
            "pair_residuals", "verify_pairs"]

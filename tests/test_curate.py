@@ -14,6 +14,7 @@ import pytest
 from PIL import Image
 
 from jobs.curate import main
+from pipelines.dedup import parse_detail
 from pipelines.schema import IMAGE_SCHEMA, REJECT_SCHEMA
 
 
@@ -136,8 +137,13 @@ def test_duplicates_name_their_keeper(curated):
     by_key = {name_key(s, k): sid for s, k, sid in zip(data.column("source").to_pylist(), data.column("key").to_pylist(),
                                                        data.column("sample_id").to_pylist())}
     rej = {name_key(r["source"], r["key"]): r for r in rejects.to_pylist()}
-    assert rej[("00002.tar", "near_dup")]["detail"] == by_key[("00000.tar", "000000005")]
-    assert rej[("folder", "f0_copy")]["detail"] == by_key[("folder", "f0")]
+    # detail: the keeper's sample_id, then the evidence that decided the drop (name=value tokens)
+    keeper, evidence = parse_detail(rej[("00002.tar", "near_dup")]["detail"])
+    assert keeper == by_key[("00000.tar", "000000005")]
+    assert set(evidence) == {"hamming", "residual", "limit"}
+    assert 0 <= int(evidence["hamming"]) <= 10 and float(evidence["residual"]) <= float(evidence["limit"])
+    assert rej[("00002.tar", "near_dup")]["detail"].split()[0] == keeper  # the first token is the keeper
+    assert parse_detail(rej[("folder", "f0_copy")]["detail"]) == (by_key[("folder", "f0")], {"exact": "media"})
     assert rej[("00002.tar", "near_dup")]["stage"] == "dedup"
 
 
@@ -227,7 +233,7 @@ def test_demo_corpus_planted_faults(ray_session, tmp_path):
             # an enlarged copy and drop the original: the other one names the keeper
             (gone, kept), = [(a, b) for a, b in ((dup, orig), (orig, dup)) if a in rej and b in kept_ids]
             assert rej[gone]["reason"] in (reason, "duplicate"), (gone, rej[gone])
-            assert rej[gone]["detail"] == kept_ids[kept]
+            assert parse_detail(rej[gone]["detail"])[0] == kept_ids[kept]
     for item in planted["corrupt_media"]:
         key = item[0] if isinstance(item, (list, tuple)) else item
         assert key in rej and rej[key]["stage"] in ("read", "image")
