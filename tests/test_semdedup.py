@@ -170,3 +170,15 @@ def test_config_and_missing_weights(tmp_path):
         check_semantic(missing, "image")
     with pytest.raises(ValueError, match="images only"):
         check_semantic(DedupConfig(semantic=SemanticConfig(enabled=True)), "video")
+
+
+def test_unusable_semantic_config_exits_2_before_work(ray_session, tmp_path, cli_errors):
+    (tmp_path / "in").mkdir()
+    _save(tmp_path / "in", "one", Image.new("RGB", (64, 64), (200, 30, 30)), "a red square")
+    out = tmp_path / "out"
+    args = [str(tmp_path / "in"), "--out", str(out), "--set", "dedup.semantic.enabled=true",
+            "--set", f"dedup.semantic.weights={tmp_path / 'missing.pth'}"]
+    assert main(args) == 2
+    errors = cli_errors()
+    assert len(errors) == 1 and "dedup.semantic.weights" in errors[0] and "does not exist" in errors[0]
+    assert not out.exists()
