@@ -457,7 +457,8 @@ def caption_grid_html(samples: list[dict]) -> str:
 def export_decoder_hf(model, tokenizer_dir: str | Path, out: str | Path) -> dict:
     """The caption decoder for ``mm export --to hf``: ``out/decoder/`` is a transformers
     ``BertLMHeadModel`` directory (with the run's tokenizer; bos/eos/pad = [CLS]/[SEP]/[PAD], so
-    its ``generate(..., encoder_hidden_states=context)`` runs as ``mm.generate`` does) and
+    its ``generate(..., encoder_hidden_states=context, use_cache=False)`` runs as ``mm.generate``
+    does; mm/generate.py says why without the cache) and
     ``out/decoder_context.safetensors`` holds the layers turning the vision tower's tokens (the
     exported timm model's ``forward_features``) into that context. Returns the JSON spec for
     export_config.json: ``{"library", "dir", "context": {"kind": "linear", "layers": [...]} |

@@ -6,8 +6,12 @@
 
 The search is transformers' own ``GenerationMixin.generate`` driving the decoder's
 ``BertLMHeadModel`` (mm/models/decoder.py): ``encoder_hidden_states`` (the vision context) is a
-model keyword that transformers expands per beam and passes to every step, and the key/value
-cache covers self- and cross-attention, so no search is hand-written here. Greedy is
+model keyword that transformers expands per beam and passes to every step, so no search is
+hand-written here. The key/value cache is off (``use_cache=False``): transformers 4.57's cached
+BertLMHeadModel steps drift from its own forward pass (on the demo, greedy wrote "a little, a
+little )" where the forward's argmax path is "a photo of a little yellow star shape at the
+bottom"; tests/test_caption.py has the regression), and re-running a few-layer decoder over at
+most ``max_tokens`` tokens costs little. Greedy is
 ``num_beams=1``; beam search ranks finished hypotheses by sum of log-probabilities / length **
 ``length_penalty`` (transformers' definition; 1.0 by default, 0 ranks by likelihood alone).
 
@@ -37,7 +41,7 @@ def generate_ids(lm, context: torch.Tensor, *, bos_id: int, eos_id: int, pad_id:
     b = context.shape[0]
     prefix = torch.tensor([[bos_id, *prompt_ids]], dtype=torch.long, device=context.device).expand(b, -1)
     beam = {"num_beams": num_beams, "length_penalty": length_penalty} if num_beams > 1 else {}
-    gen = GenerationConfig(max_new_tokens=max_tokens, min_new_tokens=min_tokens, do_sample=False,
+    gen = GenerationConfig(max_new_tokens=max_tokens, min_new_tokens=min_tokens, do_sample=False, use_cache=False,
                            bos_token_id=bos_id, eos_token_id=eos_id, pad_token_id=pad_id, **beam)
     with torch.inference_mode():
         out = lm.generate(input_ids=prefix, attention_mask=torch.ones_like(prefix), encoder_hidden_states=context,

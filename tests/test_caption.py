@@ -207,6 +207,28 @@ def test_greedy_matches_step_by_step_argmax_and_one_beam_batched():
         assert together[:4] == alone
 
 
+@pytest.mark.parametrize("pool", [0, 4])
+def test_search_scores_as_the_uncached_forward(pool):
+    """Regression: transformers' cached generation of BertLMHeadModel (4.57) drifts from its own
+    forward pass (on the demo, greedy wrote "a little, a little )" where the forward's argmax
+    path is "a photo of a little yellow star shape at the bottom"). On an untrained decoder, whose
+    near-flat distributions expose any drift, greedy is the forward's step-by-step argmax and
+    beam search finds a caption at least as likely."""
+    torch.manual_seed(1)
+    cfg = dataclasses.replace(CFG, decoder=DecoderConfig(layers=2, width=32, heads=2, max_tokens=16,
+                                                         attn_pool_tokens=pool))
+    model = build_model(cfg, TOK.vocab_size).eval()
+    with torch.no_grad():
+        context = model.decoder.context(model.vision_tokens(_batch()["pixels"]))
+    kw = dict(bos_id=2, eos_id=3, pad_id=0, max_tokens=12)
+    greedy = generate_ids(model.decoder.lm, context, **kw)
+    assert greedy == _manual_greedy(model.decoder.lm, context, 2, 3, 12)
+    beam = generate_ids(model.decoder.lm, context, num_beams=3, length_penalty=0.0, **kw)
+    for g, b, c in zip(greedy, beam, context):
+        lp = [sequence_logprob(model.decoder.lm, c[None], torch.tensor([[2, *s, 3]]))[0] for s in (g, b)]
+        assert lp[1] >= lp[0] - 1e-4
+
+
 def _toy_lm():
     """A decoder whose next-token distribution depends on the last token only, built so greedy
     search is myopic: from [CLS] (1), A (3) has p 0.6 and B (4) 0.4, but after A every
