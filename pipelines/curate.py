@@ -308,6 +308,7 @@ def _run_curate(sources: list[str], out: str, cfg: CurateConfig) -> dict:
         log.error("accounting invariant violated: inputs %d != kept %d + rejected %d",
                   n_inputs, n_kept, n_rejected)
     _write_text(fs, f"{stage}/manifest.json", json.dumps(build_manifest(files, cfg, sources), indent=2) + "\n")
+    t_report = time.time()
     try:  # the report is for reading: a failure to draw it never costs the corpus
         media = candidates.select_columns(["row_id", "sample_id", "key", "thumb"]) if cfg.modality == "image" \
             else read(["row_id", "sample_id", "key", "frames"])
@@ -315,6 +316,7 @@ def _run_curate(sources: list[str], out: str, cfg: CurateConfig) -> dict:
                             near_misses=dedup_stats.get("near_misses"))
     except Exception as e:  # noqa: BLE001
         log.warning("report.html not written: %s: %s", type(e).__name__, e)
+    st["seconds"]["report"] = round(time.time() - t_report, 3)
     _commit(fs, root, stage)
     st["seconds"]["total"] = round(time.time() - t0, 3)
     _write_text(fs, f"{work}/stats.json", stats_mod.dumps(st))

@@ -278,8 +278,8 @@ def render_curate_report(title: str, stats: dict, kept: list[dict], reject_sampl
     for reason, n in (stats.get("rejected") or {}).items():
         p.append(f"<h3>{_e(reason)} ({n})</h3>")
         for r in reject_samples.get(reason, []):
-            th = by_row.get(row_id_of(r), (None, None))[1] if row_id_of else None
-            img = _img(th, r.get("key", "")) if reason in DUPLICATE_REASONS else ""
+            rid = row_id_of(r) if row_id_of else None
+            img = _img(by_row.get(rid, (None, None))[1], r.get("key", "")) if rid and reason in DUPLICATE_REASONS else ""
             p.append(f'<div class="rej">{img}<div class="txt">{_e(r["source"])} · {_e(r["key"])} · stage '
                      f'{_e(r["stage"])}<br>detail: {_e(r["detail"])}</div></div>')
     p.append("<h2>Duplicate pairs: drop | keeper</h2><p class=meta>left the dropped sample, right the one kept; "
