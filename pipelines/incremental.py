@@ -20,13 +20,17 @@ an index written before bands existed) is rebuilt from its snapshot file once.
 
 **A refresh's cost follows the new data** (``dedup_against_index``): only the new snapshot's rows
 are banded; their keys are joined with each stored bands file (a sorted search over the stored
-key column); only the stored rows that share a key (a band bucket, an exact content hash) are
-read, by row group, and deduplicated together with the new rows by the same code as curation
-(``dedup.find_duplicates_local``: exact, then LSH candidates verified on the thumbnails), indexed
-rows with priority 0 (never dropped), the held-out set's -1, new rows 1. A stored bucket larger than
-``max_bucket_rows`` contributes ``bucket_window_rows`` rows, as the sorted window does within a
-snapshot. Index rows written before thumbnails were indexed have none: a candidate set holding
-such rows is decided on the hashes alone (``unverified_max_hamming``), as before.
+key column) into (new row, stored row) pairs; a pair sharing a band key is kept when its hashes
+are within ``max_hamming`` (only the stored hash columns are read for that), a pair sharing an
+exact key always; only the stored rows of kept pairs are read whole (thumbnails included, by row
+group). Then, with curation's rules and code: an exact pair drops the new row; a near pair is
+verified on the thumbnails (``dedup_verify.verify_candidates``; decided on the hashes within
+``unverified_max_hamming`` where a row has none: video clips, index rows written before
+thumbnails were indexed); the keeper is the best stored match by ``dedup.keeper_order`` (the
+held-out set first, priority -1, then the snapshots, 0). Pairs of two stored rows or of two new
+rows are never formed: the stored rows are the corpus, the new rows were deduplicated by their
+own curate run. A stored bucket larger than ``max_bucket_rows`` contributes
+``bucket_window_rows`` rows, as the sorted window does within a snapshot.
 
 A new row that duplicates an indexed one moves from ``data/`` to
 ``rejects/cross_snapshot.parquet`` (reason ``duplicate``/``near_duplicate``; ``detail``: the
@@ -57,8 +61,9 @@ from core.lineage import read_json, read_manifest, write_json_atomic
 from core.storage import exists, join, remove, resolve
 from pipelines import stats as stats_mod
 from pipelines.curate import WORK_DIR, WORK_ROWS_DIR, CurateConfig, run_curate
-from pipelines.dedup import DedupConfig, drop_details, find_duplicates, find_duplicates_local
-from pipelines.dedup_lsh import band_keys, band_positions, hash_matrix
+from pipelines.dedup import EVIDENCE_SCHEMA, DedupConfig, drop_details, keeper_order
+from pipelines.dedup_lsh import band_keys, band_positions, hash_distance, hash_matrix
+from pipelines.dedup_verify import verify_candidates
 from pipelines.schema import REJECT_SCHEMA, make_sample_id
 
 INDEX_COLUMNS = ["row_id", "sample_id", "source", "key", "content_hash", "hashes", "area", "caption"]
@@ -169,18 +174,34 @@ def _stored_bands(path: str, cfg: DedupConfig) -> pa.Table:
     return bands
 
 
-def _matching_rows(stored: pa.Table, keys: np.ndarray, cfg: DedupConfig) -> np.ndarray:
-    """Positions of the stored rows sharing a key with ``keys`` (sorted unique); a bucket larger
-    than ``max_bucket_rows`` gives ``bucket_window_rows`` of its rows."""
+def _key_pairs(stored: pa.Table, new_keys: np.ndarray, new_rows: np.ndarray,
+               cfg: DedupConfig) -> tuple[np.ndarray, np.ndarray]:
+    """(new row, stored row) pairs sharing a key: the join of the new rows' keys with the stored
+    sorted key column; a stored bucket larger than ``max_bucket_rows`` gives ``bucket_window_rows``
+    of its rows."""
     sk = stored.column("band").to_numpy()
-    lo, hi = np.searchsorted(sk, keys, "left"), np.searchsorted(sk, keys, "right")
+    lo, hi = np.searchsorted(sk, new_keys, "left"), np.searchsorted(sk, new_keys, "right")
     count = hi - lo
     count = np.where(count > cfg.max_bucket_rows, cfg.bucket_window_rows, count)
     total = int(count.sum())
-    if total == 0:
-        return np.zeros(0, np.int64)
     idx = np.repeat(lo, count) + (np.arange(total) - np.repeat(np.cumsum(count) - count, count))
-    return np.unique(stored.column("row").to_numpy()[idx]).astype(np.int64)
+    return np.repeat(new_rows, count), stored.column("row").to_numpy()[idx].astype(np.int64)
+
+
+def _pair_distance(new: pa.Table, old: pa.Table, a: np.ndarray, b: np.ndarray, cfg: DedupConfig) -> np.ndarray:
+    """Distance of (new row a, old row b) pairs: pHash sequences, crop views against hashes
+    (dedup_lsh.hash_distance; 65 where the sequence lengths differ)."""
+    m, lengths = hash_matrix(pa.concat_arrays([_arr(new, "hashes"), _arr(old, "hashes")]))
+    if cfg.crop_views and "crop_hashes" in new.column_names and "crop_hashes" in old.column_names:
+        vm, vlen = hash_matrix(pa.concat_arrays([_arr(new, "crop_hashes"), _arr(old, "crop_hashes")]))
+        vlen = np.where(lengths == 1, vlen, 0)
+    else:
+        vm, vlen = np.zeros((len(m), 0), np.uint64), np.zeros(len(m), np.int64)
+    return hash_distance(m, lengths, a, b + new.num_rows, vm, vlen)
+
+
+def _arr(t: pa.Table, name: str) -> pa.Array:
+    return t.column(name).combine_chunks().cast(pa.list_(pa.int64()))
 
 
 def _read_positions(uri: str, positions: np.ndarray, columns: list[str] | None) -> pa.Table:
@@ -258,26 +279,98 @@ def kept_index_rows(curated: str, modality: str, namespace: str) -> pa.Table:
     return rows.set_column(0, "row_id", rid)
 
 
-def _candidates(index_dir: str, snapshot: str, new: pa.Table, cfg: DedupConfig, stats: dict) -> list[pa.Table]:
-    """The stored index rows (other snapshots, the held-out set) that share a band or exact key
-    with a row of ``new``, each file's with its ``priority`` column."""
+def _candidates(index_dir: str, snapshot: str, new: pa.Table, cfg: DedupConfig,
+                stats: dict) -> tuple[pa.Table | None, np.ndarray, np.ndarray, np.ndarray]:
+    """The stored index rows (other snapshots, the held-out set) that may duplicate a row of
+    ``new`` (with a ``priority`` column), and the (new row, stored row, distance) pairs within
+    ``max_hamming``. Stored rows sharing an exact key are read; of those sharing a band key only the
+    hash columns are read, and whole rows (thumbnails included) only for pairs within the radius."""
     own = _index_path(index_dir, snapshot)
     files = [f for f in _files(index_dir, "snapshot=") if f != own]
     files += [_index_path(index_dir, HELDOUT)] if exists(_index_path(index_dir, HELDOUT)) else []
-    keys = np.unique(band_rows(new, cfg).column("band").to_numpy())
-    out, stored_rows = [], 0
+    nb = band_rows(new, cfg)
+    new_keys, new_rows = nb.column("band").to_numpy(), nb.column("row").to_numpy().astype(np.int64)
+    exact_key = (new_keys.view(np.uint64) >> np.uint64(56)) == np.uint64(0xFF)
+    out, pairs_a, pairs_b, pairs_d = [], [], [], []
+    stored_rows = key_pairs = offset = 0
     columns = INDEX_COLUMNS + ["start_s"] + VERIFY_COLUMNS
     for f in files:
         bands = _stored_bands(f, cfg)
         stored_rows += json.loads(bands.schema.metadata[b"mm_bands"])["rows"]
-        pos = _matching_rows(bands, keys, cfg)
+        _, eb = _key_pairs(bands, new_keys[exact_key], new_rows[exact_key], cfg)
+        ha, hb = _key_pairs(bands, new_keys[~exact_key], new_rows[~exact_key], cfg) if cfg.near else (eb[:0], eb[:0])
+        key_pairs += len(ha)
+        hd = np.zeros(0, np.int64)
+        if len(hb):
+            ha, hb = np.unique(np.stack([ha, hb]), axis=1)  # a pair found by several bands once
+            pos = np.unique(hb)
+            hd = _pair_distance(new, _read_positions(f, pos, ["hashes", "crop_hashes"]), ha,
+                                np.searchsorted(pos, hb), cfg)
+            ok = hd <= cfg.max_hamming
+            ha, hb, hd = ha[ok], hb[ok], hd[ok]
+        pos = np.unique(np.r_[eb, hb])
         if len(pos) == 0:
             continue
         t = _read_positions(f, pos, columns)
         prio = -1 if f == _index_path(index_dir, HELDOUT) else 0
         out.append(t.append_column("priority", pa.array(np.full(t.num_rows, prio, np.int64))))
-    stats.update(index_files=len(files), index_rows=stored_rows, candidate_rows=sum(t.num_rows for t in out))
-    return out
+        pairs_a.append(ha)
+        pairs_b.append(offset + np.searchsorted(pos, hb))
+        pairs_d.append(hd)
+        offset += t.num_rows
+    old = pa.concat_tables(out, promote_options="default") if out else None
+    stats.update(index_files=len(files), index_rows=stored_rows, key_pairs=key_pairs,
+                 near_pairs=int(sum(len(x) for x in pairs_a)), candidate_rows=offset)
+    return old, _cat(pairs_a), _cat(pairs_b), _cat(pairs_d)
+
+
+def _cat(parts: list[np.ndarray]) -> np.ndarray:
+    return np.concatenate(parts).astype(np.int64) if parts else np.zeros(0, np.int64)
+
+
+def _cross_drops(new: pa.Table, old: pa.Table, a: np.ndarray, b: np.ndarray, d: np.ndarray,
+                 cfg: DedupConfig) -> pa.Table:
+    """The new rows that duplicate a stored row (EVIDENCE_SCHEMA: row_id, reason, keeper, evidence).
+    Exact (same content hash, or sample_id with ``exact: pair``) first; then near: a pair within
+    the radius is verified on the thumbnails when both rows have one (dedup_verify), else decided
+    on the hashes within ``unverified_max_hamming``. The keeper is the best stored match by the
+    keeper rule (the held-out set first). Pairs of stored rows, and of new rows, are never formed:
+    the stored rows are the corpus, the new rows were deduplicated by their own curate run."""
+    rank = np.empty(old.num_rows, np.int64)
+    rank[keeper_order(old)] = np.arange(old.num_rows)
+    out: dict[int, tuple[str, int, str]] = {}  # new row -> (reason, stored row, evidence)
+    if cfg.exact != "off":
+        key = "content_hash" if cfg.exact == "media" else "sample_id"
+        best: dict[str, int] = {}
+        for i, v in enumerate(old.column(key).to_pylist()):
+            if v and (v not in best or rank[i] < rank[best[v]]):
+                best[v] = i
+        for j, v in enumerate(new.column(key).to_pylist()):
+            if v in best:
+                out[j] = ("duplicate", best[v], f"exact={cfg.exact}")
+    keep = np.array([x not in out for x in a.tolist()], bool)
+    a, b, d = a[keep], b[keep], d[keep]
+    if len(a):
+        ok = d <= cfg.unverified_max_hamming
+        residual, limit = np.full(len(a), np.nan), np.full(len(a), np.nan)
+        if cfg.verify and "thumb" in new.column_names and "thumb" in old.column_names:
+            blobs = new.column("thumb").to_pylist() + old.column("thumb").to_pylist()
+            both = np.array([blobs[x] is not None and blobs[new.num_rows + y] is not None for x, y in zip(a, b)], bool)
+            if both.any():
+                v = verify_candidates(blobs, a[both], b[both] + new.num_rows, cfg, cfg.verify_chunk_pairs)
+                ok[both], residual[both] = v[0], v[1]
+                if len(v) > 2:  # the residual the pair had to stay under
+                    limit[both] = v[2]
+        for x, y, dist, res, lim in sorted(zip(a[ok].tolist(), b[ok].tolist(), d[ok].tolist(), residual[ok].tolist(),
+                                               limit[ok].tolist()), key=lambda p: (p[0], rank[p[1]])):
+            if x not in out:  # the best-ranked verified stored match of new row x
+                out[x] = ("near_duplicate", y, f"hamming={dist}" + ("" if res != res else f" residual={res:.1f}")
+                          + ("" if lim != lim else f" limit={lim:.1f}"))
+    rows = sorted(out)
+    return pa.table({"row_id": new.column("row_id").take(pa.array(rows, pa.int64())),
+                     "reason": pa.array([out[j][0] for j in rows], pa.string()),
+                     "keeper": old.column("sample_id").take(pa.array([out[j][1] for j in rows], pa.int64())),
+                     "evidence": pa.array([out[j][2] for j in rows], pa.string())}, schema=EVIDENCE_SCHEMA)
 
 
 def dedup_against_index(curated: str, index_dir: str, snapshot: str, modality: str, dedup_cfg: DedupConfig,
@@ -285,39 +378,23 @@ def dedup_against_index(curated: str, index_dir: str, snapshot: str, modality: s
     """Reject rows of ``curated`` (snapshot ``snapshot``) that duplicate a row of the index's other
     files (older snapshots, the held-out set). Returns {"duplicate": n, "near_duplicate": n,
     "heldout": n}; rewrites data/, rejects/, stats.json. ``stats``, if given, receives the index
-    size, the candidate rows read and the seconds of each part."""
-    import ray
-
+    size, the key pairs joined, the pairs within the radius, the stored rows read and the seconds."""
     stats = {} if stats is None else stats
     t0 = time.perf_counter()
     new = kept_index_rows(curated, modality, snapshot)
     counts = {"duplicate": 0, "near_duplicate": 0, "heldout": 0}
     if new.num_rows == 0:
         return counts
-    parts = _candidates(index_dir, snapshot, new, dedup_cfg, stats)
+    old, a, b, d = _candidates(index_dir, snapshot, new, dedup_cfg, stats)
     t1 = time.perf_counter()
     stats.update(new_rows=new.num_rows, candidates_s=round(t1 - t0, 3))
-    if not parts:
+    if old is None:
         return counts
-    heldout_ids = {s for p in parts if p.column("priority")[0].as_py() < 0 for s in p.column("sample_id").to_pylist()}
-    old = pa.concat_tables(parts, promote_options="default")
-    table = pa.concat_tables([new.append_column("priority", pa.array(np.ones(new.num_rows, np.int64))), old],
-                             promote_options="default")
-    if "thumb" in table.column_names and ("thumb" not in old.column_names or old.column("thumb").null_count):
-        table = table.drop_columns(["thumb"])  # index rows written before thumbnails: the hashes decide alone
-    table = table.select([c for c in table.column_names if c != "start_s"])
-    drops = (find_duplicates(ray.data.from_arrow(table), dedup_cfg, with_evidence=True)
-             if table.num_rows > dedup_cfg.local_max_rows else find_duplicates_local(table, dedup_cfg, with_evidence=True))
-    stats.update(dedup_rows=table.num_rows, dedup_s=round(time.perf_counter() - t1, 3))
-    # Only a new row whose keeper is an indexed (older or held-out) row leaves: duplicates among the
-    # new rows were decided by the snapshot's own curate run.
-    new_ids = set(new.column("row_id").to_pylist())
-    new_only = set(new.column("sample_id").to_pylist()) - set(old.column("sample_id").to_pylist())
-    drops = drops.filter(pa.array([r in new_ids and k not in new_only for r, k in
-                                   zip(drops.column("row_id").to_pylist(), drops.column("keeper").to_pylist())],
-                                  pa.bool_()))
+    drops = _cross_drops(new, old, a, b, d, dedup_cfg)
+    stats.update(dedup_s=round(time.perf_counter() - t1, 3))
     if drops.num_rows == 0:
         return counts
+    heldout_ids = set(old.filter(pc.less(old.column("priority"), 0)).column("sample_id").to_pylist())
     by_rid = {r: i for i, r in enumerate(new.column("row_id").to_pylist())}
     dropped = new.take(pa.array([by_rid[r] for r in drops.column("row_id").to_pylist()], pa.int64()))
     rejects = pa.table({"source": dropped.column("source"), "key": dropped.column("key"),
