@@ -17,12 +17,13 @@ code 3, with one line naming the holder):
 2. **curate** the new and changed inputs (the corpus tokenizer once one exists) into a staging
    dir, then dedup them against the *whole existing corpus* through the banded index
    ``CORPUS/_index/`` (pipelines/incremental.py: only the new rows are banded, joined on the
-   stored band keys, and verified against the stored rows they meet): cross-snapshot duplicates move from
-   ``data/`` to ``rejects/cross_snapshot.parquet`` and ``stats.json`` is corrected so the
+   stored band keys, and verified against the stored rows they meet, so the cost follows the new
+   data, bench/refresh_cost.py): cross-snapshot duplicates move from ``data/`` to ``rejects/cross_snapshot.parquet`` and ``stats.json`` is corrected so the
    invariant still holds. The fixed held-out set (``heldout_sources``) is curated once into
    ``CORPUS/heldout``.
 3. **commit**: the snapshot's index rows and bands are written, the staging dir is moved to
-   ``CORPUS/snapshot=YYYYMMDDTHHMM/`` (a partition, readable with
+   ``CORPUS/snapshot=YYYYMMDDTHHMM/`` (a rename locally; on an object store a copy then a delete,
+   redone from the staging dir if interrupted; a partition, readable with
    ``ray.data.read_parquet("CORPUS/snapshot=*/data")``) and the ledger gains its inputs.
 4. **train**: continue pretraining from the promoted model (``MODELS/current``; from scratch the
    first time) on the new snapshot mixed with the old snapshots (``train.replay_ratio`` of the
@@ -44,7 +45,9 @@ Crash safety: every step's result goes to ``CORPUS/_refresh_state.json``; a reru
 unfinished refresh (same snapshot id, same input list) at the step that failed. Curation restarts
 from scratch in its staging dir; commit is idempotent; training resumes from the run's checkpoints.
 
-Tested in tests/test_refresh.py (units, and the three-refresh story end to end).
+Tested in tests/test_refresh.py (units, and the three-refresh story end to end), on S3
+(moto_server) in tests/test_refresh_s3.py (lock, pointer, two refreshes at once) and
+tests/test_s3_chain.py (the chain with a refresh, every path s3://).
 """
 
 from __future__ import annotations
