@@ -75,7 +75,9 @@ class EvaluateStage(StageConfig):
 @dataclass(frozen=True)
 class JobsConfig:
     address: str = "http://127.0.0.1:8265"   # Jobs API of the cluster (mode: jobs)
-    working_dir: str = "."                   # shipped with every job (.gitignore'd paths excluded)
+    # Shipped with every job (.gitignore'd paths excluded); or a URI used as it is, e.g.
+    # local:///home/ray/mm where every node already has the repository (cluster.yaml's file_mounts).
+    working_dir: str = "."
     poll_interval_s: float = 2.0
     timeout_s: float = 0.0                   # per stage job; 0: no limit
     # Resources each stage's job driver asks for (`ray job submit --entrypoint-resources`). On
@@ -181,7 +183,8 @@ def run_as_job(stage: Stage, jobs: JobsConfig, chain_id: str) -> str:
     sid = f"{chain_id}-{stage.name}-{int(time.time())}"
     client.submit_job(entrypoint=entrypoint, submission_id=sid,
                       entrypoint_resources=dict(jobs.entrypoint_resources.get(stage.name, {})) or None,
-                      runtime_env={"working_dir": str(Path(jobs.working_dir).resolve())},
+                      runtime_env={"working_dir": jobs.working_dir if "://" in jobs.working_dir
+                                   else str(Path(jobs.working_dir).resolve())},
                       metadata={"pipeline": chain_id, "stage": stage.name})
     log.info("submitted %s as Ray job %s", stage.name, sid)
     t0 = time.time()

@@ -172,3 +172,90 @@ def test_curation_job_scales_cpu_workers_up_then_down(tmp_path):
     finally:
         cluster.stop()
     assert not cluster.processes()
+
+
+def _wait_for_head_only(address: str, timeout_s: float = 120) -> tuple[list[str], float]:
+    t0 = time.time()
+    while True:
+        kinds = [_kind(n) for n in _nodes(address)]
+        if kinds == ["head"] or time.time() - t0 > timeout_s:
+            return kinds, time.time() - t0
+        time.sleep(2)
+
+
+@pytest.mark.cluster
+@pytest.mark.slow
+@pytest.mark.timeout(600)
+def test_pipeline_stage_wakes_a_cpu_curate_node_and_lets_it_go(tmp_path):
+    """``mm pipeline`` with ``mode: jobs`` against the fake_multinode cluster, cluster.yaml's node
+    types with ``cpu_curate`` at 0 workers: the curate stage is submitted with the pipeline's
+    entrypoint resources (``jobs.entrypoint_resources``' default ``{curate: {curation: 1}}``, no
+    test-side submit), which only a ``cpu_curate`` node has, so the autoscaler launches one; the
+    stage finishes there, the pipeline stamps its output, and the idle node is removed after
+    ``idle_timeout_minutes`` (6 s here)."""
+    import subprocess
+    import sys
+
+    from ray.job_submission import JobStatus
+
+    from pipelines.demo_corpus import generate_demo_corpus
+
+    demo = generate_demo_corpus(tmp_path / "demo", n_images=24, n_videos=2, seed=5)
+    head_cpus = yaml.safe_load((ROOT / "cluster.yaml").read_text())["available_node_types"]["ray.head.default"][
+        "resources"]["CPU"]
+    cluster = LocalCluster(num_cpus=head_cpus, env={"RAY_FAKE_CLUSTER": "1", "AUTOSCALER_UPDATE_INTERVAL_S": "1"})
+    # One cpu_curate worker at most: on 2 cores a second raylet only adds load.
+    cluster.autoscaling_config = fake_config(cluster.gcs_address, max_cpu_workers=1)
+    pipeline_yaml = tmp_path / "pipeline.yaml"
+    pipeline_yaml.write_text(yaml.safe_dump({
+        "out_root": str(tmp_path / "pipe"), "mode": "jobs", "stages": ["curate"],
+        # local://: the repository in place, as on cluster.yaml's nodes; an uploaded package is
+        # unpacked again under the running driver by every fake node (see above the first test).
+        "jobs": {"address": cluster.dashboard_url, "working_dir": f"local://{ROOT}", "poll_interval_s": 1.0,
+                 "timeout_s": 420},
+        "curate": {"sources": [demo["image_sources"][0]], "modality": "image",
+                   # every Ray Data task on a node labelled for curation: never a gpu_train node
+                   "overrides": ["execution.node_labels={mm.io/role: curation}"]}}))
+    cluster.start()
+    try:
+        assert [_kind(n) for n in _nodes(cluster.gcs_address)] == ["head"]
+        t0 = time.time()
+        log_file = tmp_path / "pipeline.log"  # a file, not a pipe nobody reads while polling
+        with log_file.open("w") as log:
+            proc = subprocess.Popen([sys.executable, "-m", "jobs.cli", "pipeline", "--config", str(pipeline_yaml)],
+                                    cwd=ROOT, env={**cluster.env, "PYTHONPATH": str(ROOT)}, stdout=log,
+                                    stderr=subprocess.STDOUT)
+        seen: set[str] = set()
+        curate_nodes: set[str] = set()
+        peak = 0
+        while proc.poll() is None and time.time() - t0 < 480:
+            nodes = _nodes(cluster.gcs_address)
+            kinds = [_kind(n) for n in nodes]
+            if set(kinds) - seen:
+                print(f"{time.time() - t0:6.1f} s: nodes {kinds}", flush=True)
+            seen.update(kinds)
+            curate_nodes.update(n["id"] for n in nodes if _kind(n) == "cpu_curate")
+            peak = max(peak, kinds.count("cpu_curate"))
+            time.sleep(2)
+        if proc.poll() is None:
+            proc.kill()
+        proc.wait(timeout=30)
+        stage_s = time.time() - t0
+        assert proc.returncode == 0, log_file.read_text()[-4000:]
+        summary = json.loads((tmp_path / "pipe" / "pipeline.json").read_text())["stages"]["curate"]
+        assert summary["action"] == "fresh" and summary["job_id"], summary  # it ran, as a Ray job
+        info = cluster.client().get_job_info(summary["job_id"])
+        assert info.status == JobStatus.SUCCEEDED and info.entrypoint.startswith("python -m jobs.curate ")
+        # the driver asked for the pipeline's {"curation": 1} (not the test's), so it ran on the new node
+        assert info.driver_node_id in curate_nodes, (info.driver_node_id, curate_nodes)
+        assert info.metadata == {**info.metadata, "stage": "curate"}
+        assert json.loads((tmp_path / "pipe" / "corpus" / "stats.json").read_text())["kept"] > 0
+        assert peak == 1, f"no cpu_curate worker appeared (saw {seen})"
+        assert "gpu_train" not in seen, "a curate stage must never bring up a GPU node"
+
+        kinds, down_s = _wait_for_head_only(cluster.gcs_address)
+        assert kinds == ["head"], f"the idle cpu_curate worker was not removed: {kinds}"
+        print(json.dumps({"peak_cpu_workers": peak, "stage_s": round(stage_s, 1), "scale_down_s": round(down_s, 1)}))
+    finally:
+        cluster.stop()
+    assert not cluster.processes()
