@@ -21,8 +21,6 @@ output is already in ``--work`` (rerun to resume):
    saved with the corpus tokenizer), given a fresh decoder by ``mm finetune --task caption`` and
    trained with the towers frozen; ``--control-set`` (default 200 steps at coca.yaml's lr 1e-3: a
    fresh decoder needs more than a fine-tune's budget);
-   each fine-tuned run is then scored by ``mm evaluate --task caption`` (RUN/eval_caption.json,
-   captions.jsonl beside it; beam search, 3 beams);
 5. ``mm evaluate --task caption`` of the CoCa run as pretrained (its decoder, no fine-tune);
 6. throughput, decoder on vs off: two short back-to-back ``mm pretrain`` runs
    (``--throughput-steps``) with coca.yaml and pretrain.yaml on the same corpora, the median of
@@ -203,10 +201,8 @@ def main(argv=None) -> int:
             if not (run / "eval.json").is_file():
                 secs = mm("finetune", "--init", str(run_init), "--data", str(corpus), "--task", "caption",
                           "--out", str(run), "--config", str(CONFIGS / "finetune.yaml"), *sets(extra))
-            out = run / "eval_caption.json"  # mm evaluate --task caption of the fine-tuned run
-            if not out.is_file():
-                mm("evaluate", "--model", str(run), "--data", str(corpus), "--task", "caption", "--out", str(out))
-            res["finetune"][f"{init}/{cname}"] = {**caption_result(out), "seconds": secs, "overrides": extra}
+            res["finetune"][f"{init}/{cname}"] = {**caption_result(run / "eval.json"), "seconds": secs,
+                                                  "overrides": extra}
             print(json.dumps({f"{init}/{cname}": res["finetune"][f"{init}/{cname}"]["metrics"]}), flush=True)
     res["pretrained_decoder"] = {}
     for cname, corpus in corpora.items():  # the CoCa decoder as pretrained, through mm evaluate
