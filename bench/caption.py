@@ -209,7 +209,7 @@ def main(argv=None) -> int:
         out = work / f"eval_coca_{cname}" / "eval.json"
         if not out.is_file():
             mm("evaluate", "--model", str(coca), "--data", str(corpus), "--task", "caption", "--out", str(out))
-        res["pretrained_decoder"][f"coca/{cname}"] = caption_result(out)
+        res["pretrained_decoder"][f"coca_no_finetune/{cname}"] = caption_result(out)
     if not a.emoji:
         res["attribute_oracle"] = {c: oracle_captions(d) for c, d in corpora.items()}
     res["throughput"] = {}
