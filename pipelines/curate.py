@@ -60,7 +60,7 @@ from pipelines import stats as stats_mod
 from pipelines.captions import CaptionConfig, check_language_support
 from pipelines.curate_report import NEAR_MISSES, write_curate_report
 from pipelines.datasources import has_urls, read_inputs
-from pipelines.dedup import DROP_SCHEMA, DedupConfig, drop_details, find_duplicates
+from pipelines.dedup import DROP_SCHEMA, DedupConfig, drop_details, find_duplicates, thumbs_from
 from pipelines.images import ImageConfig, process_image_batch
 from pipelines.inputs import SourceFile
 from pipelines.listing import expand_sources
@@ -75,7 +75,7 @@ log = logging.getLogger(__name__)
 WORK_COLUMNS = ("row_id", "sample_id", "source", "key", "caption", "content_hash", "hashes", "area",
                 "orig_width", "orig_height", "label", "stage", "reason", "detail")
 #: Image work rows also carry the near-duplicate verification descriptors (pipelines/dedup_verify.py).
-IMAGE_DEDUP_COLUMNS = ("crop_hashes", "thumb")
+IMAGE_DEDUP_COLUMNS = ("crop_hashes",)  # the thumbnails are read per candidate pair
 #: A run's scratch under DIR, removed at the end unless ``output.keep_work``. Its ``processed/``
 #: holds every work row (WORK_COLUMNS + the modality's columns) as Parquet; pipelines/incremental.py
 #: reads the kept rows' dedup columns and original sizes there to index a snapshot.
@@ -110,6 +110,10 @@ class ExecutionConfig:
     # ExecutionOptions.label_selector). On cluster.yaml's cluster: {mm.io/role: curation}, so no
     # curation work lands on GPU training nodes. Empty: anywhere (a local Ray has no labels).
     node_labels: dict[str, str] = field(default_factory=dict)
+    # Object store bytes Ray Data's streaming executor may hold in flight, per CPU of the cluster
+    # (its own default is half the object store: ~3.5 GB on a 24 GiB machine, whose pages stay
+    # mapped once touched). 0: Ray Data's default.
+    object_store_mb_per_cpu: int = 256
 
 
 @dataclass(frozen=True)
@@ -197,12 +201,16 @@ def run_curate(sources: list[str], out: str, cfg: CurateConfig) -> dict:
     import ray
 
     ctx = ray.data.DataContext.get_current()
-    previous = ctx.execution_options.label_selector
-    ctx.execution_options.label_selector = dict(cfg.execution.node_labels) or previous
+    options = ctx.execution_options
+    previous = options.label_selector, options.resource_limits
+    options.label_selector = dict(cfg.execution.node_labels) or previous[0]
+    if cfg.execution.object_store_mb_per_cpu:
+        budget = cfg.execution.object_store_mb_per_cpu * 2**20 * max(1.0, ray.cluster_resources().get("CPU", 1))
+        options.resource_limits = options.resource_limits.copy(object_store_memory=budget)
     try:
         return _run_curate(sources, out, cfg)
     finally:
-        ctx.execution_options.label_selector = previous
+        options.label_selector, options.resource_limits = previous
 
 
 def _run_curate(sources: list[str], out: str, cfg: CurateConfig) -> dict:
@@ -243,11 +251,12 @@ def _run_curate(sources: list[str], out: str, cfg: CurateConfig) -> dict:
         ds = ray.data.read_parquet(processed, filesystem=None if uri_prefix else fs)
         return ds.select_columns(columns) if columns else ds  # projection is pushed into the read
 
-    # 2. dedup (small columns, read once and held in the object store) ----------------------------
-    small = read(["row_id", "sample_id", "source", "key", "caption", "content_hash", "hashes", "area",
-                  "orig_width", "orig_height", "stage", "reason", "detail",
-                  *(IMAGE_DEDUP_COLUMNS if cfg.modality == "image" else ())]).materialize()
-    candidates = small.map_batches(_candidates_only, **light).materialize()
+    # 2. dedup (ids and hashes of the candidates, held in the object store; ~0.3 KB a row) ---------
+    # Thumbnails (4 KB a row) stay in the work rows: verification reads those of candidate pairs.
+    candidates = read(["row_id", "sample_id", "source", "key", "caption", "content_hash", "hashes", "area",
+                       "orig_width", "orig_height", "stage", "reason", "detail",
+                       *(IMAGE_DEDUP_COLUMNS if cfg.modality == "image" else ())]).map_batches(
+        _candidates_only, **light).materialize()
     dedup_stats: dict = {}
     if cfg.modality == "video":  # one candidate per clip; a dropped clip takes all its caption rows
         from pipelines import video_accounting as video_mod
@@ -255,7 +264,8 @@ def _run_curate(sources: list[str], out: str, cfg: CurateConfig) -> dict:
         drops = video_mod.find_clip_duplicates(read, cfg.dedup, light)
     else:
         drops = find_duplicates(candidates.drop_columns(["orig_width", "orig_height"]), cfg.dedup,
-                                with_evidence=True, stats=dedup_stats, near_misses=NEAR_MISSES)
+                                with_evidence=True, stats=dedup_stats, near_misses=NEAR_MISSES,
+                                thumbs=thumbs_from(read(["row_id", "thumb"]), light))
     if cfg.dedup.semantic.enabled:  # after exact/near dedup, on their survivors
         drops = semantic_duplicates(read(list(SEMANTIC_COLUMNS)), drops, cfg.dedup)
     drop_ids = drops.column("row_id")
@@ -283,7 +293,7 @@ def _run_curate(sources: list[str], out: str, cfg: CurateConfig) -> dict:
     if cfg.modality == "video":  # input-level accounting: clip-level drops are stats, not rejects
         rejects, extra = video_mod.video_rejects(read, drops, light)
     else:
-        rejects = small.select_columns(["row_id", "source", "key", "stage", "reason", "detail"]).map_batches(
+        rejects = read(["row_id", "source", "key", "stage", "reason", "detail"]).map_batches(
             finalize_rejects, fn_kwargs={"drops": drops}, **light).materialize()
     rejects.write_parquet(uri_prefix + f"{stage}/rejects", filesystem=None if uri_prefix else fs,
                           min_rows_per_file=cfg.output.reject_rows_per_file,
@@ -310,8 +320,7 @@ def _run_curate(sources: list[str], out: str, cfg: CurateConfig) -> dict:
     _write_text(fs, f"{stage}/manifest.json", json.dumps(build_manifest(files, cfg, sources), indent=2) + "\n")
     t_report = time.time()
     try:  # the report is for reading: a failure to draw it never costs the corpus
-        media = candidates.select_columns(["row_id", "sample_id", "key", "thumb"]) if cfg.modality == "image" \
-            else read(["row_id", "sample_id", "key", "frames"])
+        media = read(["row_id", "sample_id", "key", "thumb" if cfg.modality == "image" else "frames"])
         write_curate_report(fs, stage, st, media=media, drops=drops, rejects=rejects, light=light, title=out,
                             near_misses=dedup_stats.get("near_misses"))
     except Exception as e:  # noqa: BLE001
