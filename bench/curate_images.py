@@ -2,9 +2,11 @@
 
     .venv/bin/python bench/curate_images.py --n 20000 [--data-dir /tmp/bench_images] [--px 640]
 
-Makes N photo-like samples (smooth colour fields, textured noise and shapes, 640x480 by default:
-web photos as img2dataset sees them; 80% JPEG q90, 20% PNG) in WebDataset tars of 1,000, then
-measures in the same run:
+Makes N real-content samples in WebDataset tars of 1,000 (``--content collage``, the default:
+collages of two real pictures, emoji, digits, LFW faces, sklearn/skimage photo crops, from
+bench/dedup_sources.py, on a plain background, shorter side 480 px; ``--content synthetic``: the
+older smooth colour fields with noise and shapes, 640x480), 80% JPEG q90 and 20% PNG, then
+measures in the same run, for each size in ``--sizes``:
 
   (a) the raw single-process loop over the same bytes: decode -> resize -> JPEG encode -> pHash
       -> caption clean -> tokenise (the library functions, no Ray, no I/O), on one core;
@@ -13,7 +15,12 @@ measures in the same run:
       that run_curate reports (without Ray start and interpreter start-up);
 
 and prints JSON with samples/s and ratio = (b) / ((a) x cores). Target: ratio >= 0.8 at N=20k.
-Peak RSS of the Ray processes (workers + raylet + driver) is sampled with psutil during (b).
+Peak PSS (proportional set size: shared pages counted once, unlike RSS) summed over the command's
+whole process tree (driver, GCS, raylet, Ray workers: all descendants of the command) is sampled
+with psutil every 0.5 s during (b); ``pss_growth`` compares consecutive sizes (targets: 20k <= 1.25
+x 2k, 200k <= 1.2 x 20k).
+
+    .venv/bin/python bench/curate_images.py --sizes 2000,20000 --raw-n 1000
 """
 
 from __future__ import annotations
@@ -60,11 +67,32 @@ def make_sample(i: int, px: int) -> tuple[str, bytes, bytes]:
     return ext, buf.getvalue(), caption.encode()
 
 
+_OBJECTS: list | None = None
+
+
+def collage_samples(start: int, count: int, px: int):
+    """``count`` collages (shard seed = ``start``): no pair of sources twice within a shard; a pair
+    repeated across shards is still a different picture (scale, place, background)."""
+    global _OBJECTS
+    from bench.dedup_sources import collages, source_objects
+
+    if _OBJECTS is None:
+        _OBJECTS = source_objects(seed=0)
+    for k, ((a, b), im) in enumerate(collages(_OBJECTS, count, seed=start, short_px=px * 3 // 4)):
+        i = start + k
+        buf = io.BytesIO()
+        ext = "png" if i % 5 == 4 else "jpg"
+        im.save(buf, "PNG" if ext == "png" else "JPEG", quality=90)
+        caption = f"a collage of {_OBJECTS[a][0]} {a} and {_OBJECTS[b][0]} {b}, number {i}"
+        yield ext, buf.getvalue(), caption.encode()
+
+
 def _shard(args) -> str:
-    path, start, count, px = args
+    path, start, count, px, content = args
+    samples = (collage_samples(start, count, px) if content == "collage"
+               else (make_sample(i, px) for i in range(start, start + count)))
     with tarfile.open(path, "w") as t:
-        for i in range(start, start + count):
-            ext, data, cap = make_sample(i, px)
+        for i, (ext, data, cap) in zip(range(start, start + count), samples):
             for name, blob in ((f"{i:09d}.{ext}", data), (f"{i:09d}.txt", cap)):
                 info = tarfile.TarInfo(name)
                 info.size, info.mtime = len(blob), 0
@@ -72,15 +100,19 @@ def _shard(args) -> str:
     return path
 
 
-def make_corpus(data_dir: Path, n: int, px: int, per_shard: int = 1000) -> list[str]:
+def make_corpus(data_dir: Path, n: int, px: int, content: str = "collage", per_shard: int = 1000) -> list[str]:
+    """Shards for the first ``n`` samples; a larger size reuses the smaller one's shards."""
+    data_dir = data_dir / f"{content}_{px}"
     data_dir.mkdir(parents=True, exist_ok=True)
-    marker = data_dir / f"corpus_{n}_{px}.json"
+    marker = data_dir / f"corpus_{n}.json"
     if marker.exists():
         return json.loads(marker.read_text())
-    jobs = [(str(data_dir / f"{s:05d}.tar"), s * per_shard, min(per_shard, n - s * per_shard), px)
+    jobs = [(str(data_dir / f"{s:05d}.tar"), s * per_shard, min(per_shard, n - s * per_shard), px, content)
             for s in range(-(-n // per_shard))]
+    todo = [j for j in jobs if not (Path(j[0]).exists() and j[2] == per_shard)]
     with ProcessPoolExecutor(os.cpu_count()) as pool:
-        shards = list(pool.map(_shard, jobs))
+        list(pool.map(_shard, todo))
+    shards = [j[0] for j in jobs]
     marker.write_text(json.dumps(shards))
     return shards
 
@@ -112,8 +144,8 @@ def raw_loop(shards: list[str], limit: int, tok_dir: str, image_px: int) -> dict
     return {"samples": len(samples), "seconds": round(dt, 2), "samples_per_s": round(len(samples) / dt, 1)}
 
 
-class RssSampler(threading.Thread):
-    """Peak summed RSS of the command and its descendants (driver, GCS, raylet, Ray workers)."""
+class PssSampler(threading.Thread):
+    """Peak summed PSS of the command and its descendants (driver, GCS, raylet, Ray workers)."""
 
     def __init__(self, pid: int):
         super().__init__(daemon=True)
@@ -134,7 +166,7 @@ class RssSampler(threading.Thread):
                 break
             for p in procs:
                 try:
-                    total += p.memory_info().rss
+                    total += p.memory_full_info().pss
                 except psutil.Error:
                     continue
             self.peak = max(self.peak, total)
@@ -148,7 +180,7 @@ def run_curate_cmd(shards: list[str], out: Path, image_px: int, extra: list[str]
     env.pop("RAY_ADDRESS")
     t0 = time.perf_counter()
     proc = subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-    sampler = RssSampler(proc.pid)
+    sampler = PssSampler(proc.pid)
     sampler.start()
     stdout, stderr = proc.communicate()
     wall = time.perf_counter() - t0
@@ -158,36 +190,44 @@ def run_curate_cmd(shards: list[str], out: Path, image_px: int, extra: list[str]
     stats = json.loads((out / "stats.json").read_text())
     return {"wall_s": round(wall, 2), "plan_s": stats["seconds"]["total"], "stage_s": stats["seconds"],
             "inputs": stats["inputs"], "kept": stats["kept"], "rejected": stats["rejected"],
-            "peak_rss_mb": round(sampler.peak / 2**20)}
+            "peak_pss_mb": round(sampler.peak / 2**20)}
 
 
 def main() -> None:
     ap = argparse.ArgumentParser()
-    ap.add_argument("--n", type=int, default=20000)
-    ap.add_argument("--px", type=int, default=640)
+    ap.add_argument("--sizes", default="20000", help="comma-separated corpus sizes, run in this order")
+    ap.add_argument("--content", choices=("collage", "synthetic"), default="collage")
+    ap.add_argument("--px", type=int, default=640, help="longer side of the source images")
     ap.add_argument("--image-px", type=int, default=256)
     ap.add_argument("--raw-n", type=int, default=1000, help="samples for the single-core loop")
     ap.add_argument("--data-dir", default=str(Path(tempfile.gettempdir()) / "mm_bench_images"))
     ap.add_argument("--set", dest="overrides", action="append", default=[])
     args = ap.parse_args()
+    sizes = [int(x) for x in args.sizes.split(",")]
     cores = os.cpu_count() or 1
     t0 = time.time()
-    shards = make_corpus(Path(args.data_dir), args.n, args.px)
+    shards = {n: make_corpus(Path(args.data_dir), n, args.px, args.content) for n in sorted(sizes)}
     gen_s = time.time() - t0
-    with tempfile.TemporaryDirectory() as tmp:
-        out = Path(tmp) / "out"
-        b = run_curate_cmd(shards, out, args.image_px, [x for o in args.overrides for x in ("--set", o)])
-        a = raw_loop(shards, args.raw_n, str(out / "tokenizer"), args.image_px)
-    b_rate = args.n / b["wall_s"]
-    b_plan_rate = args.n / b["plan_s"]
+    runs, a = {}, None
+    for n in sizes:
+        with tempfile.TemporaryDirectory() as tmp:
+            out = Path(tmp) / "out"
+            b = run_curate_cmd(shards[n], out, args.image_px, [x for o in args.overrides for x in ("--set", o)])
+            if a is None:  # the raw loop once, with the first run's tokenizer
+                a = raw_loop(shards[n], args.raw_n, str(out / "tokenizer"), args.image_px)
+        rate, plan_rate = n / b["wall_s"], n / b["plan_s"]
+        runs[str(n)] = {**b, "samples_per_s": round(rate, 1), "plan_samples_per_s": round(plan_rate, 1),
+                        "ratio": round(rate / (a["samples_per_s"] * cores), 3),
+                        "ratio_plan_only": round(plan_rate / (a["samples_per_s"] * cores), 3),
+                        "load_avg_1m_after": round(os.getloadavg()[0], 1)}
+    ordered = sorted(sizes)
+    growth = {f"{m}->{n}": round(runs[str(n)]["peak_pss_mb"] / runs[str(m)]["peak_pss_mb"], 3)
+              for m, n in zip(ordered, ordered[1:])}
     result = {
-        "bench": "curate_images", "n": args.n, "source_px": [args.px, args.px * 3 // 4], "image_px": args.image_px,
-        "cores": cores, "load_avg_1m": round(os.getloadavg()[0], 1), "generate_s": round(gen_s, 1),
-        "raw_loop_1core": a,
-        "mm_curate": {**b, "samples_per_s": round(b_rate, 1), "plan_samples_per_s": round(b_plan_rate, 1)},
-        "ratio": round(b_rate / (a["samples_per_s"] * cores), 3),
-        "ratio_plan_only": round(b_plan_rate / (a["samples_per_s"] * cores), 3),
-        "target_ratio": 0.8,
+        "bench": "curate_images", "content": args.content, "sizes": sizes, "source_px_long": args.px,
+        "image_px": args.image_px, "cores": cores, "load_avg_1m": round(os.getloadavg()[0], 1),
+        "generate_s": round(gen_s, 1), "raw_loop_1core": a, "mm_curate": runs, "pss_growth": growth,
+        "target_ratio": 0.8, "target_pss_growth": {"2000->20000": 1.25, "20000->200000": 1.2},
     }
     print(json.dumps(result, indent=2))
 
