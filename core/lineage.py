@@ -22,7 +22,7 @@ checkpoint can never leak into new work. Upstream reruns change the upstream man
 downstream keys, hence the downstream stages rerun: a failed chain resumes at the failed stage.
 
 Storage primitives: atomic JSON writes (temp file + rename locally, one PUT on an object store),
-and, from core/storage.py, the atomic ``current`` pointer and the lock (``StorageLock``). Output
+and, from core/locking.py, the atomic ``current`` pointer and the lock (``StorageLock``). Output
 dirs, manifests and stamps may be local paths or URIs (``s3://``, ``gs://``: core.storage).
 
 Tested in tests/test_lineage.py.
@@ -44,19 +44,15 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal
 
+from core.locking import LockHeld, LockLost, StorageLock, read_pointer, write_pointer
 from core.storage import (
-    LockHeld,
-    LockLost,
-    StorageLock,
     exists,
     expand_braces,
     is_local,
     join,
-    read_pointer,
     remove,
     resolve,
     write_json,
-    write_pointer,
 )
 from core.storage import read_json as _read_json_uri
 

@@ -8,7 +8,7 @@ local path or a URI (``s3://``, ``gs://``: pyarrow.fs through core.storage); on 
 the refresh needs no shared POSIX filesystem.
 
 One run, under a lock in storage (``CORPUS/_refresh.lock``: an ``O_EXCL`` file locally, an object
-created with ``If-None-Match: *`` on S3, core.storage.StorageLock; a second run exits at once,
+created with ``If-None-Match: *`` on S3, core.locking.StorageLock; a second run exits at once,
 code 3, with one line naming the holder):
 
 1. **discover** the inputs (tar shards, manifests, folders) under ``sources`` that the ledger
@@ -32,7 +32,7 @@ code 3, with one line naming the holder):
    set; **promote** (``MODELS/current`` swapped atomically) only if ``gate.metric`` is no worse
    than the promoted model's by more than ``gate.tolerance``; otherwise keep it and say why
    (jobs/gate.py). ``MODELS/current`` is a symlink locally and the object ``MODELS/current.json``
-   (``{"target": RUN}``, one PUT) on an object store (core.storage.write_pointer).
+   (``{"target": RUN}``, one PUT) on an object store (core.locking.write_pointer).
 6. **report**: ``REPORTS/refresh-<id>.json``, and a summary line on stdout.
 
 Each stage runs the library function its own command runs (``run_curate``, ``fit``,

@@ -29,16 +29,8 @@ import pytest
 sys.path.insert(0, str(Path(__file__).parent))
 from s3 import s3_server  # noqa: E402,F401
 
-from core.storage import (  # noqa: E402
-    LockHeld,
-    LockLost,
-    StorageLock,
-    exists,
-    read_json,
-    read_pointer,
-    write_bytes,
-    write_pointer,
-)
+from core.locking import LockHeld, LockLost, StorageLock, read_pointer, write_pointer  # noqa: E402
+from core.storage import exists, read_json, write_bytes  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
 

@@ -11,7 +11,7 @@ subprocesses (each its own local Ray, as `mm` runs for a user) with no local pat
 
 and the outputs are read back from the store. The refresh adopts the chain's model: its corpus
 starts with the chain corpus's tokenizer and ``s3://B/refresh/models/current.json`` names
-``s3://B/run`` (core.storage.write_pointer, as a user promotes an existing run); it curates the new
+``s3://B/run`` (core.locking.write_pointer, as a user promotes an existing run); it curates the new
 shard, continues training from that run, evaluates both on the held-out set and promotes or holds
 (the pointer object then names the new run, or still the chain's). ``mm finetune`` is not in this
 chain (its object-store support is separate). Nothing is written to the working directory.
@@ -32,7 +32,8 @@ import pytest
 sys.path.insert(0, str(Path(__file__).parent))
 from s3 import s3_server  # noqa: E402,F401
 
-from core.storage import exists, read_bytes, read_json, read_pointer, write_pointer  # noqa: E402
+from core.locking import read_pointer, write_pointer  # noqa: E402
+from core.storage import exists, read_bytes, read_json  # noqa: E402
 
 ROOT = Path(__file__).resolve().parent.parent
 pytestmark = pytest.mark.slow
