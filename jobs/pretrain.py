@@ -41,12 +41,19 @@ def _main(args: argparse.Namespace) -> int:
     check_out_dir(args.out)
     cfg = load_config(PretrainConfig, args.config, args.overrides)
     if args.init is not None:
-        from mm.checkpoint import CheckpointError, model_dir
+        from jobs.finetune import model_keys
+        from mm.checkpoint import CheckpointError, changed_model_keys, model_dir, saved_model_config
 
         try:
-            model_dir(args.init)
+            saved = saved_model_config(model_dir(args.init))
         except CheckpointError as e:
             raise UsageError(str(e)) from None
+        # --init continues the run's model (mm.train keeps its config, lock.* aside): an explicit
+        # --set model.* that differs would be dropped, so it is refused here.
+        for key, wanted, was in changed_model_keys(saved, cfg.model, model_keys(None, args.overrides)):
+            if not key.startswith("lock."):
+                raise UsageError(f"model.{key}={wanted!r} differs from the --init run's {was!r}: --init keeps "
+                                 "the run's architecture; drop the override or pretrain without --init")
 
     from core.runtime import init_ray
     from mm.train import fit

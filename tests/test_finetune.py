@@ -341,3 +341,20 @@ def test_pretrain_then_finetune_caption_has_a_decoder_that_generates(ray_session
     pre, tuned = read_tensors(tmp_path / "pre" / "model" / "model.safetensors"), read_tensors(
         out / "model" / "model.safetensors")
     assert all(torch.equal(pre[k], tuned[k]) for k in pre)  # finetune.towers defaults to none for caption
+
+
+def test_pretrain_init_refuses_a_model_override_it_would_drop(tmp_path, cli_errors):
+    """mm pretrain --init keeps the run's model config (lock.* aside): a --set model.* that
+    differs used to be dropped silently; now it exits 2 in one line before any work."""
+    from test_evaluate import make_corpus, make_model
+
+    from jobs.pretrain import main
+
+    corpus = make_corpus(tmp_path / "c", n=8)
+    make_model(tmp_path / "pre", corpus)  # vision.width 32
+    out = tmp_path / "cont"
+    assert main(["--init", str(tmp_path / "pre"), "--data", str(corpus), "--out", str(out),
+                 "--set", "model.vision.width=64"]) == 2
+    lines = cli_errors()
+    assert len(lines) == 1 and "model.vision.width=64 differs from the --init run's 32" in lines[0], lines
+    assert not out.exists()
