@@ -112,7 +112,8 @@ def _kind(node: dict) -> str:
 # every node (file_mounts), which is what `local://` says. tests/test_job_submit.py covers the
 # uploaded `--working-dir .`.
 @pytest.mark.cluster
-@pytest.mark.timeout(600)  # ~1.5 min on an idle 2-core machine; generous for loaded CI runners
+@pytest.mark.slow  # ~1.5 min: `pytest -m slow tests/test_autoscaling.py`
+@pytest.mark.timeout(600)  # generous for loaded CI runners
 def test_curation_job_scales_cpu_workers_up_then_down(tmp_path):
     from pipelines.demo_corpus import generate_demo_corpus
 

@@ -128,6 +128,7 @@ def test_chain_lineage_skip_force_and_resume(tmp_path, ray_session, capsys):
 
 
 @pytest.mark.cluster
+@pytest.mark.slow  # ~1 min; the fast suite submits a curate job in tests/test_job_submit.py
 @pytest.mark.timeout(600)
 def test_jobs_mode_runs_each_stage_as_a_ray_job(tmp_path):
     """mode: jobs against a real `ray start` cluster: the curate stage becomes a Ray job, its output

@@ -260,6 +260,7 @@ def test_lit_locked_pretrained_towers_train_only_the_heads(ray_session, tmp_path
     assert model.encode_image(torch.zeros(2, 3, 64, 64)).shape == (2, model.cfg.embed_dim)
 
 
+@pytest.mark.slow  # ~50 s: two fits; `pytest -m slow tests/test_train.py`
 def test_frozen_features_are_the_towers_output_computed_once(ray_session, tmp_path):
     """train.frozen_features: the locked towers' pooled features are written once to
     RUN/features/ (one row per train row, equal to what the saved model computes), the steps
@@ -364,6 +365,7 @@ def test_progress_lines_go_through_the_workers_logger_once(caplog):
     assert [r.getMessage() for r in caplog.records] == ["step 1/2 loss 0.5"]
 
 
+@pytest.mark.slow  # ~80 s: three fits; `pytest -m slow tests/test_train.py`
 def test_a_run_continues_and_seeds_another_without_its_pretrained_files(ray_session, tmp_path):
     """A run is self-contained: once trained, neither continuing it (a resume from its step
     checkpoint) nor starting another run from it (``init``) needs the pretrained weight files
