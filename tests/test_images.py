@@ -154,6 +154,33 @@ def test_exif_orientation_applied():
     assert (out["width"], out["height"]) == (40, 80)
 
 
+@pytest.mark.parametrize("orientation", range(1, 9))
+def test_scaled_jpeg_decode_matches_pillow_path_in_every_orientation(orientation):
+    """The libjpeg-turbo n/8 path (draft=True) against Pillow's full decode (draft=False): same
+    upright size, same original size, pixels within JPEG noise, for every EXIF orientation."""
+    im = Image.fromarray(photo(300, 200, seed=orientation))
+    exif = im.getexif()
+    exif[0x0112] = orientation
+    data = encode(im, "JPEG", quality=95, exif=exif.tobytes())
+    cfg = ImageConfig(image_px=150, min_side_px=16)
+    fast = process_image(data, "x.jpg", cfg)
+    slow = process_image(data, "x.jpg", ImageConfig(image_px=150, min_side_px=16, draft=False))
+    upright = (200, 300) if orientation >= 5 else (300, 200)
+    assert (fast["orig_width"], fast["orig_height"]) == (slow["orig_width"], slow["orig_height"]) == upright
+    assert (fast["width"], fast["height"]) == (slow["width"], slow["height"])
+    a, b = (np.asarray(Image.open(io.BytesIO(r["image"])), np.float32) for r in (fast, slow))
+    assert np.abs(a - b).mean() < 3
+    assert hamming(fast["phash"], slow["phash"]) <= 4
+
+
+def test_scaled_jpeg_decode_grey_and_damaged_fall_back_cleanly():
+    grey = encode(Image.fromarray(photo(320, 240)[..., 0], "L"), "JPEG")
+    out = process_image(grey, "g.jpg", CFG)
+    assert Image.open(io.BytesIO(out["image"])).mode == "RGB" and out["height"] == 64
+    jpg = encode(photo(640, 480))
+    assert reject_reason(jpg[: len(jpg) * 2 // 3]) == "truncated"
+
+
 def test_phash_robust_to_reencode_resize_and_distinct_for_others():
     base = photo(400, 300, seed=1)
     ref = process_image(encode(base, quality=95), "x", CFG)["phash"]
