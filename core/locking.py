@@ -28,7 +28,7 @@ import threading
 import time
 import uuid
 from pathlib import Path
-from typing import Any
+from typing import Any, NamedTuple
 
 from core.storage import exists, is_local, read_json, resolve, write_bytes, write_json
 
@@ -122,6 +122,16 @@ class _TakenOver(Exception):
         self.holder = holder or {}
 
 
+class _Seen(NamedTuple):
+    """A lock found in place: its holder (None if unreadable), the version a takeover swaps on
+    (S3: the ETag; locally None: the holder's token), and its age by the store's clock (S3; locally
+    None: the file's mtime, read when needed)."""
+
+    holder: dict | None
+    version: str | None = None
+    age_s: float | None = None
+
+
 class StorageLock:
     """An exclusive lock in storage, with a heartbeat so a crashed holder's lock goes stale.
 
@@ -175,9 +185,9 @@ class StorageLock:
             return time.time() - self.path.stat().st_mtime
         return 0.0
 
-    def _is_stale(self, holder: dict | None) -> bool:
+    def _is_stale(self, holder: dict | None, age_s: float | None = None) -> bool:
         if holder is None:  # unreadable: a torn write by a crashed holder, or being written right now
-            return self._age_of_unreadable() > self.stale_after_s
+            return (self._age_of_unreadable() if age_s is None else age_s) > self.stale_after_s
         if time.time() - float(holder.get("heartbeat_unix", 0)) > self.stale_after_s:
             return True
         if holder.get("host") == socket.gethostname():
@@ -185,20 +195,32 @@ class StorageLock:
         return False
 
     def acquire(self) -> StorageLock:
+        """The one acquire loop of both backends, through three hooks: ``_create`` (the atomic
+        create), ``_observe`` (the lock found in place, or None if it went away in between) and
+        ``_take_over`` (the compare-and-swap on what was seen)."""
         self._acquired_at = _now_utc()
         for _ in range(5):
             if self._create():
                 break
-            holder = self.holder()
-            if not self._is_stale(holder):
-                raise LockHeld(self.path, holder or {})
-            if self._take_over(holder):
+            seen = self._observe()
+            if seen is None:
+                continue  # released in between: try to create it again
+            if not self._is_stale(seen.holder, seen.age_s):
+                raise LockHeld(self.path, seen.holder or {})
+            if self._take_over(seen):
+                log.warning("took over a stale lock %s (holder %s)", self.path, seen.holder)
+                self.took_over = seen.holder or {}
                 break  # else the lock changed under us: look again
         else:
             raise LockHeld(self.path, self.holder() or {})
         self._thread = threading.Thread(target=self._beat, name="lock-heartbeat", daemon=True)
         self._thread.start()
         return self
+
+    def _observe(self) -> _Seen | None:
+        """Locally the lock is never reported gone: an unreadable or vanished file is judged by
+        its age (a vanished one: 0, so live)."""
+        return _Seen(self.holder())
 
     def _create(self) -> bool:
         self.path.parent.mkdir(parents=True, exist_ok=True)
@@ -210,7 +232,7 @@ class StorageLock:
             json.dump(self._record(), f)
         return True
 
-    def _take_over(self, seen: dict | None) -> bool:
+    def _take_over(self, seen: _Seen) -> bool:
         """Replace a stale lock, under a short-lived mutex so that two contenders cannot both
         replace it (the second would otherwise overwrite the first's fresh lock)."""
         mutex = self.path.with_name(self.path.name + ".takeover")
@@ -225,11 +247,9 @@ class StorageLock:
         os.close(fd)
         try:
             now = self.holder()
-            if (now or {}).get("token") != (seen or {}).get("token") or not self._is_stale(now):
+            if (now or {}).get("token") != (seen.holder or {}).get("token") or not self._is_stale(now):
                 return False
             write_json(self.path, self._record())
-            log.warning("took over a stale lock %s (holder %s)", self.path, seen)
-            self.took_over = seen or {}
             return True
         finally:
             mutex.unlink(missing_ok=True)
@@ -335,26 +355,15 @@ class _S3Lock(StorageLock):
     def holder(self) -> dict | None:
         return self._get()[0]
 
-    def acquire(self) -> StorageLock:
-        self._acquired_at = _now_utc()
-        for _ in range(5):
-            if self._put(IfNoneMatch="*"):
-                break
-            holder, etag, age = self._get()
-            if etag is None:
-                continue  # released in between: try to create it again
-            stale = age > self.stale_after_s if holder is None else self._is_stale(holder)
-            if not stale:
-                raise LockHeld(self.path, holder or {})
-            if self._put(IfMatch=etag):  # compare-and-swap on the stale lock we saw
-                log.warning("took over a stale lock %s (holder %s)", self.path, holder)
-                self.took_over = holder or {}
-                break
-        else:
-            raise LockHeld(self.path, self.holder() or {})
-        self._thread = threading.Thread(target=self._beat, name="lock-heartbeat", daemon=True)
-        self._thread.start()
-        return self
+    def _create(self) -> bool:
+        return self._put(IfNoneMatch="*")
+
+    def _observe(self) -> _Seen | None:
+        holder, etag, age = self._get()
+        return None if etag is None else _Seen(holder, etag, age)
+
+    def _take_over(self, seen: _Seen) -> bool:
+        return self._put(IfMatch=seen.version)  # compare-and-swap on the stale lock we saw
 
     def _heartbeat(self) -> None:
         if not self._put(IfMatch=self._etag):
