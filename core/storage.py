@@ -164,12 +164,53 @@ def join(base: str | os.PathLike, *parts: str) -> str:
 
 
 def read_bytes(src: str | os.PathLike) -> bytes | None:
-    """The bytes of a file at a path or URI; None if there is no such file."""
-    fs, path, _ = resolve(str(src))
+    """The bytes of a file at a path or URI; None if there is no such file.
+
+    One version of the file, whole, even while a writer replaces it: local files are replaced
+    by rename (``write_bytes``), and an ``s3://`` object is read with a single GET. pyarrow's
+    S3 stream asks for the size first (HEAD) and then reads ranges: an object replaced in
+    between came back cut to the old size or mixed (tests/test_storage_s3.py, 28 of 198 reads
+    torn while metrics.jsonl-sized objects were rewritten)."""
+    src = str(src)
+    if src.startswith("s3://") and "?" not in src:  # a query (endpoint_override=...) is pyarrow's to parse
+        return _s3_get(src)
+    fs, path, _ = resolve(src)
     if fs.get_file_info(path).type != pafs.FileType.File:
         return None
     with fs.open_input_stream(path) as f:
         return f.read()
+
+
+_S3 = None
+
+
+def _s3_get(uri: str) -> bytes | None:
+    """An S3 object's bytes in one GetObject (boto3, ``AWS_ENDPOINT_URL`` honoured as pyarrow
+    does); None when the key or the bucket does not exist, as pyarrow's listing said before."""
+    global _S3
+    try:
+        import boto3
+        from botocore.exceptions import BotoCoreError, ClientError
+    except ImportError:  # boto3 is a dependency; without it, pyarrow's (HEAD + range) read
+        fs, path, _ = resolve(uri)
+        if fs.get_file_info(path).type != pafs.FileType.File:
+            return None
+        with fs.open_input_stream(path) as f:
+            return f.read()
+    if _S3 is None:  # boto3 clients are thread-safe; one per process
+        _S3 = boto3.client("s3", endpoint_url=os.environ.get("AWS_ENDPOINT_URL") or None)
+    bucket, _, key = uri[len("s3://"):].partition("/")
+    if not key or key.endswith("/"):
+        return None
+    try:
+        return _S3.get_object(Bucket=bucket, Key=key)["Body"].read()
+    except ClientError as e:
+        code = e.response.get("Error", {}).get("Code", "")
+        if code in ("NoSuchKey", "NoSuchBucket", "404"):
+            return None
+        raise OSError(f"{uri}: {code or 'error'}: {e.response.get('Error', {}).get('Message', e)}") from None
+    except BotoCoreError as e:
+        raise OSError(f"{uri}: {e}") from None
 
 
 def write_bytes(dst: str | os.PathLike, data: bytes) -> None:
