@@ -181,13 +181,12 @@ def read_bytes(src: str | os.PathLike) -> bytes | None:
         return f.read()
 
 
-_S3 = None
+_S3: dict[str | None, Any] = {}  # boto3 clients (thread-safe) by endpoint: one per process and endpoint
 
 
 def _s3_get(uri: str) -> bytes | None:
     """An S3 object's bytes in one GetObject (boto3, ``AWS_ENDPOINT_URL`` honoured as pyarrow
     does); None when the key or the bucket does not exist, as pyarrow's listing said before."""
-    global _S3
     try:
         import boto3
         from botocore.exceptions import BotoCoreError, ClientError
@@ -197,13 +196,15 @@ def _s3_get(uri: str) -> bytes | None:
             return None
         with fs.open_input_stream(path) as f:
             return f.read()
-    if _S3 is None:  # boto3 clients are thread-safe; one per process
-        _S3 = boto3.client("s3", endpoint_url=os.environ.get("AWS_ENDPOINT_URL") or None)
+    endpoint = os.environ.get("AWS_ENDPOINT_URL") or None
+    if endpoint not in _S3:
+        _S3[endpoint] = boto3.client("s3", endpoint_url=endpoint)
+    client = _S3[endpoint]
     bucket, _, key = uri[len("s3://"):].partition("/")
     if not key or key.endswith("/"):
         return None
     try:
-        return _S3.get_object(Bucket=bucket, Key=key)["Body"].read()
+        return client.get_object(Bucket=bucket, Key=key)["Body"].read()
     except ClientError as e:
         code = e.response.get("Error", {}).get("Code", "")
         if code in ("NoSuchKey", "NoSuchBucket", "404"):
