@@ -13,6 +13,7 @@ Training state (one directory per step checkpoint, handed to Ray Train):
 
     save_train_state(dir, model_state, optim_state, state)   # state.safetensors, optim.safetensors,
     model_state, optim_state, state = load_train_state(dir)  # train_state.json
+    latest_complete_checkpoint(run + "/ray")                  # (step, dir) a rerun resumes from
 
 Objective heads are keyed by objective name (``objectives.itm.head.fc.weight``, see
 ``mm.objectives.ObjectiveSet``); a checkpoint from before, which keyed them by position
@@ -243,9 +244,59 @@ def save_train_state(directory: str | os.PathLike, model_state: dict[str, torch.
     tensors, optim_meta = flatten_optim(optim_state)
     write_tensors(d / "state.safetensors", model_state)
     write_tensors(d / "optim.safetensors", tensors)
-    # JSON last: a directory without train_state.json is an incomplete checkpoint.
-    write_json(d / "train_state.json", {"format": FORMAT, **state, "optimizer": optim_meta})
+    # JSON last: a directory without train_state.json is an incomplete checkpoint. It also holds
+    # the tensor files' sizes: Ray Train copies the directory to storage file by file, in no set
+    # order, so a copy cut short (a killed driver) can hold the JSON beside a torn tensor file.
+    files = {name: (d / name).stat().st_size for name in TRAIN_STATE_FILES}
+    write_json(d / "train_state.json", {"format": FORMAT, **state, "optimizer": optim_meta, "files": files})
     return d
+
+
+TRAIN_STATE_FILES = ("state.safetensors", "optim.safetensors")
+_STEP_DIR = re.compile(r"^step_(\d+)$")
+
+
+def complete_train_state(directory: str) -> dict | None:
+    """The ``train_state.json`` of the step checkpoint at ``directory`` (a path or a URI) if the
+    checkpoint is complete: the JSON parses, is ours, and every tensor file it lists is there with
+    the size it had when written. None otherwise. Reads the JSON and two file sizes, no tensors."""
+    from core.storage import join, read_json, resolve
+
+    state = read_json(join(directory, "train_state.json"))
+    if not isinstance(state, dict) or state.get("format") != FORMAT or not isinstance(state.get("step"), int):
+        return None
+    fs, path, _ = resolve(directory)
+    sizes = state.get("files") or dict.fromkeys(TRAIN_STATE_FILES)  # before sizes were recorded: present
+    for name, size in sizes.items():
+        info = fs.get_file_info(f"{path.rstrip('/')}/{name}")
+        if info.type.name != "File" or (size is not None and info.size != size):
+            return None
+    return state
+
+
+def step_checkpoints(root: str) -> list[tuple[int, str]]:
+    """The ``step_NNNNNNNN`` directories under ``root`` (a run's Ray Train storage, path or URI),
+    complete or not, as ``[(step, path or URI)]`` by step."""
+    import pyarrow.fs as pafs
+
+    from core.storage import join, resolve
+
+    fs, path, _ = resolve(root)
+    out = []
+    for info in fs.get_file_info(pafs.FileSelector(path, allow_not_found=True)):
+        m = _STEP_DIR.match(info.base_name)
+        if info.type == pafs.FileType.Directory and m:
+            out.append((int(m.group(1)), join(root, info.base_name)))
+    return sorted(out)
+
+
+def latest_complete_checkpoint(root: str) -> tuple[int, str] | None:
+    """``(step, path)`` of the newest complete step checkpoint under ``root``, or None."""
+    for step, d in reversed(step_checkpoints(root)):
+        state = complete_train_state(d)
+        if state is not None and state["step"] == step:
+            return step, d
+    return None
 
 
 def restore_state(module: torch.nn.Module, optimizer: torch.optim.Optimizer, model_state: dict,
@@ -283,9 +334,11 @@ def load_train_state(directory: str | os.PathLike) -> tuple[dict[str, torch.Tens
     model_state = read_tensors(d / "state.safetensors")
     check_named_objectives(model_state, d)
     optim_state = unflatten_optim(read_tensors(d / "optim.safetensors"), state.pop("optimizer"))
+    state.pop("files", None)
     return model_state, optim_state, state
 
 
 __all__ = ["FORMAT", "MARKER", "CheckpointError", "save_model", "load_model", "model_dir", "saved_model_config",
            "changed_model_keys", "unwrap", "save_train_state", "load_train_state", "check_named_objectives",
-           "restore_state", "write_json", "read_json", "write_tensors", "read_tensors"]
+           "restore_state", "complete_train_state", "step_checkpoints", "latest_complete_checkpoint", "write_json",
+           "read_json", "write_tensors", "read_tensors"]

@@ -13,11 +13,20 @@ objectives (mm/objectives.py) and write
     run_dir/manifest.json   inputs, resolved config, code version
     run_dir/ray/            Ray Train's storage: step checkpoints (safetensors + JSON)
 
-A second ``fit`` on the same ``run_dir`` resumes from the latest step checkpoint, as does Ray
-Train itself after a worker dies (``FailureConfig(max_failures)``). Resume is exact: the
-checkpoint holds model, optimizer and scheduler state, the step, and each corpus stream's
-position (epoch, batches consumed); random draws are reseeded per step from (seed, rank, step),
-and Ray Data runs with ``preserve_order`` so a shard replays the same rows.
+A second ``fit`` on the same ``run_dir`` (the same command after a killed driver) resumes from
+the latest *complete* step checkpoint found in storage (``mm.checkpoint.latest_complete_checkpoint``:
+train_state.json written last, tensor file sizes checked), not from Ray Train's own snapshot,
+which the controller writes a moment after a checkpoint lands and a kill can leave behind or
+torn. Ray Train itself resumes within one ``fit`` after a worker dies (``FailureConfig``).
+Each ``fit`` is an *attempt* with its own id in ``run_dir/ray/attempt.json``, written before
+anything else: workers of an earlier attempt that outlive their driver (their raylet gone, or on
+other nodes until the GCS timeout) see it before every write and stop, so they never append
+metrics or checkpoints behind the rerun's back; a worker also exits at once when its raylet (its
+parent process) dies. Resume is exact: the checkpoint holds model, optimizer and scheduler
+state, the step, and each corpus stream's position (epoch, batches consumed); random draws are
+reseeded per step from (seed, rank, step), and Ray Data runs with ``preserve_order`` (also for
+the driver-side ``materialize`` of a cached corpus, whose block order otherwise follows task
+completion) so every fresh run and every shard sees the same rows in the same order.
 
 Pretraining and fine-tuning differ by objectives and config only: callers pass extra objective
 factories and a ``prepare_model`` hook (freeze, LoRA, ...). Beside the loop: ``train.frozen_features``'
@@ -34,8 +43,11 @@ import dataclasses
 import json
 import logging
 import math
+import os
+import socket
 import tempfile
 import time
+import uuid
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -44,8 +56,27 @@ from typing import Literal
 import numpy as np
 import torch
 
-from core.storage import exists, is_uri, join, local_dir, upload_dir, write_bytes
-from mm.checkpoint import load_model, load_train_state, model_dir, save_model, save_train_state
+from core.storage import (
+    exists,
+    is_uri,
+    join,
+    local_dir,
+    read_json,
+    remove,
+    resolve,
+    upload_dir,
+    write_bytes,
+    write_json,
+)
+from mm.checkpoint import (
+    latest_complete_checkpoint,
+    load_model,
+    load_train_state,
+    model_dir,
+    save_model,
+    save_train_state,
+    step_checkpoints,
+)
 from mm.config import ModelConfig
 from mm.data import (
     DataConfig,
@@ -159,16 +190,19 @@ def fit(cfg: PretrainConfig, corpora: Sequence[str], run_dir: str, init: str | N
         "mix_weights": weights, "config": dataclasses.asdict(cfg), "code_version": code_version(),
         "started_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())}, indent=2, default=str).encode())
 
+    attempt, resume = _start_attempt(run)
+
     if not ray.is_initialized():
         init_ray()
     pre = PreprocessConfig.build(cfg.model, cfg.data, tokens.pad_id, train=True, seed=cfg.train.seed)
     t = cfg.train
-    if t.frozen_features:
-        datasets = {f"corpus{i}": frozen_feature_dataset(cfg, info, Path(run) / "features" / f"corpus{i}", pre,
-                                                         tokens.vocab_size, str(model_dir(init)) if init else None)
-                    for i, info in enumerate(infos)}
-    else:
-        datasets = {f"corpus{i}": build_dataset(info, "train", pre, cfg.data) for i, info in enumerate(infos)}
+    with _preserve_order():
+        if t.frozen_features:
+            datasets = {f"corpus{i}": frozen_feature_dataset(cfg, info, Path(run) / "features" / f"corpus{i}", pre,
+                                                             tokens.vocab_size, str(model_dir(init)) if init else None)
+                        for i, info in enumerate(infos)}
+        else:
+            datasets = {f"corpus{i}": build_dataset(info, "train", pre, cfg.data) for i, info in enumerate(infos)}
     # Leave a whole CPU to the Ray Data read/decode tasks (RAY_NOTES.md: starved reads hang).
     cpus = t.cpus_per_worker or worker_cpus(t.num_workers, reserve_cpus=1.0)
     ingest = ray.train.DataConfig.default_ingest_options()
@@ -178,7 +212,7 @@ def fit(cfg: PretrainConfig, corpora: Sequence[str], run_dir: str, init: str | N
         train_loop_config={"cfg": cfg, "tokens": tokens, "weights": weights, "run_dir": run,
                            "tokenizer_dir": tokenizer_dir, "init": str(model_dir(init)) if init else None,
                            "extra_objectives": list(objectives or ()), "prepare_model": prepare_model,
-                           "streams": list(datasets)},
+                           "streams": list(datasets), "attempt": attempt, "resume": resume},
         torch_config=ray.train.torch.TorchConfig(timeout_s=t.collective_timeout_s),
         scaling_config=ray.train.ScalingConfig(num_workers=t.num_workers, use_gpu=t.use_gpu,
                                                resources_per_worker={"CPU": cpus}),
@@ -192,7 +226,70 @@ def fit(cfg: PretrainConfig, corpora: Sequence[str], run_dir: str, init: str | N
     result = trainer.fit()
     lines = read_metrics(join(run, "metrics.jsonl"))
     return {"run_dir": run, "steps": lines[-1]["step"] if lines else 0,
-            "last": lines[-1] if lines else {}, "checkpoint": result.checkpoint.path if result.checkpoint else None}
+            "last": lines[-1] if lines else {},
+            # a rerun of a finished run trains nothing and reports no checkpoint: the one it resumed from
+            "checkpoint": result.checkpoint.path if result.checkpoint else resume}
+
+
+RAY_SNAPSHOT = "checkpoint_manager_snapshot.json"  # Ray Train v2's record of the checkpoints it reported
+
+
+def _start_attempt(run: str) -> tuple[str, str | None]:
+    """Start a new attempt on ``run``: fence off earlier ones, pick the checkpoint to resume from.
+
+    1. ``run/ray/attempt.json`` gets a fresh id first: from then on, workers of an earlier attempt
+       still running (a killed driver's) stop at their next write (``_check_attempt``).
+    2. The newest complete step checkpoint is the resume point. Ray Train's snapshot is not used:
+       the controller writes it after the checkpoint lands, so a driver killed in between leaves a
+       snapshot one checkpoint behind (or none: the rerun started again from step 0), and one torn
+       mid-write, or naming a deleted checkpoint, makes Ray refuse the run dir.
+    3. Ray's snapshot and every other step dir go (incomplete ones, and older ones Ray would no
+       longer prune since it forgets them): this attempt's Ray Train starts its bookkeeping from
+       nothing and keeps ``keep_checkpoints`` of its own, beside the one it resumed from.
+    Returns (attempt id, resume checkpoint path/URI or None)."""
+    ray_dir = join(run, "ray")
+    attempt = uuid.uuid4().hex
+    write_json(join(ray_dir, "attempt.json"), {"attempt": attempt, "host": socket.gethostname(), "pid": os.getpid(),
+                                               "started_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())})
+    found = latest_complete_checkpoint(ray_dir)
+    fs, _, _ = resolve(ray_dir)
+    for _, d in step_checkpoints(ray_dir):
+        if found is None or d != found[1]:
+            remove(fs, resolve(d)[1])
+    remove(fs, resolve(join(ray_dir, RAY_SNAPSHOT))[1])
+    if found is None:
+        return attempt, None
+    say(f"resuming from the latest complete checkpoint, step {found[0]} ({found[1]})")
+    return attempt, found[1]
+
+
+class AttemptSuperseded(RuntimeError):
+    """A newer ``fit`` on the same run dir started: this attempt's workers must not write."""
+
+
+def _check_attempt(run_dir: str, attempt: str) -> None:
+    """Before a worker writes into the run dir: stop if another attempt took the run over."""
+    current = read_json(join(run_dir, "ray", "attempt.json"))
+    if isinstance(current, dict) and current.get("attempt") not in (None, attempt):
+        raise AttemptSuperseded(f"{run_dir}: a newer run of this command (attempt {current.get('attempt')}, "
+                                f"pid {current.get('pid')} on {current.get('host')}) took it over; this one stops")
+
+
+@contextlib.contextmanager
+def _preserve_order():
+    """Ray Data in deterministic order while the datasets are built: ``build_dataset`` may
+    ``materialize`` a small corpus on the driver, and without ``preserve_order`` its blocks are
+    stored in the order their read tasks finish, so two runs (a killed one and its rerun) fed the
+    ranks different rows. Restored after, for the rest of the process."""
+    from ray.data import DataContext
+
+    opts = DataContext.get_current().execution_options
+    old = opts.preserve_order
+    opts.preserve_order = True
+    try:
+        yield
+    finally:
+        opts.preserve_order = old
 
 
 def _torch_trainer():
@@ -372,7 +469,13 @@ def train_loop(config: dict) -> None:
     torch.manual_seed(t.seed)  # identical initial weights on every rank
 
     # ---- build --------------------------------------------------------------------------------
+    # A worker whose raylet (its parent) died belongs to a killed driver: it exits instead of
+    # training on, unseen, until Ray notices (checked every step, below).
+    parent = os.getppid()
+    # Ray Train's checkpoint is this attempt's own (a worker restart); else where fit resumes.
     checkpoint = ray.train.get_checkpoint()
+    if checkpoint is None and config.get("resume"):
+        checkpoint = ray.train.Checkpoint(config["resume"])
     saved = None
     if checkpoint is not None:
         with checkpoint.as_directory() as d:
@@ -416,6 +519,9 @@ def train_loop(config: dict) -> None:
     window: dict[str, torch.Tensor] = {}
     window_steps, window_time, window_wait = 0, 0.0, 0.0
     while step < t.max_steps:
+        if os.getppid() != parent:
+            say(f"rank {rank}: Ray's raylet died (the driver was killed?); exiting")
+            os._exit(1)
         t_start = time.perf_counter()
         _seed_step(t.seed, rank, step)
         batches, wait = [], 0.0
@@ -445,6 +551,7 @@ def train_loop(config: dict) -> None:
             if "contrastive/logit_scale" in line:
                 line["logit_scale"] = line["contrastive/logit_scale"]
             if mlog is not None:
+                _check_attempt(config["run_dir"], config["attempt"])
                 mlog.write(line)
             window, window_steps, window_time, window_wait = {}, 0, 0.0, 0.0
 
@@ -462,6 +569,7 @@ def train_loop(config: dict) -> None:
             with tempfile.TemporaryDirectory() as tmp:
                 ckpt = None
                 if rank == 0:
+                    _check_attempt(config["run_dir"], config["attempt"])
                     save_train_state(tmp, model_state, optim_state, state)
                     if step == t.max_steps:
                         model_only = {k[len("model."):]: v for k, v in model_state.items() if k.startswith("model.")}
