@@ -171,6 +171,9 @@ def fit(cfg: PretrainConfig, corpora: Sequence[str], run_dir: str, init: str | N
             raise ValueError(f"corpus {c} uses another tokenizer than {corpora[0]}; curate them with one tokenizer")
     tokens = load_token_info(tokenizer_dir)
     weights = _mix_weights(cfg.data, infos)
+    # What the workers get: a URI stays one and each worker's node fetches it (``_local_model_dir``,
+    # core.storage's cache); the driver's cached copy would not exist on another node.
+    init_src = (str(init) if is_uri(str(init)) else str(model_dir(init).resolve())) if init is not None else None
     if init is not None and is_uri(str(init)):
         init = _local_model_dir(init)
     if init is not None:
@@ -186,7 +189,7 @@ def fit(cfg: PretrainConfig, corpora: Sequence[str], run_dir: str, init: str | N
     write_bytes(join(run, "manifest.json"), json.dumps({
         "inputs": {"corpora": [{"path": i.path, "modality": i.modality, "rows": i.rows, "manifest": i.manifest}
                                for i in infos],
-                   "init": str(model_dir(init).resolve()) if init else None},
+                   "init": init_src},
         "mix_weights": weights, "config": dataclasses.asdict(cfg), "code_version": code_version(),
         "started_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())}, indent=2, default=str).encode())
 
@@ -210,7 +213,7 @@ def fit(cfg: PretrainConfig, corpora: Sequence[str], run_dir: str, init: str | N
     trainer = _torch_trainer()(
         train_loop,
         train_loop_config={"cfg": cfg, "tokens": tokens, "weights": weights, "run_dir": run,
-                           "tokenizer_dir": tokenizer_dir, "init": str(model_dir(init)) if init else None,
+                           "tokenizer_dir": tokenizer_dir, "init": init_src,
                            "extra_objectives": list(objectives or ()), "prepare_model": prepare_model,
                            "streams": list(datasets), "attempt": attempt, "resume": resume},
         torch_config=ray.train.torch.TorchConfig(timeout_s=t.collective_timeout_s),
@@ -588,7 +591,7 @@ def _build_model(model_cfg: ModelConfig, vocab_size: int, init: str | None, save
     reads the pretrained weight files (``pretrained_path``). Weights come from the checkpoint
     either way; locking is applied as configured."""
     if init:
-        model, _ = load_model(init)
+        model, _ = load_model(_local_model_dir(init) if is_uri(init) else init)
     elif saved_state is not None and (saved_state.get("text_hf_config") or not model_cfg.text.pretrained_path):
         bare = dataclasses.replace(model_cfg, vision=dataclasses.replace(model_cfg.vision, pretrained_path=None),
                                    text=dataclasses.replace(model_cfg.text, pretrained_path=None))

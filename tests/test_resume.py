@@ -92,3 +92,21 @@ def test_datasets_are_built_in_deterministic_order_and_the_setting_is_restored()
     with _preserve_order():
         assert DataContext.get_current().execution_options.preserve_order is True
     assert DataContext.get_current().execution_options.preserve_order == before
+
+
+def test_workers_fetch_an_init_uri_themselves_not_the_drivers_cached_copy(tmp_path, monkeypatch):
+    """``fit(init=URI)`` hands the URI to the workers, which fetch it on their own node (core.storage's
+    cache): the driver's cached copy exists only on the driver's node on a cluster without a
+    shared filesystem. A file:// URI takes the same code path as s3://."""
+    from test_checkpoint import CFG
+
+    from mm.checkpoint import save_model
+    from mm.models import build_model
+    from mm.train import _build_model
+
+    src = build_model(CFG, 40)
+    save_model(src, CFG, tmp_path / "run" / "model", None)
+    monkeypatch.setenv("MM_CACHE_DIR", str(tmp_path / "worker-cache"))
+    got = _build_model(CFG, 40, f"file://{tmp_path / 'run'}", None)
+    want = src.state_dict()
+    assert all(torch.equal(v, want[k]) for k, v in got.state_dict().items())
