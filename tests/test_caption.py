@@ -207,3 +207,4 @@ def test_captioning_trains_in_the_one_loop_and_the_run_generates(ray_session, tm
     assert model.generate(torch.zeros(1, 4, 3, 32, 32), max_tokens=4)  # a video: one caption
     with pytest.raises(ValueError, match="max_tokens 30 > 23"):
         model.generate(images, max_tokens=30)
+
