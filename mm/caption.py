@@ -29,7 +29,8 @@ training caption for every item). It returns the eval.json sections (``metrics.c
 ``{"sample_id", "media_key", "generated", "references"}``. ``caption_samples`` picks a few items
 with thumbnails for the report (``caption_grid_html`` renders them).
 
-Every refusal is a ``ValueError`` with one line, raised before any work. Tested in
+Every refusal is a ``ValueError`` with one line, raised before any work; references that hold
+[UNK] tokens (a vocabulary trained on other captions) get one warning (``warn_unknown_tokens``). Tested in
 tests/test_caption.py. Over ~450 lines on purpose: one task's checks, training hooks,
 evaluation and export read together; splitting the checks from the code they guard would
 scatter one contract over files.
@@ -40,6 +41,7 @@ from __future__ import annotations
 import dataclasses
 import html
 import json
+import logging
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -49,6 +51,8 @@ import numpy as np
 
 from mm.config import DecoderConfig
 from mm.objectives import Captioning, CaptioningConfig, ContrastiveConfig, ObjectivesConfig
+
+log = logging.getLogger(__name__)
 
 _DECODER_LORA = r"decoder\.lm\.bert\.encoder\.layer\.\d+\.(attention|crossattention)\.(self\.(query|key|value)|output\.dense)"
 _VISION_LORA = r"vision\.vit\.blocks\.\d+\.attn\.(qkv|proj)"
@@ -148,7 +152,45 @@ def check_caption_corpus(data_dir: str | Path, max_tokens: int, splits: Sequence
     missing = [s for s, n in counts.items() if n == 0]
     if missing:
         raise ValueError(f"--data {data_dir} has no {missing[0]} rows")
+    warn_unknown_tokens(data_dir, table)
     return counts
+
+
+UNK_WARN_SHARE = 0.02  # of the references' rows holding an [UNK] token
+
+
+def unknown_token_share(data_dir: str | Path, table) -> tuple[float, float, str | None]:
+    """(share of rows whose ``input_ids`` hold the corpus tokenizer's [UNK], share of tokens that
+    are [UNK], one such caption) for ``table``'s rows; (0, 0, None) when the tokenizer has no
+    unknown token. A decoder can never write a word its references hold as [UNK]: generation
+    skips the special token ("a video of" came out as "a of")."""
+    import pyarrow.compute as pc
+    from transformers import AutoTokenizer
+
+    from core.storage import local_dir
+
+    unk = AutoTokenizer.from_pretrained(local_dir(str(Path(data_dir) / "tokenizer"))).unk_token_id
+    if unk is None or not table.num_rows:
+        return 0.0, 0.0, None
+    ids = table["input_ids"]
+    flat = pc.list_flatten(ids)
+    n_unk_tokens = int(pc.sum(pc.equal(flat, unk)).as_py() or 0)
+    rows = [i for i, x in enumerate(ids.to_pylist()) if unk in x]
+    example = table["caption"][rows[0]].as_py() if rows else None
+    return len(rows) / table.num_rows, n_unk_tokens / max(len(flat), 1), example
+
+
+def warn_unknown_tokens(data_dir: str | Path, table) -> float:
+    """Log one warning when over ``UNK_WARN_SHARE`` of the references hold [UNK] (a tokenizer
+    trained on other captions, e.g. video captions tokenised with an image corpus's vocabulary);
+    returns the row share."""
+    rows, tokens, example = unknown_token_share(data_dir, table)
+    if rows > UNK_WARN_SHARE:
+        log.warning(
+            "--data %s: %.0f%% of the reference captions hold [UNK] (%.1f%% of their tokens, e.g. %r): "
+            "the decoder can never write those words; curate with a tokenizer trained on these captions",
+            data_dir, 100 * rows, 100 * tokens, example)
+    return rows
 
 
 # ----------------------------------------------------------------------------- fine-tuning
@@ -511,7 +553,8 @@ def strategy_from_finetune(strategy: str, towers: str, last_n_blocks: int, lora_
                            lora_dropout=lora_dropout, **kw)
 
 
-__all__ = ["CaptionStrategy", "CaptionEvalConfig", "check_caption_model", "check_caption_corpus", "add_decoder",
+__all__ = ["CaptionStrategy", "CaptionEvalConfig", "check_caption_model", "check_caption_corpus",
+           "unknown_token_share", "warn_unknown_tokens", "add_decoder",
            "caption_objectives", "CaptioningFactory", "PrepareCaption", "check_caption_strategy", "train_caption",
            "Captioner", "generate_split", "train_captions", "score_captions", "evaluate_captions",
            "write_captions_jsonl", "caption_samples", "caption_grid_html", "export_decoder_hf", "strategy_from_finetune"]

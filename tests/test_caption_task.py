@@ -39,17 +39,20 @@ def _tiny_model_dir(tmp_path, corpus, decoder=DecoderConfig()):
 
 def _rewrite(corpus, **columns):
     """Replace whole columns of every shard (bad-input corpora)."""
+    import pyarrow as pa
     import pyarrow.parquet as pq
 
     for f in sorted((corpus / "data").glob("*.parquet")):
         t = pq.read_table(f)
         for name, fn in columns.items():
             i = t.schema.get_field_index(name)
-            t = t.set_column(i, t.schema.field(i), [fn(t[name].to_pylist())]) if fn else t.drop_columns([name])
+            field = t.schema.field(i)
+            t = (t.set_column(i, field, pa.array(fn(t[name].to_pylist()), type=field.type)) if fn
+                 else t.drop_columns([name]))
         pq.write_table(t, f)
 
 
-def test_caption_corpus_and_model_checks(tmp_path):
+def test_caption_corpus_and_model_checks(tmp_path, caplog):
     from test_data import make_corpus
 
     from mm.caption import check_caption_corpus, check_caption_model
@@ -73,6 +76,20 @@ def test_caption_corpus_and_model_checks(tmp_path):
         check_caption_corpus(good, 4)
     with pytest.raises(ValueError, match="no val rows"):
         check_caption_corpus(make_corpus(tmp_path / "noval", n=8, seed=1, val_fraction=0.0), 16)
+
+    # references holding [UNK] (a vocabulary of other captions): one warning, no refusal
+    import logging
+
+    from transformers import AutoTokenizer
+
+    unk = AutoTokenizer.from_pretrained(str(good / "tokenizer")).unk_token_id
+    unknown = make_corpus(tmp_path / "unk", n=24, seed=1, val_fraction=0.3)
+    _rewrite(unknown, input_ids=lambda ids: [x[:1] + [unk] + x[2:] if i % 2 else x for i, x in enumerate(ids)])
+    with caplog.at_level(logging.WARNING, logger="mm.caption"):
+        check_caption_corpus(good, 16)
+        assert not caplog.records
+        check_caption_corpus(unknown, 16)
+    assert len(caplog.records) == 1 and "50% of the reference captions hold [UNK]" in caplog.records[0].message
 
     plain = _tiny_model_dir(tmp_path, good)
     assert check_caption_model(plain, need_decoder=False)["decoder"]["layers"] == 0
