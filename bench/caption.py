@@ -9,8 +9,8 @@ Every stage is the command a user types (subprocess ``python -m jobs.cli ...``),
 output is already in ``--work`` (rerun to resume):
 
 1. the demo corpus: pipelines/demo_corpus.py's generator (``--images`` clean images, ``--videos``
-   clean clips, planted faults on top), then ``mm curate`` of the images and of the videos with
-   the images' tokenizer, as ``mm demo`` does (20% val);
+   clean clips, planted faults on top), one tokenizer trained on both modalities' captions, then
+   ``mm curate`` of the images and of the videos with it, as ``mm demo`` does (20% val);
 2. ``mm pretrain --config configs/coca.yaml`` on both corpora: CoCa, contrastive + captioning,
    the decoder trains with the towers;
 3. ``mm finetune --task caption`` of that run on each corpus with configs/finetune.yaml's recipe
@@ -69,15 +69,19 @@ def sets(overrides: list[str]) -> list[str]:
 
 def demo_corpus(work: Path, n_images: int, n_videos: int, seed: int) -> dict[str, Path]:
     """The demo corpus curated as ``mm demo`` curates it: {"images": DIR, "videos": DIR}."""
-    from pipelines.demo_corpus import generate_demo_corpus
+    from core.config import load_config
+    from pipelines.curate import CurateConfig
+    from pipelines.demo_corpus import generate_demo_corpus, source_captions
+    from pipelines.tokenize import build_tokenizer
 
     images, videos = work / "corpus" / "images", work / "corpus" / "videos"
     if not (images / "data").is_dir() or not (videos / "data").is_dir():
         raw = generate_demo_corpus(work / "raw", n_images=n_images, n_videos=n_videos, seed=seed)
-        base = ["images.image_px=64", "output.val_fraction=0.2"]
+        shared = build_tokenizer(source_captions(raw), load_config(CurateConfig, str(CONFIGS / "curate.yaml"), []).tokenizer,
+                                 work / "corpus" / "tokenizer")
+        base = ["images.image_px=64", "output.val_fraction=0.2", f"tokenizer.path={shared}"]
         mm("curate", *raw["image_sources"], "--out", str(images), *sets(base))
-        mm("curate", *raw["video_sources"], "--out", str(videos), "--modality", "video",
-           *sets(base + [f"tokenizer.path={images / 'tokenizer'}"]))
+        mm("curate", *raw["video_sources"], "--out", str(videos), "--modality", "video", *sets(base))
     return {"images": images, "videos": videos}
 
 
@@ -194,8 +198,9 @@ def main(argv=None) -> int:
                                     str(CONFIGS / "coca.yaml"), *sets(a.pretrain_set))
     random = random_towers(work, CONFIGS / "pretrain.yaml", next(iter(corpora.values())) / "tokenizer")
     res["finetune"] = {}
-    for init, run_init, extra in (("coca", coca, a.finetune_set), ("random_towers", random, a.control_set)):
-        for cname, corpus in corpora.items():
+    for cname in sorted(corpora, key=lambda c: c != "videos"):  # the 18-clip case first: the one in doubt
+        corpus = corpora[cname]
+        for init, run_init, extra in (("coca", coca, a.finetune_set), ("random_towers", random, a.control_set)):
             run = work / f"caption_{init}_{cname}"
             secs = None
             if not (run / "eval.json").is_file():

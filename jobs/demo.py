@@ -5,7 +5,7 @@
 1. generate the demo corpus (pipelines/demo_corpus.py): coloured shapes and moving shapes with
    paraphrased captions, as real WebDataset tars / JPEG+PNG / H.264 MP4, with planted exact and
    near duplicates, bad captions and corrupt media;
-2. curate the images, then the videos with the images' tokenizer (one vocabulary for both);
+2. train one tokenizer on the captions of both, then curate the images and the videos with it;
 3. pretrain a small dual-stream model on both corpora (Ray Train, 2 workers);
 4. evaluate the pretrained model: zero-shot shape classification and retrieval both ways;
 5. fine-tune a shape classifier from the pretrained image tower and evaluate it (WiSE-FT curve,
@@ -61,7 +61,8 @@ def run_demo(out: str | Path, cfg: DemoConfig, address: str | None = None) -> di
     from mm.report import write_report
     from mm.train import PretrainConfig, fit
     from pipelines.curate import CurateConfig, run_curate
-    from pipelines.demo_corpus import generate_demo_corpus
+    from pipelines.demo_corpus import generate_demo_corpus, source_captions
+    from pipelines.tokenize import build_tokenizer
 
     # Parse every config first: a bad key fails before any work.
     curate_cfg = load_config(CurateConfig, cfg.curate_config, cfg.curate_overrides)
@@ -82,12 +83,17 @@ def run_demo(out: str | Path, cfg: DemoConfig, address: str | None = None) -> di
     init_ray(address)
 
     images, videos = out / "corpus" / "images", out / "corpus" / "videos"
+    if cfg.n_videos and raw["video_sources"] and not curate_cfg.tokenizer.path:
+        # One vocabulary for both corpora, trained on both modalities' captions: one trained on
+        # the images' alone spelt the video-only words in characters or as [UNK] ("a video of").
+        shared = build_tokenizer(source_captions(raw), curate_cfg.tokenizer, out / "corpus" / "tokenizer")
+        curate_cfg = dataclasses.replace(
+            curate_cfg, tokenizer=dataclasses.replace(curate_cfg.tokenizer, path=str(shared)))
     image_stats = run_curate(raw["image_sources"], str(images), curate_cfg)
     _write_zeroshot_files(images, raw["classes"], raw["templates"])
     corpora = [str(images)]
     video_stats = None
     if cfg.n_videos and raw["video_sources"]:
-        # One vocabulary for both corpora: the videos reuse the tokenizer trained on the images.
         video_cfg = dataclasses.replace(
             curate_cfg, modality="video",
             tokenizer=dataclasses.replace(curate_cfg.tokenizer, path=str(images / "tokenizer")))

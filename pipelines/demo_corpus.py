@@ -110,6 +110,29 @@ def plan_attributes(rng: np.random.Generator, n: int, axes: dict) -> list[dict]:
     return [{name: columns[name][i] for name in axes} for i in range(n)]
 
 
+def source_captions(summary: dict) -> list[str]:
+    """The clean captions written under a summary's image and video sources, both modalities
+    (tar members' ``.json`` "caption" or ``.txt``, the folder's ``.txt`` sidecars), planted bad
+    captions left out. ``mm demo`` trains its one tokenizer on them, so that words found only in
+    the video captions ("video", "moving", "sliding", "up") are in the vocabulary: a vocabulary of
+    the image captions alone spells them in characters or maps them to [UNK]."""
+    bad = set(summary["planted"]["bad_captions"]) | set(summary["video_planted"]["bad_captions"])
+    out: list[str] = []
+    for src in (*summary["image_sources"], *summary["video_sources"]):
+        path = Path(src)
+        if path.is_dir():
+            out += [t.read_text().strip() for t in sorted(path.glob("*.txt")) if t.stem not in bad]
+            continue
+        with tarfile.open(path) as tf:
+            for m in tf.getmembers():
+                key, ext = m.name.split(".", 1)
+                if key in bad or ext not in ("json", "txt"):
+                    continue
+                raw = tf.extractfile(m).read()
+                out.append(json.loads(raw)["caption"] if ext == "json" else raw.decode().strip())
+    return out
+
+
 def _rng(seed: int, stream: int, i: int = 0) -> np.random.Generator:
     return np.random.default_rng([seed, stream, i])
 

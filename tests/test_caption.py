@@ -208,3 +208,28 @@ def test_captioning_trains_in_the_one_loop_and_the_run_generates(ray_session, tm
     with pytest.raises(ValueError, match="max_tokens 30 > 23"):
         model.generate(images, max_tokens=30)
 
+
+def test_demo_tokenizer_covers_video_captions(tmp_path):
+    """The demo's one vocabulary is trained on both modalities' captions (``source_captions``):
+    the images' alone turned "a video of" into "a [UNK] of" and spelt "moving" in letters, so
+    the decoder could never write the video words (videos CIDEr below a random-tower control)."""
+    from pipelines.demo_corpus import generate_demo_corpus, source_captions
+    from pipelines.tokenize import TokenizerConfig, train_tokenizer
+
+    raw = generate_demo_corpus(tmp_path / "raw", n_images=120, n_videos=40, video_px=32, seed=0)
+    captions = source_captions(raw)
+    assert len(captions) >= 160  # the clean ones, their duplicates and the corrupt-media rows
+    videos = [c for c in captions if any(w in c for w in ("moving", "sliding", "going", "travelling", "rising",
+                                                            "falling"))]
+    images = [c for c in captions if c not in set(videos)]
+    assert len(videos) >= 40 and not any(c.strip() == "" for c in captions)
+
+    def unk_rows(tok, caps):
+        unk = tok.token_to_id("[UNK]")
+        return sum(unk in tok.encode(c).ids for c in caps) / len(caps)
+
+    assert unk_rows(train_tokenizer(images, TokenizerConfig()), videos) > 0.1  # the old demo vocabulary
+    shared = train_tokenizer(captions, TokenizerConfig())
+    assert unk_rows(shared, videos) == 0 and unk_rows(shared, images) == 0
+    assert shared.encode("a video of a red star moving up").tokens[1:-1] == \
+        ["a", "video", "of", "a", "red", "star", "moving", "up"]
