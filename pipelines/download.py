@@ -1,15 +1,22 @@
 """URL download inside the curate plan: fills ``media`` of manifest records that carry a ``url``.
 
-    ds = ds.map_batches(download_batch, fn_kwargs={"cfg": source_cfg}, batch_format="pyarrow")
+    ds = ds.map_batches(download_chunks, fn_kwargs={"cfg": source_cfg}, batch_format="pyarrow",
+                        batch_size=None, num_cpus=1)   # same resources as the process map: fused
 
-Per batch, a thread pool of ``download_threads`` fetches the URLs through one ``urllib3``
-PoolManager per worker process: ``download_per_host`` connections per host (``block=True``: a
-request waits for a free connection, so one slow host cannot take every thread's socket),
-``download_timeout_s`` for connect and for each read, ``download_total_timeout_s`` for the
-whole response including retries, ``download_retries`` retries with exponential backoff from
-``download_backoff_s`` on 429/5xx, timeouts and dropped connections, redirects followed up to
-``download_max_redirects``. A response whose ``X-Robots-Tag`` carries one of ``opt_out_tags``
-(``noai``, ``noimageai``) is rejected as ``opt_out``: the publisher's opt-out is honoured.
+As img2dataset does it: each worker process keeps one thread pool of ``download_threads`` and
+one ``urllib3`` PoolManager (connections reused per host) for its whole life. ``download_chunks``
+streams a block's rows through that pool in input order, ``CHUNK_ROWS`` at a time, keeping up to
+``AHEAD_ROWS`` requests (and at most ``AHEAD_BYTES`` of downloaded, not yet consumed bytes) ahead
+of its consumer. Fused with the process map (same ``num_cpus``), the threads fetch the next rows
+while the task decodes the previous ones: downloads overlap with decoding in every process.
+
+``download_per_host`` connections per host per process (``block=True``: a request waits for a free
+connection, so one slow host cannot take every thread's socket), ``download_timeout_s`` for
+connect and for each read, ``download_total_timeout_s`` for the whole response including retries,
+``download_retries`` retries with exponential backoff from ``download_backoff_s`` on 429/5xx,
+timeouts and dropped connections, redirects followed up to ``download_max_redirects``. A
+response whose ``X-Robots-Tag`` carries one of ``opt_out_tags`` (``noai``, ``noimageai``) is
+rejected as ``opt_out``: the publisher's opt-out is honoured.
 
 Reject reasons (``error`` of the record): ``opt_out``, ``http_error`` (detail: the status),
 ``download_timeout``, ``download_error`` (DNS, refused, reset, too many redirects),
@@ -22,7 +29,8 @@ from __future__ import annotations
 
 import threading
 import time
-from concurrent.futures import ThreadPoolExecutor
+from collections.abc import Iterator
+from concurrent.futures import Future, ThreadPoolExecutor
 from functools import lru_cache
 
 import pyarrow as pa
@@ -30,12 +38,21 @@ import pyarrow as pa
 from pipelines.sources import SourceConfig
 
 _RETRY_STATUS = {408, 425, 429, 500, 502, 503, 504}
+CHUNK_ROWS = 64                 # rows per yielded table
+AHEAD_ROWS = 256                # requests submitted ahead of the consumer (at least 8 per thread)
+AHEAD_BYTES = 64 << 20          # downloaded bytes not yet consumed, per block being streamed
 
 
 class DownloadError(Exception):
     def __init__(self, reason: str, detail: str, retry: bool = False):
         super().__init__(reason, detail)
         self.reason, self.detail, self.retry = reason, detail, retry
+
+
+@lru_cache(maxsize=4)
+def _executor(threads: int) -> ThreadPoolExecutor:
+    """One thread pool per worker process, kept across tasks (threads and their sockets reused)."""
+    return ThreadPoolExecutor(max_workers=threads, thread_name_prefix="mm-download")
 
 
 @lru_cache(maxsize=4)
@@ -117,35 +134,80 @@ def _fetch_once(url: str, cfg: SourceConfig, deadline: float) -> bytes:
         r.release_conn()
 
 
-def download_batch(batch: pa.Table, cfg: SourceConfig) -> pa.Table:
-    """Records with a ``url``, no ``media`` and no ``error`` get their bytes or a reject reason."""
+@lru_cache(maxsize=4)
+def _executor(threads: int) -> ThreadPoolExecutor:
+    """The worker process's download threads (kept between tasks, like its connections)."""
+    return ThreadPoolExecutor(max_workers=threads, thread_name_prefix="mm-download")
+
+
+def _outcome(url: str, cfg: SourceConfig) -> tuple[bytes | None, str | None, str | None]:
+    try:
+        return fetch(url, cfg), None, None
+    except DownloadError as e:
+        return None, e.reason, e.detail
+    except Exception as e:  # noqa: BLE001 - one bad URL never stops a run
+        return None, "download_error", f"{type(e).__name__}: {str(e)[:160]}"
+
+
+def download_chunks(batch: pa.Table, cfg: SourceConfig, chunk_rows: int = CHUNK_ROWS) -> Iterator[pa.Table]:
+    """Records with a ``url``, no ``media`` and no ``error`` get their bytes or a reject reason;
+    yielded in input order, ``chunk_rows`` rows at a time, while later rows download."""
     urls = batch.column("url").to_pylist()
     media = batch.column("media").to_pylist()
     errors = batch.column("error").to_pylist()
     todo = [i for i, u in enumerate(urls) if u and media[i] is None and not errors[i]]
     if not todo:
-        return batch
+        yield batch
+        return
     details = batch.column("error_detail").to_pylist()
+    pool = _executor(cfg.download_threads)
+    ahead = max(AHEAD_ROWS, 8 * cfg.download_threads)
+    futures: dict[int, Future] = {}
+    held = [0]  # bytes downloaded and not yet yielded
     lock = threading.Lock()
+    submitted = 0
 
-    def one(i: int) -> None:
-        try:
-            data = fetch(urls[i], cfg)
+    def done(f: Future) -> None:  # in the download thread
+        if not f.cancelled() and f.result()[0] is not None:
             with lock:
-                media[i] = data
-        except DownloadError as e:
-            with lock:
-                errors[i], details[i] = e.reason, e.detail
-        except Exception as e:  # noqa: BLE001 - one bad URL never stops a run
-            with lock:
-                errors[i], details[i] = "download_error", f"{type(e).__name__}: {str(e)[:160]}"
+                held[0] += len(f.result()[0])
 
-    with ThreadPoolExecutor(max_workers=min(cfg.download_threads, len(todo))) as pool:
-        list(pool.map(one, todo))
-    for name, values, typ in (("media", media, pa.binary()), ("error", errors, pa.string()),
-                              ("error_detail", details, pa.string())):
-        batch = batch.set_column(batch.column_names.index(name), name, pa.array(values, typ))
-    return batch
+    def submit_more() -> None:
+        nonlocal submitted
+        while submitted < len(todo) and len(futures) < ahead and held[0] < AHEAD_BYTES:
+            i = todo[submitted]
+            futures[i] = pool.submit(_outcome, urls[i], cfg)
+            futures[i].add_done_callback(done)
+            submitted += 1
+
+    try:
+        for start in range(0, batch.num_rows, chunk_rows):
+            stop = min(start + chunk_rows, batch.num_rows)
+            for i in range(start, stop):
+                submit_more()  # rows are submitted in order, so row i is in flight once earlier rows are consumed
+                f = futures.pop(i, None)
+                if f is None:  # not to download
+                    continue
+                media[i], err, detail = f.result()
+                if err:
+                    errors[i], details[i] = err, detail
+                else:
+                    with lock:
+                        held[0] -= len(media[i])
+            chunk = batch.slice(start, stop - start)
+            for name, values, typ in (("media", media, pa.binary()), ("error", errors, pa.string()),
+                                      ("error_detail", details, pa.string())):
+                chunk = chunk.set_column(chunk.column_names.index(name), name, pa.array(values[start:stop], typ))
+            media[start:stop] = [None] * (stop - start)  # the chunk holds them now
+            yield chunk
+    finally:
+        for f in futures.values():
+            f.cancel()
 
 
-__all__ = ["download_batch", "fetch", "DownloadError"]
+def download_batch(batch: pa.Table, cfg: SourceConfig) -> pa.Table:
+    """``download_chunks`` as one table (tests, small batches)."""
+    return pa.concat_tables(list(download_chunks(batch, cfg)))
+
+
+__all__ = ["download_batch", "download_chunks", "fetch", "DownloadError"]

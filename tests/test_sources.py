@@ -19,7 +19,7 @@ from PIL import Image
 
 from core.storage import expand_braces
 from pipelines.datasources import read_inputs
-from pipelines.download import download_batch
+from pipelines.download import download_batch, download_chunks
 from pipelines.inputs import INPUT_SCHEMA
 from pipelines.listing import expand_sources, glob_regex
 from pipelines.sources import SourceConfig, webdataset_key
@@ -268,6 +268,26 @@ def test_per_host_limit_is_respected(http_server):
     out = download_batch(url_batch([f"{http_server}/slow.jpg"] * 4), cfg)
     assert all(r["error"] is None for r in out.to_pylist())
     assert time.time() - t0 >= 5.5  # 4 slow requests, 2 at a time: two rounds of 3 s
+
+
+def test_download_chunks_stream_in_order_with_bounded_lookahead(http_server, monkeypatch):
+    import pipelines.download as dl
+
+    monkeypatch.setattr(dl, "AHEAD_ROWS", 4)
+    cfg = SourceConfig(download_threads=2, download_per_host=2)  # lookahead: max(4, 8 * 2) = 16 rows
+    names = ["good", "missing", "redirect", "noai"] * 10
+    t = url_batch([f"{http_server}/{n}.jpg" for n in names])
+    t = t.set_column(t.column_names.index("error"), "error", pa.array([None] * 39 + ["missing_caption"]))
+    chunks = download_chunks(t, cfg, chunk_rows=8)
+    first = next(chunks)  # the first chunk comes before the whole batch is fetched
+    assert first.num_rows == 8
+    rest = list(chunks)
+    assert [c.num_rows for c in rest] == [8, 8, 8, 8]
+    rows = pa.concat_tables([first, *rest]).to_pylist()
+    assert [r["key"] for r in rows] == [str(i) for i in range(40)]
+    for name, r in zip(names[:39], rows):
+        assert (r["media"] is not None) == (name in ("good", "redirect")), (name, r["error"])
+    assert rows[39]["error"] == "missing_caption" and rows[39]["media"] is None
 
 
 def test_source_config_validation():
