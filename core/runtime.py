@@ -9,6 +9,7 @@ stuck plan fails with a message instead of hanging for 30 minutes.
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
 import sys
@@ -71,7 +72,7 @@ def init_ray(address: str | None = None, *, num_cpus: int | None = None, dashboa
         os.environ["RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER"] = "0"
         ray_constants.ENABLE_RAY_CLUSTER = False
         _say_if_a_cluster_runs_here()
-        ray.init(
+        _start_local(
             address="local",  # never the `ray start` cluster Ray would otherwise pick up on its own
             num_cpus=num_cpus or os.cpu_count() or 1,
             include_dashboard=dashboard,
@@ -83,6 +84,62 @@ def init_ray(address: str | None = None, *, num_cpus: int | None = None, dashboa
     _configure_data_context(no_progress_timeout_s)
     _size_parquet_footer_readers()
     return ray.cluster_resources()
+
+
+LOCAL_START_TRIES = 3
+
+
+def _start_local(**kw) -> None:
+    """``ray.init`` of a local Ray, tried again when it "timed out during startup".
+
+    Ray waits a fixed 30 s for its raylet to register with the GCS (``raylet_start_wait_time_s``
+    in ray/_private/node.py, not configurable); on a loaded machine that start takes longer and
+    the command failed before any work (seen: the pretrain driver-kill test at load ~30). The
+    processes the failed attempt started (GCS, raylet, agents: this process's new children) are
+    killed by pid before the next try, so no half-started Ray stays behind."""
+    import ray
+
+    for attempt in range(1, LOCAL_START_TRIES + 1):
+        before = _child_pids()
+        try:
+            ray.init(**kw)
+            return
+        except Exception as e:  # Ray raises a bare Exception for this one
+            if "timed out during startup" not in str(e) or attempt == LOCAL_START_TRIES:
+                raise
+            log.warning("local Ray did not start within Ray's 30 s (a loaded machine?); starting it again (%d/%d)",
+                        attempt + 1, LOCAL_START_TRIES)
+            with contextlib.suppress(Exception):
+                ray.shutdown()
+            _kill_pids(_child_pids() - before)
+
+
+def _child_pids(root: int | None = None) -> set[int]:
+    """Every descendant of ``root`` (default: this process), from /proc (empty elsewhere)."""
+    parents: dict[int, int] = {}
+    for d in os.listdir("/proc") if os.path.isdir("/proc") else ():
+        if d.isdigit():
+            with contextlib.suppress(OSError, ValueError, IndexError):
+                with open(f"/proc/{d}/stat") as f:
+                    parents[int(d)] = int(f.read().rsplit(")", 1)[1].split()[1])
+    found, frontier = set(), {root or os.getpid()}
+    while frontier:
+        frontier = {pid for pid, ppid in parents.items() if ppid in frontier} - found
+        found |= frontier
+    return found
+
+
+def _kill_pids(pids: set[int]) -> None:
+    import signal
+    import time
+
+    for pid in pids:
+        with contextlib.suppress(OSError):
+            os.kill(pid, signal.SIGKILL)
+    for pid in pids:  # reap our direct children; others are reaped by theirs or init
+        with contextlib.suppress(OSError):
+            os.waitpid(pid, 0)
+    time.sleep(0.1)
 
 
 def _say_if_a_cluster_runs_here() -> None:
