@@ -224,6 +224,8 @@ class Refresh:
             tmp = resolve(join(self.corpus, ".tokenizer.tmp"))[1]
             remove(fs, tok)
             remove(fs, tmp)
+            if is_local(self.corpus):  # pyarrow's copy_files does not create a local destination folder
+                fs.create_dir(tmp, recursive=True)
             pafs.copy_files(resolve(join(self.staging, "tokenizer"))[1], tmp, source_filesystem=fs,
                             destination_filesystem=fs)
             move(fs, tmp, tok)
