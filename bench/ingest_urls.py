@@ -6,8 +6,10 @@ Writes N photo-like JPEGs (bench/curate_images.py's generator, 640x480) to a fol
 ``python -m http.server`` on 127.0.0.1 (a separate process, threaded), writes one URL list
 (CSV: url, caption), then in the same run ingests it with
 
-  (a) ``mm curate urls.csv`` (download in the plan, decode, validate, resize shorter side to 256,
-      JPEG q90, pHash, dedup, tokenise, Parquet), and
+  (a) ``mm curate urls.csv --set sources.download_threads=T --set sources.download_per_host=T``
+      (download in the plan, decode, validate, resize shorter side to 256, JPEG q90, pHash, dedup,
+      tokenise, Parquet; T threads per worker process, as img2dataset's; the per-host cap is set to
+      T because every URL here is on 127.0.0.1, a single host, and img2dataset has none), and
   (b) ``img2dataset --processes_count <cores> --image_size 256 --resize_mode keep_ratio
       --encode_quality 90 --output_format webdataset`` (download, resize, tar shards);
 
@@ -88,8 +90,13 @@ def main() -> None:
     ap.add_argument("--px", type=int, default=640)
     ap.add_argument("--image-px", type=int, default=256)
     ap.add_argument("--data-dir", default=str(Path(tempfile.gettempdir()) / "mm_bench_urls"))
-    ap.add_argument("--img2dataset", default=shutil.which("img2dataset") or "/tmp/i2d_venv/bin/img2dataset")
-    ap.add_argument("--threads", type=int, default=32, help="img2dataset --thread_count")
+    ap.add_argument("--img2dataset", default=shutil.which("img2dataset") or "/tmp/i2d/bin/img2dataset")
+    ap.add_argument("--threads", type=int, default=32,
+                    help="img2dataset --thread_count and mm's sources.download_threads (per worker process)")
+    ap.add_argument("--per-host", type=int, default=32,
+                    help="mm curate sources.download_per_host: every URL is on 127.0.0.1, so the default "
+                         "per-host politeness limit (8 per worker process) is raised to img2dataset's "
+                         "threads per process (it has no per-host limit)")
     args = ap.parse_args()
     cores = os.cpu_count() or 1
     data = Path(args.data_dir)
@@ -101,7 +108,10 @@ def main() -> None:
                                "--directory", str(data / "www")], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     time.sleep(1.0)
     result: dict = {"bench": "ingest_urls", "n": args.n, "source_px": [args.px, args.px * 3 // 4],
-                    "image_px": args.image_px, "cores": cores, "generate_s": round(gen_s, 1)}
+                    "image_px": args.image_px, "cores": cores, "generate_s": round(gen_s, 1),
+                    "mm_settings": {"sources.download_threads": args.threads, "sources.download_per_host": args.per_host},
+                    "img2dataset_settings": {"processes_count": cores, "thread_count": args.threads},
+                    "load_avg_1m_start": round(os.getloadavg()[0], 1)}
     try:
         with tempfile.TemporaryDirectory() as tmp:
             tmp = Path(tmp)
@@ -110,14 +120,17 @@ def main() -> None:
                 f"http://127.0.0.1:{port}/{i:07d}.jpg,a photo of sample number {i}\n" for i in range(args.n)))
             env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}
             wall, proc = timed([sys.executable, "-m", "jobs.curate", str(urls), "--out", str(tmp / "mm"),
-                                "--set", f"images.image_px={args.image_px}"], ROOT, env)
+                                "--set", f"images.image_px={args.image_px}",
+                                "--set", f"sources.download_threads={args.threads}",
+                                "--set", f"sources.download_per_host={args.per_host}"], ROOT, env)
             if proc.returncode != 0:
                 raise SystemExit(f"mm curate failed:\n{proc.stderr[-3000:]}")
             stats = json.loads((tmp / "mm" / "stats.json").read_text())
             result["mm_curate"] = {"wall_s": round(wall, 2), "plan_s": stats["seconds"]["total"],
                                    "kept": stats["kept"], "rejected": stats["rejected"],
                                    "samples_per_s": round(stats["kept"] / wall, 1),
-                                   "plan_samples_per_s": round(stats["kept"] / stats["seconds"]["total"], 1)}
+                                   "plan_samples_per_s": round(stats["kept"] / stats["seconds"]["total"], 1),
+                                   "seconds": stats["seconds"], "load_avg_1m_after": round(os.getloadavg()[0], 1)}
             if Path(args.img2dataset).exists():
                 wall, proc = timed([args.img2dataset, "--url_list", str(urls), "--input_format", "csv",
                                     "--url_col", "url", "--caption_col", "caption", "--output_folder",
@@ -127,7 +140,9 @@ def main() -> None:
                                     "--enable_wandb", "False"], tmp)
                 ok = count_img2dataset(tmp / "i2d")
                 result["img2dataset"] = {"wall_s": round(wall, 2), "successes": ok, "returncode": proc.returncode,
-                                         "samples_per_s": round(ok / wall, 1) if wall else None}
+                                         "samples_per_s": round(ok / wall, 1) if wall else None,
+                                         "settings": {"processes_count": cores, "thread_count": args.threads},
+                                         "load_avg_1m_after": round(os.getloadavg()[0], 1)}
                 if proc.returncode != 0:
                     result["img2dataset"]["stderr_tail"] = proc.stderr[-1500:]
                 if ok:
