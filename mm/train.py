@@ -32,7 +32,7 @@ Pretraining and fine-tuning differ by objectives and config only: callers pass e
 factories and a ``prepare_model`` hook (freeze, LoRA, ...). Beside the loop: ``train.frozen_features``'
 precomputation (mm/frozen.py) and what a run reports, metrics.jsonl and one progress line per
 logged step on the driver (mm/train_log.py). The driver side (``fit``) and the worker side
-(``train_loop`` and its pieces) stay together, one concern, a little over 450 lines.
+(``train_loop`` and its pieces) stay together, one concern, about 620 lines.
 Tested in tests/test_train.py.
 """
 
