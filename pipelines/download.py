@@ -50,12 +50,6 @@ class DownloadError(Exception):
 
 
 @lru_cache(maxsize=4)
-def _executor(threads: int) -> ThreadPoolExecutor:
-    """One thread pool per worker process, kept across tasks (threads and their sockets reused)."""
-    return ThreadPoolExecutor(max_workers=threads, thread_name_prefix="mm-download")
-
-
-@lru_cache(maxsize=4)
 def _pool(per_host: int, user_agent: str):
     import urllib3
 
