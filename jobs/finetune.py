@@ -3,8 +3,8 @@
     mm finetune --init RUN --data DIR --task classify|retrieval|caption --out RUN2
                 [--config configs/finetune.yaml] [--set finetune.strategy=lora --set train.max_steps=100 ...]
 
-Tasks and strategies are mm/finetune.py's tables (``TASKS``, ``STRATEGIES``: full, last_n,
-head_only, lora, lp_ft, flyp; which strategy applies to which task is theirs to say). Writes
+Tasks and strategies are tables: ``TASKS`` in mm/finetune_tasks.py, ``STRATEGIES`` (full, last_n,
+head_only, lora, lp_ft, flyp) in mm/finetune_strategies.py; they say which strategy fits which task. Writes
 RUN2/model, RUN2/classifier (classify), RUN2/metrics.jsonl, RUN2/eval.json (metrics, chance; classify
 and retrieval: WiSE-FT curve, zero-shot retention; caption: Bleu/ROUGE_L/CIDEr beside the
 most-frequent-caption baseline, with RUN2/captions.jsonl) and RUN2/report.html. Bad paths, config
