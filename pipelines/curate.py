@@ -232,14 +232,14 @@ def _run_curate(sources: list[str], out: str, cfg: CurateConfig) -> dict:
     # 1. process -------------------------------------------------------------------------------
     ds = read_inputs(files, cfg.sources)
     if has_urls(files):
-        from pipelines.download import download_batch
+        from pipelines.download import download_chunks
 
         # Small blocks before and after the download: one manifest file is read as a few large
         # blocks, and a map task takes whole blocks, so without this 1,000 URLs ran as 2 download
         # tasks of 500 rows, then 2 process tasks of 500 rows after them (measured).
         dl_rows = cfg.sources.download_threads * 2  # one task: two rounds of its thread pool
         ds = ds.repartition(target_num_rows_per_block=dl_rows).map_batches(
-            download_batch, fn_kwargs={"cfg": cfg.sources}, batch_format="pyarrow", batch_size=dl_rows,
+            download_chunks, fn_kwargs={"cfg": cfg.sources}, batch_format="pyarrow", batch_size=dl_rows,
             num_cpus=ex.download_num_cpus).repartition(target_num_rows_per_block=ex.batch_rows)
     known = all(f.kind == "tar" for f in files) and not has_urls(files)  # input bytes known: an ETA
     with Progress("process", total_bytes=sum(f.size for f in files) if known else None,
