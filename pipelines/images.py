@@ -140,12 +140,6 @@ def _finish(out: Image.Image, w: int, h: int, cfg: ImageConfig) -> dict:
             "pixel_hash": pixel_hash, "orig_width": w, "orig_height": h}
 
 
-#: EXIF orientation → the transpose that makes the image upright (as ImageOps.exif_transpose).
-_ORIENTATION = {2: Image.Transpose.FLIP_LEFT_RIGHT, 3: Image.Transpose.ROTATE_180,
-                4: Image.Transpose.FLIP_TOP_BOTTOM, 5: Image.Transpose.TRANSPOSE, 6: Image.Transpose.ROTATE_270,
-                7: Image.Transpose.TRANSVERSE, 8: Image.Transpose.ROTATE_90}
-
-
 def _fast_jpeg(data: bytes, im: Image.Image, w: int, h: int, cfg: ImageConfig) -> tuple | None:
     """A JPEG that is downscaled: libjpeg-turbo (simplejpeg) decodes it straight at the smallest
     DCT scale n/8 that is still at least the output size (Pillow's draft offers only 1/2, 1/4,
@@ -167,13 +161,11 @@ def _fast_jpeg(data: bytes, im: Image.Image, w: int, h: int, cfg: ImageConfig) -
     small = Image.fromarray(a, "RGB")
     if small.size != size:
         small = small.resize(size, Image.Resampling.BICUBIC, reducing_gap=2.0)
-    try:
-        orientation = im.getexif().get(0x0112)
-    except Exception:  # noqa: BLE001 - a broken EXIF block must not lose a good image
-        orientation = None
-    if orientation in _ORIENTATION:
-        small = small.transpose(_ORIENTATION[orientation])
-        if orientation >= 5:  # rotated by 90/270 degrees: report the upright size
+    if "exif" in im.info:  # the rotation is the same _apply_orientation as Pillow's path, on fewer pixels
+        small.info["exif"] = im.info["exif"]
+        decoded = small.size
+        small = _apply_orientation(small)
+        if small.size != decoded:  # rotated by 90/270 degrees: report the upright size
             w, h = h, w
     return small, w, h
 
