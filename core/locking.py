@@ -30,25 +30,18 @@ import uuid
 from pathlib import Path
 from typing import Any, NamedTuple
 
-from core.storage import exists, is_local, read_json, resolve, write_bytes, write_json
+from core.storage import exists, is_local, read_json, resolve, s3_client, write_bytes, write_json
 
 log = logging.getLogger(__name__)
 
 
 # --------------------------------------------------------------------------- the current pointer
 def _s3_client():
-    """A boto3 S3 client (``AWS_ENDPOINT_URL`` honoured: MinIO, moto); boto3 clients are thread-safe."""
-    global _S3_CLIENT
-    if _S3_CLIENT is None:
-        try:
-            import boto3
-        except ImportError:
-            raise OSError("s3:// locks and pointers need boto3 (pip install boto3)") from None
-        _S3_CLIENT = boto3.client("s3", endpoint_url=os.environ.get("AWS_ENDPOINT_URL") or None)
-    return _S3_CLIENT
-
-
-_S3_CLIENT = None
+    """core.storage's boto3 S3 client (one per endpoint); boto3 clients are thread-safe."""
+    try:
+        return s3_client()
+    except ImportError:
+        raise OSError("s3:// locks and pointers need boto3 (pip install boto3)") from None
 
 
 def _pointer_object(link: str | os.PathLike) -> str:

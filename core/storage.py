@@ -184,11 +184,23 @@ def read_bytes(src: str | os.PathLike) -> bytes | None:
 _S3: dict[str | None, Any] = {}  # boto3 clients (thread-safe) by endpoint: one per process and endpoint
 
 
+def s3_client():
+    """A boto3 S3 client for ``AWS_ENDPOINT_URL`` (MinIO, moto; unset: AWS), one per process and
+    endpoint, so a process that switches endpoints never keeps the first one's. ImportError
+    without boto3."""
+    import boto3
+
+    endpoint = os.environ.get("AWS_ENDPOINT_URL") or None
+    if endpoint not in _S3:
+        _S3[endpoint] = boto3.client("s3", endpoint_url=endpoint)
+    return _S3[endpoint]
+
+
 def _s3_get(uri: str) -> bytes | None:
     """An S3 object's bytes in one GetObject (boto3, ``AWS_ENDPOINT_URL`` honoured as pyarrow
     does); None when the key or the bucket does not exist, as pyarrow's listing said before."""
     try:
-        import boto3
+        client = s3_client()
         from botocore.exceptions import BotoCoreError, ClientError
     except ImportError:  # boto3 is a dependency; without it, pyarrow's (HEAD + range) read
         fs, path, _ = resolve(uri)
@@ -196,10 +208,6 @@ def _s3_get(uri: str) -> bytes | None:
             return None
         with fs.open_input_stream(path) as f:
             return f.read()
-    endpoint = os.environ.get("AWS_ENDPOINT_URL") or None
-    if endpoint not in _S3:
-        _S3[endpoint] = boto3.client("s3", endpoint_url=endpoint)
-    client = _S3[endpoint]
     bucket, _, key = uri[len("s3://"):].partition("/")
     if not key or key.endswith("/"):
         return None
@@ -268,5 +276,5 @@ def write_json(dst: str | os.PathLike, data: Any) -> None:
     write_bytes(dst, json.dumps(data, indent=2, sort_keys=True, default=str).encode())
 
 
-__all__ = ["is_uri", "is_local", "resolve", "expand_braces", "move", "remove", "local_dir", "local_file", "join",
+__all__ = ["is_uri", "s3_client", "is_local", "resolve", "expand_braces", "move", "remove", "local_dir", "local_file", "join",
            "read_bytes", "write_bytes", "upload_dir", "exists", "read_json", "write_json"]
