@@ -42,10 +42,16 @@ def _main(args: argparse.Namespace) -> int:
     cfg = load_config(PretrainConfig, args.config, args.overrides)
     if args.init is not None:
         from jobs.finetune import model_keys
-        from mm.checkpoint import CheckpointError, changed_model_keys, model_dir, saved_model_config
+        from mm.checkpoint import (
+            CheckpointError,
+            changed_model_keys,
+            local_model_dir,
+            model_dir,
+            saved_model_config,
+        )
 
         try:
-            saved = saved_model_config(model_dir(args.init))
+            saved = saved_model_config(model_dir(local_model_dir(args.init)))  # a URI: fetched
         except CheckpointError as e:
             raise UsageError(str(e)) from None
         # --init continues the run's model (mm.train keeps its config, lock.* aside): an explicit

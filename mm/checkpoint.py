@@ -39,6 +39,7 @@ import torch
 from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
+from core.storage import exists, is_uri, join, local_dir
 from mm.config import ModelConfig, from_json, to_json
 
 FORMAT = "mm-vlmodel/1"
@@ -66,6 +67,16 @@ def _atomic_write(path: Path, write) -> None:
     finally:
         if os.path.exists(tmp):
             os.unlink(tmp)
+
+
+def local_model_dir(src: str | os.PathLike) -> str:
+    """A run or model dir as a local directory: ``src`` itself when local; at a URI, its model/ only
+    (not the checkpoints) fetched into core.storage's per-node cache, so each node that loads it
+    (a Ray Train worker, a Ray Data actor) fetches its own copy and no shared filesystem is needed."""
+    src = str(src)
+    if not is_uri(src):
+        return src
+    return local_dir(join(src, "model")) if exists(join(src, "model", "config.json")) else local_dir(src)
 
 
 def write_json(path: Path, data: Any) -> None:

@@ -3,7 +3,7 @@ are a fixed function of each row, so they are computed once per corpus on Ray Da
 actors, into RUN/features/corpusN/) and the training steps train the projections on them.
 
     check_frozen_features(cfg, objectives, prepare_model)       # before any work: one line if not
-    ds = frozen_feature_dataset(cfg, info, run / "features" / "corpus0", pre, vocab_size, init)
+    ds = frozen_feature_dataset(cfg, info, join(run, "features", "corpus0"), pre, vocab_size, init)
 
 Called by ``mm.train.fit``; tested in tests/test_train.py.
 """
@@ -12,15 +12,14 @@ from __future__ import annotations
 
 import dataclasses
 import json
-import shutil
 import time
 from collections.abc import Callable, Sequence
-from pathlib import Path
 
 import numpy as np
 import torch
 
-from mm.checkpoint import load_model, write_json
+from core.storage import join, write_json
+from mm.checkpoint import load_model, local_model_dir
 from mm.config import ModelConfig
 from mm.data import CorpusInfo, PreprocessConfig, build_dataset, trim_padding
 from mm.models import build_model
@@ -53,10 +52,12 @@ class TowerFeatures:
     (``vision_feature`` (B, Wv), ``text_feature`` (B, Wt)), from the model a training worker builds."""
 
     def __init__(self, model_cfg: ModelConfig, vocab_size: int, init: str | None, threads: int) -> None:
+
         torch.set_num_threads(threads)
         self.model = build_model(model_cfg, vocab_size)
         if init:
-            self.model.load_state_dict(load_model(init)[0].state_dict())
+            # a URI is fetched on this actor's node (core.storage's cache): no shared filesystem needed
+            self.model.load_state_dict(load_model(local_model_dir(init))[0].state_dict())
         self.model.eval()
 
     def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
@@ -69,19 +70,24 @@ class TowerFeatures:
                                                              torch.from_numpy(batch["attention_mask"])).float().numpy()}
 
 
-def frozen_feature_dataset(cfg, info: CorpusInfo, out: Path, pre: PreprocessConfig,
+def frozen_feature_dataset(cfg, info: CorpusInfo, out: str, pre: PreprocessConfig,
                            vocab_size: int, init: str | None):
-    """The train split's locked-tower features, written once to ``out`` (Parquet) and read back.
+    """The train split's locked-tower features, written once to ``out`` (Parquet; a local path or a
+    URI: RUN/features/corpusN on the run's store, so actors on any node write and read them) and
+    read back.
 
     ``out/features.json`` records what they were computed from (corpus manifest, tower configs,
     the size and mtime of every weight file they load, preprocessing, init); a later run with the
     same inputs (a resume, another projection or another seed) reads them, anything else (a
-    weights file replaced in place included) recomputes them.
+    weights file replaced in place included) recomputes them. ``init``: a local model dir or a URI
+    (each actor's node fetches it).
     """
+    import pyarrow.fs as pafs
     import ray.data
 
     from core.lineage import source_refs
     from core.runtime import worker_cpus
+    from core.storage import read_json, remove, resolve
 
     weights = [p for p in (cfg.model.vision.pretrained_path, cfg.model.text.pretrained_path, init) if p]
     # Not the preprocessing seed: it draws only augmentations, which check_frozen_features refuses,
@@ -91,9 +97,15 @@ def frozen_feature_dataset(cfg, info: CorpusInfo, out: Path, pre: PreprocessConf
            "vision": dataclasses.asdict(cfg.model.vision), "text": dataclasses.asdict(cfg.model.text),
            "preprocess": preprocess, "init": init, "weight_files": source_refs(weights)}
     key = json.loads(json.dumps(key, default=str))
-    stamp = out / "features.json"
-    if not (stamp.is_file() and json.loads(stamp.read_text()).get("inputs") == key):
-        shutil.rmtree(out, ignore_errors=True)
+    stamp, data = join(out, "features.json"), join(out, "data")
+    fs, data_path, _ = resolve(data)
+
+    def parquet_files() -> list:
+        sel = pafs.FileSelector(data_path, allow_not_found=True)
+        return [f for f in fs.get_file_info(sel) if f.type == pafs.FileType.File and f.path.endswith(".parquet")]
+
+    if (read_json(stamp) or {}).get("inputs") != key:
+        remove(*resolve(out)[:2])
         t0 = time.time()
         cpus = worker_cpus(cfg.train.num_workers, reserve_cpus=1.0)
         (build_dataset(info, "train", dataclasses.replace(pre, keep_columns=("sample_id",)), cfg.data)
@@ -101,22 +113,23 @@ def frozen_feature_dataset(cfg, info: CorpusInfo, out: Path, pre: PreprocessConf
                                                             "init": init, "threads": max(1, int(cpus))},
                       batch_size=cfg.data.map_batch_rows, batch_format="numpy", num_cpus=cpus,
                       compute=ray.data.ActorPoolStrategy(size=cfg.train.num_workers))
-         .write_parquet(str(out / "data")))
-        rows = sum(_parquet_rows(f) for f in (out / "data").glob("*.parquet"))
+         .write_parquet(data))
+        rows = sum(_parquet_rows(fs, f.path) for f in parquet_files())
         if rows != info.rows.get("train", 0):
             raise RuntimeError(f"frozen features of {info.path}: {rows} rows written for {info.rows.get('train', 0)} "
                                "train rows")
         write_json(stamp, {"inputs": key, "rows": rows, "seconds": round(time.time() - t0, 1)})
-    ds = (ray.data.read_parquet(str(out / "data"), num_cpus=cfg.data.map_cpus)
+    ds = (ray.data.read_parquet(data, num_cpus=cfg.data.map_cpus)
           .select_columns(["vision_feature", "text_feature"]))
-    on_disk_mb = sum(f.stat().st_size for f in (out / "data").glob("*.parquet")) / 2 ** 20
+    on_disk_mb = sum(f.size for f in parquet_files()) / 2 ** 20
     return ds.materialize() if on_disk_mb <= cfg.data.cache_max_mb else ds
 
 
-def _parquet_rows(path: Path) -> int:
+def _parquet_rows(fs, path: str) -> int:
     import pyarrow.parquet as pq
 
-    return pq.ParquetFile(path).metadata.num_rows
+    with fs.open_input_file(path) as f:
+        return pq.ParquetFile(f).metadata.num_rows
 
 
 __all__ = ["check_frozen_features", "TowerFeatures", "frozen_feature_dataset"]

@@ -57,7 +57,6 @@ import numpy as np
 import torch
 
 from core.storage import (
-    exists,
     is_uri,
     join,
     local_dir,
@@ -72,6 +71,7 @@ from mm.checkpoint import (
     latest_complete_checkpoint,
     load_model,
     load_train_state,
+    local_model_dir,
     model_dir,
     save_model,
     save_train_state,
@@ -171,11 +171,11 @@ def fit(cfg: PretrainConfig, corpora: Sequence[str], run_dir: str, init: str | N
             raise ValueError(f"corpus {c} uses another tokenizer than {corpora[0]}; curate them with one tokenizer")
     tokens = load_token_info(tokenizer_dir)
     weights = _mix_weights(cfg.data, infos)
-    # What the workers get: a URI stays one and each worker's node fetches it (``_local_model_dir``,
+    # What the workers get: a URI stays one and each worker's node fetches it (``local_model_dir``,
     # core.storage's cache); the driver's cached copy would not exist on another node.
     init_src = (str(init) if is_uri(str(init)) else str(model_dir(init).resolve())) if init is not None else None
     if init is not None and is_uri(str(init)):
-        init = _local_model_dir(init)
+        init = local_model_dir(init)
     if init is not None:
         _, init_cfg = load_model(init)  # validates the init checkpoint before any work
         cfg = dataclasses.replace(cfg, model=dataclasses.replace(init_cfg, lock=cfg.model.lock))
@@ -184,8 +184,6 @@ def fit(cfg: PretrainConfig, corpora: Sequence[str], run_dir: str, init: str | N
     run = run_dir.rstrip("/") if is_uri(run_dir) else str(Path(run_dir).resolve())
     if not is_uri(run):
         Path(run).mkdir(parents=True, exist_ok=True)
-    elif cfg.train.frozen_features:
-        raise ValueError("train.frozen_features caches tower features inside the run: give a local --out")
     write_bytes(join(run, "manifest.json"), json.dumps({
         "inputs": {"corpora": [{"path": i.path, "modality": i.modality, "rows": i.rows, "manifest": i.manifest}
                                for i in infos],
@@ -201,8 +199,8 @@ def fit(cfg: PretrainConfig, corpora: Sequence[str], run_dir: str, init: str | N
     t = cfg.train
     with _preserve_order():
         if t.frozen_features:
-            datasets = {f"corpus{i}": frozen_feature_dataset(cfg, info, Path(run) / "features" / f"corpus{i}", pre,
-                                                             tokens.vocab_size, str(model_dir(init)) if init else None)
+            datasets = {f"corpus{i}": frozen_feature_dataset(cfg, info, join(run, "features", f"corpus{i}"), pre,
+                                                             tokens.vocab_size, init_src)
                         for i, info in enumerate(infos)}
         else:
             datasets = {f"corpus{i}": build_dataset(info, "train", pre, cfg.data) for i, info in enumerate(infos)}
@@ -334,11 +332,6 @@ def _mix_weights(data: DataConfig, infos) -> list[float]:
     if sum(w) <= 0:
         raise ValueError("no training rows in the given corpora")
     return [x / sum(w) for x in w]
-
-
-def _local_model_dir(uri: str) -> str:
-    """A run or model dir at a URI, fetched (its model/ only, not the checkpoints) to a local cache."""
-    return local_dir(join(uri, "model")) if exists(join(uri, "model", "config.json")) else local_dir(uri)
 
 
 # -- worker side -------------------------------------------------------------------------------
@@ -591,7 +584,7 @@ def _build_model(model_cfg: ModelConfig, vocab_size: int, init: str | None, save
     reads the pretrained weight files (``pretrained_path``). Weights come from the checkpoint
     either way; locking is applied as configured."""
     if init:
-        model, _ = load_model(_local_model_dir(init) if is_uri(init) else init)
+        model, _ = load_model(local_model_dir(init))
     elif saved_state is not None and (saved_state.get("text_hf_config") or not model_cfg.text.pretrained_path):
         bare = dataclasses.replace(model_cfg, vision=dataclasses.replace(model_cfg.vision, pretrained_path=None),
                                    text=dataclasses.replace(model_cfg.text, pretrained_path=None))
