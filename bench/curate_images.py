@@ -164,11 +164,15 @@ def raw_loop(shards: list[str], limit: int, tok_dir: str, image_px: int) -> dict
 
 
 class PssSampler(threading.Thread):
-    """Peak summed PSS of the command and its descendants (driver, GCS, raylet, Ray workers)."""
+    """Peak summed PSS of the command and its descendants (driver, GCS, raylet, Ray workers), what
+    made it up at that moment (PSS MB and count per process title: ``ray::IDLE``,
+    ``ray::MapBatches(...)``, raylet, ...) and the most processes seen at once."""
 
     def __init__(self, pid: int):
         super().__init__(daemon=True)
         self.pid, self.peak, self.stop = pid, 0, False
+        self.at_peak: dict[str, list[int]] = {}
+        self.most_processes = 0
 
     def run(self):
         import psutil
@@ -178,17 +182,24 @@ class PssSampler(threading.Thread):
         except psutil.Error:
             return
         while not self.stop:
-            total = 0
+            total, kinds = 0, {}
             try:
                 procs = [root, *root.children(recursive=True)]
             except psutil.Error:
                 break
             for p in procs:
                 try:
-                    total += p.memory_full_info().pss
+                    pss = p.memory_full_info().pss
+                    title = (p.cmdline() or [p.name()])[0].split("/")[-1][:60]
                 except psutil.Error:
                     continue
-            self.peak = max(self.peak, total)
+                total += pss
+                k = kinds.setdefault(title, [0, 0])
+                k[0], k[1] = k[0] + pss, k[1] + 1
+            self.most_processes = max(self.most_processes, len(procs))
+            if total > self.peak:
+                self.peak = total
+                self.at_peak = {t: [round(v[0] / 2**20), v[1]] for t, v in sorted(kinds.items(), key=lambda x: -x[1][0])}
             time.sleep(0.5)
 
 
@@ -209,7 +220,8 @@ def run_curate_cmd(shards: list[str], out: Path, image_px: int, extra: list[str]
     stats = json.loads((out / "stats.json").read_text())
     return {"wall_s": round(wall, 2), "plan_s": stats["seconds"]["total"], "stage_s": stats["seconds"],
             "inputs": stats["inputs"], "kept": stats["kept"], "rejected": stats["rejected"],
-            "peak_pss_mb": round(sampler.peak / 2**20)}
+            "peak_pss_mb": round(sampler.peak / 2**20), "peak_pss_by_process_mb_count": sampler.at_peak,
+            "most_processes": sampler.most_processes}
 
 
 def main() -> None:
