@@ -5,7 +5,8 @@ The test starts its own cluster with ``ray start --head`` on 127.0.0.1 (free por
 curate job with the ``ray`` CLI exactly as deploy/README.md shows, waits for ``SUCCEEDED`` and checks
 the corpus the job wrote. It stops only the cluster it started: the processes whose command line
 names its temp dir, and their children (never ``ray stop``, which would stop every Ray on the
-machine). ``LocalCluster`` is shared with tests/test_autoscaling.py.
+machine). ``LocalCluster`` is shared with tests/test_autoscaling.py. The same cluster then shows
+that a command without an address starts its own Ray beside it (local means local).
 
 Run: ``.venv/bin/pytest -m cluster tests/test_job_submit.py`` (CI runs the ``cluster`` marker).
 """
@@ -111,8 +112,10 @@ class LocalCluster:
                 continue
         return found
 
-    def stop(self) -> None:
-        """Terminate this cluster's processes (and their worker children), then remove its temp dir."""
+    def stop(self, grace_s: float = 4.0) -> None:
+        """Terminate this cluster's processes (and their worker children), kill what is left after
+        ``grace_s``, then remove its temp dir. A throwaway cluster needs no graceful exit: its GCS
+        and log monitor outlive SIGTERM for 20 s and more (seen), which cost every test 15 s here."""
         import psutil
 
         procs = set(self.processes())
@@ -126,7 +129,7 @@ class LocalCluster:
                 p.terminate()
             except psutil.Error:
                 pass
-        _, alive = psutil.wait_procs(list(procs), timeout=15)
+        _, alive = psutil.wait_procs(list(procs), timeout=grace_s)
         for p in alive:
             try:
                 p.kill()
@@ -144,8 +147,9 @@ def submit(cluster: LocalCluster, submission_id: str, entrypoint: list[str],
     return subprocess.run(cmd, cwd=ROOT, env=cluster.env, capture_output=True, text=True, timeout=120)
 
 
-@pytest.fixture
+@pytest.fixture(scope="module")
 def cluster():
+    """One cluster for this module's tests (each ``ray start`` costs 5-40 s on the shared 2 cores)."""
     c = LocalCluster(num_cpus=2).start()
     try:
         yield c
@@ -187,3 +191,39 @@ def test_curate_runs_unchanged_as_a_ray_job(cluster, tmp_path):
     again = submit(cluster, "test-curate-1", ["python", "-m", "jobs.curate", shard, "--out", str(out)])
     assert again.returncode != 0
     print(json.dumps({"submit_to_succeeded_s": round(seconds, 1)}))
+
+
+# -- local means local (was tests/test_local_ray.py; it shares this module's cluster) -------------
+PROBE = ("from core.runtime import init_ray; import ray; r = init_ray(num_cpus=1); "
+         "print('CPU', r.get('CPU'), 'GCS', ray.get_runtime_context().gcs_address)")
+
+
+@pytest.mark.cluster
+def test_a_command_starts_its_own_ray_beside_a_ray_start_cluster(cluster):
+    """Local means local: without ``--address``/``RAY_ADDRESS`` a command starts its own Ray even when a
+    ``ray start`` cluster runs on the machine, and says how to join that one instead.
+
+    Before the fix, ``ray.init(num_cpus=...)`` found the cluster's address file and failed with "When
+    connecting to an existing cluster, num_cpus and num_gpus must not be provided". The cluster is
+    this module's ``LocalCluster`` (``ray start --temp-dir T``, which writes ``T/ray_current_cluster``,
+    2 CPUs: the probe asks for 1); the probe runs with ``RAY_TMPDIR=D`` and ``D/ray/ray_current_cluster``
+    linked to that file, which is exactly where a plain ``ray.init`` looks for a ``ray start`` cluster
+    (``$RAY_TMPDIR/ray``, /tmp/ray by default), so nothing else on the machine sees it.
+    """
+    probe_tmp = tempfile.mkdtemp(prefix="mmprobe-", dir="/tmp")
+    try:
+        os.makedirs(os.path.join(probe_tmp, "ray"))
+        os.symlink(os.path.join(cluster.temp_dir, "ray_current_cluster"),
+                   os.path.join(probe_tmp, "ray", "ray_current_cluster"))
+        env = {**cluster.env, "RAY_TMPDIR": probe_tmp}
+        env.pop("RAY_ADDRESS", None)
+        out = subprocess.run([sys.executable, "-c", PROBE], cwd=ROOT, env=env, capture_output=True,
+                             text=True, timeout=240)
+        assert out.returncode == 0, out.stderr[-3000:]
+        assert "CPU 1.0" in out.stdout
+        gcs = out.stdout.rsplit("GCS", 1)[1].strip()
+        assert gcs != cluster.gcs_address  # its own Ray, not the cluster
+        port = cluster.gcs_address.rsplit(":", 1)[1]  # the address file names the node IP, not 127.0.0.1
+        assert "pass --address auto" in out.stderr and f":{port})" in out.stderr
+    finally:
+        shutil.rmtree(probe_tmp, ignore_errors=True)
