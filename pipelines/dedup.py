@@ -76,7 +76,7 @@ from pipelines.dedup_lsh import (
     make_hash_bands,
     row_hash64,
 )
-from pipelines.dedup_verify import verify_candidates
+from pipelines.dedup_verify import layout_of_thumbs, verify_candidates
 
 DROP_SCHEMA = pa.schema([pa.field("row_id", pa.string()), pa.field("reason", pa.string()),
                          pa.field("keeper", pa.string())])
@@ -114,6 +114,7 @@ class DedupConfig:
     lsh_bands: int = 32
     lsh_band_bits: int = 16
     lsh_seed: int = 0
+    lsh_layout_cell: float = 0.0         # colour-signature cell width in the band keys (0: off; 32 measured), see dedup_lsh
     lsh_shards: int = 64                 # groupby groups the band rows are spread over
     max_bucket_rows: int = 2000          # larger band buckets: sorted-window candidates
     bucket_window_rows: int = 64
@@ -125,6 +126,7 @@ class DedupConfig:
     verify_crop_steps: int = 13           # grid steps (coarse search: every other one)
     verify_max_gain: float = 1.25        # brightness gain allowed between copies
     verify_screen: float = 24.0          # grey levels, 8x8 block means before alignment (cheap screen)
+    verify_layout_screen: float = 0.0    # second screen: block-range distance <= this x the residual limit (0: off; 1.5 measured)
     verify_chunk_pairs: int = 20000      # pairs decoded and verified at a time
     near_captions: bool = False
     caption_shingle_chars: int = 5
@@ -238,7 +240,7 @@ class UnionFind:
 ROW_COLUMNS = ["row_id", "sample_id", "source", "key", "content_hash", "hashes", "area", "caption"]
 #: rids (int64, row_hash64 of row_id) -> Table(rid, thumb) of those rows, or None
 ThumbSource = Callable[[pa.Array], "pa.Table | None"]
-_HEAVY = ("hashes", "caption", "crop_hashes", "thumb")
+_HEAVY = ("hashes", "caption", "crop_hashes", "thumb", "layout")
 
 
 def find_duplicates(rows, cfg: DedupConfig, with_evidence: bool = False, stats: dict | None = None,
@@ -273,7 +275,13 @@ def find_duplicates(rows, cfg: DedupConfig, with_evidence: bool = False, stats: 
                                               batch_format="pyarrow", num_cpus=0.5).materialize()
     columns = set(survivors.schema().names)
     for make, edges_fn in _near_stages(cfg):
-        edges = _collect(survivors.map_batches(make, fn_kwargs={"cfg": cfg}, batch_format="pyarrow", num_cpus=0.5)
+        banded = survivors
+        if make is make_hash_bands and "thumb" not in columns and thumbs is not None and _screens(cfg):
+            ids = _collect(survivors.select_columns(["row_id"]), None)
+            rids = pa.array(row_hash64(ids.column("row_id")) if ids is not None else [], pa.int64())
+            banded = survivors.map_batches(_add_layout, fn_kwargs={"layouts": _layouts(thumbs, rids)},
+                                           batch_format="pyarrow", num_cpus=0.5)
+        edges = _collect(banded.map_batches(make, fn_kwargs={"cfg": cfg}, batch_format="pyarrow", num_cpus=0.5)
                          .groupby("shard", num_partitions=cfg.num_partitions)
                          .map_groups(edges_fn, fn_kwargs={"cfg": cfg}, batch_format="pyarrow", num_cpus=0.5),
                          EDGE_SCHEMA)
@@ -322,7 +330,7 @@ def find_duplicates_local(table: pa.Table, cfg: DedupConfig, with_evidence: bool
     for make, edges_fn in _near_stages(cfg):
         t0 = time.perf_counter()
         if make is make_hash_bands:
-            edges = local_hash_edges(table, cfg)
+            edges = local_hash_edges(_with_layout(table, cfg, thumbs), cfg)
         else:
             bands = make(table, cfg)
             bands = bands.take(pc.sort_indices(bands, [("shard", "ascending")]))
@@ -491,10 +499,61 @@ def _rows_with_rid(batch: pa.Table, rids: pa.Array) -> pa.Table:
     return batch.filter(mask).drop_columns([c for c in _HEAVY if c in batch.column_names])
 
 
+class _DatasetThumbs:
+    """A ThumbSource over a Ray Dataset with ``row_id`` and ``thumb``; ``layouts(rids)`` computes
+    the rows' colour signatures where the thumbnails are, so only (rid, 2 floats) reach the driver."""
+
+    def __init__(self, ds, light: dict):
+        self.ds, self.light = ds, light
+
+    def __call__(self, rids: pa.Array) -> pa.Table | None:
+        return _collect(self.ds.map_batches(_thumbs_with_rid, fn_kwargs={"rids": rids}, **self.light), None)
+
+    def layouts(self, rids: pa.Array) -> pa.Table:
+        t = _collect(self.ds.map_batches(_layouts_with_rid, fn_kwargs={"rids": rids}, **self.light), None)
+        return t if t is not None else _layout_with_rid(pa.table({"rid": pa.array([], pa.int64()),
+                                                                  "thumb": pa.array([], pa.binary())}))
+
+
+def _layouts_with_rid(batch: pa.Table, rids: pa.Array) -> pa.Table:
+    return _layout_with_rid(_thumbs_with_rid(batch, rids))
+
+
 def thumbs_from(ds, light: dict) -> ThumbSource:
     """A ThumbSource over a Ray Dataset with ``row_id`` and ``thumb`` (read lazily, so a projection
     of Parquet work rows reads only those two columns, once per call, keeping the pairs' rows)."""
-    return lambda rids: _collect(ds.map_batches(_thumbs_with_rid, fn_kwargs={"rids": rids}, **light), None)
+    return _DatasetThumbs(ds, light)
+
+
+def _screens(cfg: DedupConfig) -> bool:
+    return cfg.verify and cfg.lsh_layout_cell > 0
+
+
+def _layouts(thumbs: ThumbSource, rids: pa.Array) -> pa.Table:
+    """(rid, layout) of the rows ``rids``: computed where the thumbnails are when the source can
+    (``thumbs_from``), else from the thumbnails it returns."""
+    if hasattr(thumbs, "layouts"):
+        return thumbs.layouts(rids)
+    return _layout_with_rid(thumbs(rids) or pa.table({"rid": pa.array([], pa.int64()), "thumb": pa.array([], pa.binary())}))
+
+
+def _layout_with_rid(t: pa.Table) -> pa.Table:
+    lay = layout_of_thumbs(t.column("thumb").to_pylist())
+    return pa.table({"rid": t.column("rid"), "layout": pa.array(list(lay), pa.list_(pa.float32()))})
+
+
+def _add_layout(batch: pa.Table, layouts: pa.Table) -> pa.Table:
+    """Rows + their ``layout`` column (null where ``layouts`` lacks the row)."""
+    rid = row_hash64(batch.column("row_id"))
+    idx = pc.index_in(pa.array(rid), value_set=layouts.column("rid"))
+    return batch.append_column("layout", layouts.column("layout").take(idx))
+
+
+def _with_layout(table: pa.Table, cfg: DedupConfig, thumbs: ThumbSource | None) -> pa.Table:
+    """The local path's rows with a ``layout`` column when the thumbnails are elsewhere."""
+    if not _screens(cfg) or "thumb" in table.column_names or "layout" in table.column_names or thumbs is None:
+        return table
+    return _add_layout(table, _layouts(thumbs, pa.array(row_hash64(table.column("row_id")), pa.int64())))
 
 
 def _thumbs_with_rid(batch: pa.Table, rids: pa.Array) -> pa.Table:

@@ -80,11 +80,31 @@ def hash_matrix(hashes: pa.ChunkedArray | pa.Array) -> tuple[np.ndarray, np.ndar
     return m, lengths
 
 
+def layout_cells(layout: np.ndarray | None, n: int, cfg) -> np.ndarray | None:
+    """(n, lsh_bands) uint64 cell codes of the rows' colour signatures (``layout``: (n, 2)
+    chromaticity, dedup_verify.layout_signature; NaN: none), or None when off. Band j cuts each
+    coordinate into cells of ``lsh_layout_cell`` units at its own random offset, so a pair whose
+    signatures are delta apart shares band j's cell with probability (1 - |dx|/w)(1 - |dy|/w):
+    a copy (a few units) almost always, images of other colours rarely. Rows without a
+    signature share code 0 (they meet each other as before, never a row that has one)."""
+    if layout is None or cfg.lsh_layout_cell <= 0:
+        return None
+    width = float(cfg.lsh_layout_cell)
+    offsets = np.random.default_rng(cfg.lsh_seed + 2).uniform(0.0, width, (cfg.lsh_bands, 2))
+    lay = np.asarray(layout, np.float64).reshape(n, 2)
+    ok = np.isfinite(lay).all(axis=1)
+    q = np.floor((np.where(ok[:, None], lay, 0.0)[:, None, :] + offsets[None]) / width).astype(np.int64)  # (n, bands, 2)
+    code = (q[..., 0] * 1024 + q[..., 1] + 1).astype(np.uint64)
+    return np.where(ok[:, None], code, np.uint64(0))
+
+
 def band_keys(m: np.ndarray, lengths: np.ndarray, positions: np.ndarray,
-              as_length: np.ndarray | None = None) -> tuple[np.ndarray, np.ndarray]:
+              as_length: np.ndarray | None = None, cells: np.ndarray | None = None,
+              first_band: int = 0) -> tuple[np.ndarray, np.ndarray]:
     """(row index, band key) for every (row, hash position, band): int64 keys that mix the list
     length (``as_length`` if given: views key as the one-hash rows they belong to), the position
-    in the list, the band number and the band's bit values."""
+    in the list, the band number and the band's bit values; with ``cells`` ((n, lsh_bands) from
+    ``layout_cells``; bands numbered from ``first_band``) also the row's colour cell in that band."""
     n, width = m.shape
     bands, bits = positions.shape
     key_len = lengths if as_length is None else as_length
@@ -102,6 +122,8 @@ def band_keys(m: np.ndarray, lengths: np.ndarray, positions: np.ndarray,
             v = head | (np.uint64(j) << np.uint64(40))
             for k, bit in enumerate(positions[j]):
                 v |= ((h >> np.uint64(bit)) & one) << np.uint64(k)
+            if cells is not None:  # bits [band bits, 40): a cell code collision only adds candidates
+                v |= (cells[valid, first_band + j] << np.uint64(bits)) & np.uint64((1 << 40) - 1)
             keys[:, j] = v
         out_rows.append(np.repeat(valid, bands))
         out_keys.append(keys.ravel().view(np.int64))
@@ -187,16 +209,38 @@ def _list_or_empty(batch: pa.Table, name: str, n: int) -> pa.Array:
     return pa.array([[] for _ in range(n)], pa.list_(pa.int64()))
 
 
+def row_layout(batch: pa.Table, cfg) -> np.ndarray | None:
+    """The rows' colour signatures for ``layout_cells``: the ``layout`` column (list<float32> of
+    2), else computed from ``thumb``; None when verification is off (the hashes decide alone,
+    unscreened) or the rows carry neither."""
+    if not cfg.verify or cfg.lsh_layout_cell <= 0:
+        return None
+    if "layout" in batch.column_names:
+        col = batch.column("layout")
+        col = col.combine_chunks() if isinstance(col, pa.ChunkedArray) else col
+        out = np.full((len(col), 2), np.nan, np.float32)
+        for i, v in enumerate(col.to_pylist()):
+            if v is not None and len(v) == 2 and None not in v:
+                out[i] = v
+        return out
+    if "thumb" in batch.column_names:
+        from pipelines.dedup_verify import layout_of_thumbs
+
+        return layout_of_thumbs(batch.column("thumb").to_pylist())
+    return None
+
+
 def make_hash_bands(batch: pa.Table, cfg) -> pa.Table:
     """Rows → band rows (shard, band key, row hash, hash list, views) for the perceptual-hash LSH."""
     hashes = batch.column("hashes").combine_chunks()
     views = _list_or_empty(batch, "crop_hashes", batch.num_rows) if cfg.crop_views else \
         pa.array([[] for _ in range(batch.num_rows)], pa.list_(pa.int64()))
     m, lengths = hash_matrix(hashes)
-    rows, keys = band_keys(m, lengths, band_positions(cfg))
+    cells = layout_cells(row_layout(batch, cfg), batch.num_rows, cfg)
+    rows, keys = band_keys(m, lengths, band_positions(cfg), cells=cells)
     vm, vlen = hash_matrix(views)
     vlen = np.where(lengths == 1, vlen, 0)  # views belong to one-hash rows (images) only
-    vrows, vkeys = band_keys(vm, vlen, band_positions(cfg), as_length=np.ones_like(lengths))
+    vrows, vkeys = band_keys(vm, vlen, band_positions(cfg), as_length=np.ones_like(lengths), cells=cells)
     rows, keys = np.concatenate([rows, vrows]), np.concatenate([keys, vkeys])
     rid = row_hash64(batch.column("row_id"))
     take = pa.array(rows, pa.int64())
@@ -254,10 +298,12 @@ def local_hash_edges(batch: pa.Table, cfg) -> pa.Table:
     rid = row_hash64(batch.column("row_id"))
     order_by = m[:, 0].view(np.int64)
     positions = band_positions(cfg)
+    cells = layout_cells(row_layout(batch, cfg), batch.num_rows, cfg)
     ea, eb, ed = [], [], []
     for j in range(cfg.lsh_bands):
-        rows, keys = band_keys(m, lengths, positions[j:j + 1])
-        vrows, vkeys = band_keys(vm, vlen, positions[j:j + 1], as_length=np.ones_like(lengths))
+        rows, keys = band_keys(m, lengths, positions[j:j + 1], cells=cells, first_band=j)
+        vrows, vkeys = band_keys(vm, vlen, positions[j:j + 1], as_length=np.ones_like(lengths), cells=cells,
+                                 first_band=j)
         a, b = candidate_pairs(keys, cfg.max_bucket_rows, cfg.bucket_window_rows, order_by=order_by[rows])
         va, vb = _probe_pairs(keys, vkeys, cfg.max_bucket_rows, cfg.bucket_window_rows)  # hash x view only
         a, b = np.concatenate([rows[a], rows[va]]), np.concatenate([rows[b], vrows[vb]])
@@ -325,6 +371,6 @@ def caption_shard_edges(t: pa.Table, cfg) -> pa.Table:
     return pa.table({"a": ea, "b": eb, "dist": np.full(len(ea), -1, np.int64), "score": -neg}, schema=EDGE_SCHEMA)
 
 
-__all__ = ["EDGE_SCHEMA", "BAND_SCHEMA", "band_positions", "hash_matrix", "band_keys", "shard_of",
+__all__ = ["EDGE_SCHEMA", "BAND_SCHEMA", "band_positions", "layout_cells", "row_layout", "hash_matrix", "band_keys", "shard_of",
            "candidate_pairs", "hash_distance", "within_hamming", "unique_edges", "make_hash_bands",
            "hash_shard_edges", "local_hash_edges", "minhash_signatures", "make_caption_bands", "caption_shard_edges"]

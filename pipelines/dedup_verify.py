@@ -183,6 +183,58 @@ def block_means(thumbs: np.ndarray) -> np.ndarray:
     return thumbs.reshape(n, 8, 8, 8, 8, 3).mean(axis=(2, 4), dtype=np.float32).reshape(n, -1)
 
 
+def layout_signature(means: np.ndarray, valid: np.ndarray | None = None) -> np.ndarray:
+    """``block_means`` rows (N, 192) → (N, 2) float32: the chromaticity (r, g share of r + g + b,
+    scaled to 0..255) of the image's mean colour, regularised towards grey by 16 levels so a dark
+    image's noise moves it little. A brightness gain leaves it unchanged, a crop of a few percent
+    or a re-encode moves it a few units; NaN where ``valid`` is False (no thumbnail)."""
+    rgb = means.reshape(len(means), 64, 3).mean(axis=1, dtype=np.float32) + 16.0
+    out = (255.0 * rgb[:, :2] / rgb.sum(axis=1, keepdims=True)).astype(np.float32)
+    if valid is not None:
+        out[~valid] = np.nan
+    return out
+
+
+def layout_of_thumbs(blobs: list[bytes | None]) -> np.ndarray:
+    """Thumbnail bytes → ``layout_signature`` (N, 2), NaN for a missing or broken thumbnail."""
+    out = np.full((len(blobs), 2), np.nan, np.float32)
+    for s in range(0, len(blobs), 4096):
+        t, ok = decode_thumbs(blobs[s:s + 4096])
+        out[s:s + len(t)] = layout_signature(block_means(t), ok)
+    return out
+
+
+def _neighbourhood(m: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """(N, 8, 8, 3) block means → their min and max over each block's 3x3 neighbourhood."""
+    p = np.pad(m, ((0, 0), (1, 1), (1, 1), (0, 0)), mode="edge")
+    lo, hi = m.copy(), m.copy()
+    for i in range(3):
+        for j in range(3):
+            np.minimum(lo, p[:, i:i + 8, j:j + 8], out=lo)
+            np.maximum(hi, p[:, i:i + 8, j:j + 8], out=hi)
+    return lo, hi
+
+
+def layout_difference(a: np.ndarray, b: np.ndarray, cfg) -> np.ndarray:
+    """A second screen before alignment, on ``block_means`` rows (N, 192): the worst block's
+    distance (grey levels, mean over colours) from one image's block mean to the range its
+    3x3 block neighbourhood spans in the other (after one gain), the smaller of both directions.
+    A copy shifted by a crop of a few percent (under half a block) keeps each block mean inside
+    that range; a look-alike has some block (an object, a colour) outside it."""
+    n = len(a)
+    if n == 0:
+        return np.zeros(0, np.float32)
+    gain = np.clip((a * b).sum(1) / np.maximum((a * a).sum(1), 1e-6), 1.0 / cfg.verify_max_gain, cfg.verify_max_gain)
+    ga = np.minimum(gain[:, None] * a, 255.0).reshape(n, 8, 8, 3)
+    gb = b.reshape(n, 8, 8, 3)
+    out = None
+    for x, y in ((ga, gb), (gb, ga)):
+        lo, hi = _neighbourhood(x)
+        d = (np.maximum(lo - y, 0) + np.maximum(y - hi, 0)).mean(axis=3).reshape(n, -1).max(axis=1)
+        out = d if out is None else np.minimum(out, d)
+    return out.astype(np.float32)
+
+
 def coarse_difference(a: np.ndarray, b: np.ndarray, cfg) -> np.ndarray:
     """A cheap screen before alignment, on ``block_means`` rows (N, 192): mean |b - gain * a|
     (grey levels). A copy cropped by a few percent moves a block by less than half its side, so
@@ -240,6 +292,11 @@ def verify_candidates(blobs: list[bytes | None], a: np.ndarray, b: np.ndarray, c
     ok = np.zeros(len(a), bool)
     residual = np.full(len(a), np.inf, np.float32)
     todo = np.flatnonzero((pair_info >= cfg.verify_min_info) & (screen <= cfg.verify_screen))
+    if cfg.verify_layout_screen > 0 and len(todo):
+        lim = residual_limit(pair_info[todo], cfg) * cfg.verify_layout_screen
+        lay = np.concatenate([layout_difference(means[a[todo[s:s + 100_000]]], means[b[todo[s:s + 100_000]]], cfg)
+                              for s in range(0, len(todo), 100_000)])
+        todo = todo[lay <= lim]
     for s in range(0, len(todo), chunk_pairs):
         sel = todo[s:s + chunk_pairs]
         rows = np.unique(np.r_[a[sel], b[sel]])
@@ -261,6 +318,9 @@ def _decide(ta: np.ndarray, tb: np.ndarray, ia: np.ndarray, ib: np.ndarray, info
     residual = np.full(len(ia), np.inf, np.float32)
     # too little to go on (kept), or too different even before alignment (kept): no residual
     enough = np.flatnonzero((info >= cfg.verify_min_info) & (screen <= cfg.verify_screen))
+    if cfg.verify_layout_screen > 0 and len(enough):
+        lay = layout_difference(block_means(ta[ia[enough]]), block_means(tb[ib[enough]]), cfg)
+        enough = enough[lay <= limit[enough] * cfg.verify_layout_screen]
     if len(enough):
         with threadpool_limits(1, user_api="blas") if threadpool_limits else contextlib.nullcontext():
             residual[enough] = pair_residuals(ta[ia[enough]], tb[ib[enough]], cfg)
@@ -268,5 +328,5 @@ def _decide(ta: np.ndarray, tb: np.ndarray, ia: np.ndarray, ib: np.ndarray, info
 
 
 __all__ = ["THUMB_PX", "phash_of_grey32", "crop_boxes", "compute_descriptors", "decode_thumbs", "information",
-           "block_means", "coarse_difference", "verify_candidates", "residual_limit",
+           "block_means", "coarse_difference", "layout_signature", "layout_of_thumbs", "layout_difference", "verify_candidates", "residual_limit",
            "pair_residuals", "verify_pairs"]
