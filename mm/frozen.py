@@ -52,7 +52,6 @@ class TowerFeatures:
     (``vision_feature`` (B, Wv), ``text_feature`` (B, Wt)), from the model a training worker builds."""
 
     def __init__(self, model_cfg: ModelConfig, vocab_size: int, init: str | None, threads: int) -> None:
-
         torch.set_num_threads(threads)
         self.model = build_model(model_cfg, vocab_size)
         if init:
