@@ -71,6 +71,7 @@ from pipelines.dedup_lsh import (
     EDGE_SCHEMA,
     caption_shard_edges,
     hash_shard_edges,
+    layout_keys_on,
     local_hash_edges,
     make_caption_bands,
     make_hash_bands,
@@ -276,7 +277,7 @@ def find_duplicates(rows, cfg: DedupConfig, with_evidence: bool = False, stats: 
     columns = set(survivors.schema().names)
     for make, edges_fn in _near_stages(cfg):
         banded = survivors
-        if make is make_hash_bands and "thumb" not in columns and thumbs is not None and _screens(cfg):
+        if make is make_hash_bands and "thumb" not in columns and thumbs is not None and layout_keys_on(cfg):
             ids = _collect(survivors.select_columns(["row_id"]), None)
             rids = pa.array(row_hash64(ids.column("row_id")) if ids is not None else [], pa.int64())
             banded = survivors.map_batches(_add_layout, fn_kwargs={"layouts": _layouts(thumbs, rids)},
@@ -511,8 +512,7 @@ class _DatasetThumbs:
 
     def layouts(self, rids: pa.Array) -> pa.Table:
         t = _collect(self.ds.map_batches(_layouts_with_rid, fn_kwargs={"rids": rids}, **self.light), None)
-        return t if t is not None else _layout_with_rid(pa.table({"rid": pa.array([], pa.int64()),
-                                                                  "thumb": pa.array([], pa.binary())}))
+        return t if t is not None else _layout_with_rid(None)
 
 
 def _layouts_with_rid(batch: pa.Table, rids: pa.Array) -> pa.Table:
@@ -525,19 +525,18 @@ def thumbs_from(ds, light: dict) -> ThumbSource:
     return _DatasetThumbs(ds, light)
 
 
-def _screens(cfg: DedupConfig) -> bool:
-    return cfg.verify and cfg.lsh_layout_cell > 0
-
-
 def _layouts(thumbs: ThumbSource, rids: pa.Array) -> pa.Table:
     """(rid, layout) of the rows ``rids``: computed where the thumbnails are when the source can
     (``thumbs_from``), else from the thumbnails it returns."""
     if hasattr(thumbs, "layouts"):
         return thumbs.layouts(rids)
-    return _layout_with_rid(thumbs(rids) or pa.table({"rid": pa.array([], pa.int64()), "thumb": pa.array([], pa.binary())}))
+    return _layout_with_rid(thumbs(rids))
 
 
-def _layout_with_rid(t: pa.Table) -> pa.Table:
+def _layout_with_rid(t: pa.Table | None) -> pa.Table:
+    """(rid, thumb) rows -> (rid, layout); None (no rows) -> an empty (rid, layout) table."""
+    if t is None:
+        t = pa.table({"rid": pa.array([], pa.int64()), "thumb": pa.array([], pa.binary())})
     lay = layout_of_thumbs(t.column("thumb").to_pylist())
     return pa.table({"rid": t.column("rid"), "layout": pa.array(list(lay), pa.list_(pa.float32()))})
 
@@ -551,7 +550,7 @@ def _add_layout(batch: pa.Table, layouts: pa.Table) -> pa.Table:
 
 def _with_layout(table: pa.Table, cfg: DedupConfig, thumbs: ThumbSource | None) -> pa.Table:
     """The local path's rows with a ``layout`` column when the thumbnails are elsewhere."""
-    if not _screens(cfg) or "thumb" in table.column_names or "layout" in table.column_names or thumbs is None:
+    if not layout_keys_on(cfg) or "thumb" in table.column_names or "layout" in table.column_names or thumbs is None:
         return table
     return _add_layout(table, _layouts(thumbs, pa.array(row_hash64(table.column("row_id")), pa.int64())))
 

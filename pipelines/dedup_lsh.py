@@ -209,11 +209,17 @@ def _list_or_empty(batch: pa.Table, name: str, n: int) -> pa.Array:
     return pa.array([[] for _ in range(n)], pa.list_(pa.int64()))
 
 
+def layout_keys_on(cfg) -> bool:
+    """Colour cells in the band keys: only with verification on (without it the hashes decide
+    alone, unscreened) and a cell width set."""
+    return bool(cfg.verify and cfg.lsh_layout_cell > 0)
+
+
 def row_layout(batch: pa.Table, cfg) -> np.ndarray | None:
     """The rows' colour signatures for ``layout_cells``: the ``layout`` column (list<float32> of
     2), else computed from ``thumb``; None when verification is off (the hashes decide alone,
     unscreened) or the rows carry neither."""
-    if not cfg.verify or cfg.lsh_layout_cell <= 0:
+    if not layout_keys_on(cfg):
         return None
     if "layout" in batch.column_names:
         col = batch.column("layout")
@@ -371,6 +377,6 @@ def caption_shard_edges(t: pa.Table, cfg) -> pa.Table:
     return pa.table({"a": ea, "b": eb, "dist": np.full(len(ea), -1, np.int64), "score": -neg}, schema=EDGE_SCHEMA)
 
 
-__all__ = ["EDGE_SCHEMA", "BAND_SCHEMA", "band_positions", "layout_cells", "row_layout", "hash_matrix", "band_keys", "shard_of",
+__all__ = ["EDGE_SCHEMA", "BAND_SCHEMA", "band_positions", "layout_cells", "layout_keys_on", "row_layout", "hash_matrix", "band_keys", "shard_of",
            "candidate_pairs", "hash_distance", "within_hamming", "unique_edges", "make_hash_bands",
            "hash_shard_edges", "local_hash_edges", "minhash_signatures", "make_caption_bands", "caption_shard_edges"]

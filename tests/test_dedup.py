@@ -257,6 +257,25 @@ def test_exactly_the_planted_copies_go(planted_corpus, ray_session):
     assert sorted(distributed.to_pylist(), key=str) == sorted(local.select(DROP_SCHEMA.names).to_pylist(), key=str)
 
 
+def test_colour_screens_keep_exactly_the_planted_copies(planted_corpus):
+    """The optional colour screens (``lsh_layout_cell`` in the band keys, ``verify_layout_screen``
+    before alignment; off by default) only remove candidates: the copies still go, the look-alikes
+    still stay, whether the rows carry their thumbnails or a ThumbSource supplies them (the Ray
+    path's layout: thumbnails stay in the work rows)."""
+    from pipelines.dedup_lsh import row_hash64
+
+    t, planted = planted_corpus
+    cfg = DedupConfig(max_hamming=12, lsh_layout_cell=32.0, verify_layout_screen=1.5)
+    assert {k: v[1] for k, v in by_key(t, find_duplicates_local(t, cfg)).items()} == planted
+    thumbs = pa.table({"rid": pa.array(row_hash64(t.column("row_id")), pa.int64()), "thumb": t.column("thumb")})
+
+    def source(rids: pa.Array) -> pa.Table:
+        return thumbs.filter(pa.compute.is_in(thumbs.column("rid"), value_set=rids))
+
+    split = find_duplicates_local(t.drop_columns(["thumb"]), cfg, thumbs=source)
+    assert {k: v[1] for k, v in by_key(t, split).items()} == planted
+
+
 def test_lookalikes_are_candidates_that_verification_keeps(planted_corpus):
     t, planted = planted_corpus
     hash_only = by_key(t, find_duplicates_local(t, DedupConfig(verify=False, max_hamming=12, unverified_max_hamming=12)))
