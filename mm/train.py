@@ -174,9 +174,8 @@ def fit(cfg: PretrainConfig, corpora: Sequence[str], run_dir: str, init: str | N
     # What the workers get: a URI stays one and each worker's node fetches it (``local_model_dir``,
     # core.storage's cache); the driver's cached copy would not exist on another node.
     init_src = (str(init) if is_uri(str(init)) else str(model_dir(init).resolve())) if init is not None else None
-    if init is not None and is_uri(str(init)):
-        init = local_model_dir(init)
     if init is not None:
+        init = local_model_dir(init)  # a URI: the driver's own fetched copy, for this check only
         _, init_cfg = load_model(init)  # validates the init checkpoint before any work
         cfg = dataclasses.replace(cfg, model=dataclasses.replace(init_cfg, lock=cfg.model.lock))
     # A local run dir, or a URI (s3://, gs://): then Ray Train's checkpoints, metrics.jsonl, the
