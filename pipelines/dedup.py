@@ -51,6 +51,10 @@ verification of candidate edges (vectorised, ``verify_chunk_pairs`` at a time) r
 driver and only touch rows that have a candidate. Never O(n^2). Up to ``local_max_rows`` rows the
 same functions run in this process.
 
+Layout: this module orchestrates the passes; the keeper rule and drop records live in
+pipelines/dedup_keepers.py, the per-batch row plumbing and thumbnail sources in
+pipelines/dedup_rows.py, candidates in dedup_lsh.py, verification in dedup_verify.py.
+
 Tested in tests/test_dedup.py; quality in bench/dedup_quality.py, false drops at scale in
 bench/dedup_distinct.py.
 """
@@ -58,8 +62,6 @@ bench/dedup_distinct.py.
 from __future__ import annotations
 
 import time
-import zlib
-from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Literal
 
@@ -67,6 +69,18 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 
+from pipelines.dedup_keepers import (
+    DROP_SCHEMA,
+    EVIDENCE_SCHEMA,
+    UnionFind,
+    _evidence,
+    _union,
+    component_drops,
+    drop_details,
+    exact_groups,
+    keeper_order,
+    parse_detail,
+)
 from pipelines.dedup_lsh import (
     EDGE_SCHEMA,
     caption_shard_edges,
@@ -77,11 +91,18 @@ from pipelines.dedup_lsh import (
     make_hash_bands,
     row_hash64,
 )
-from pipelines.dedup_verify import layout_of_thumbs, verify_candidates
-
-DROP_SCHEMA = pa.schema([pa.field("row_id", pa.string()), pa.field("reason", pa.string()),
-                         pa.field("keeper", pa.string())])
-EVIDENCE_SCHEMA = DROP_SCHEMA.append(pa.field("evidence", pa.string()))
+from pipelines.dedup_rows import (
+    ThumbSource,
+    _add_layout,
+    _add_shard,
+    _collect,
+    _layouts,
+    _rows_with_rid,
+    _thumbs_with_rid,
+    _without,
+    thumbs_from,
+)
+from pipelines.dedup_verify import verify_candidates
 
 
 @dataclass(frozen=True)
@@ -153,95 +174,8 @@ class DedupConfig:
             raise ValueError("verify_max_gain must be >= 1; verify_max_residual and verify_min_info >= 0")
 
 
-_EXACT_EVIDENCE = {"content_hash": "exact=media", "sample_id": "exact=pair"}
-
-
-# --------------------------------------------------------------------------- detail of a drop
-def drop_details(drops: pa.Table) -> pa.Array:
-    """The reject ``detail`` of each drop: its keeper's sample_id, then (with an ``evidence``
-    column) a space and the evidence, e.g. ``"9f3c... hamming=3 residual=6.1 limit=22.0"``."""
-    keeper = drops.column("keeper")
-    if "evidence" not in drops.column_names:
-        return keeper.combine_chunks() if isinstance(keeper, pa.ChunkedArray) else keeper
-    joined = pc.binary_join_element_wise(keeper, drops.column("evidence"), " ")
-    return pc.coalesce(joined, keeper).combine_chunks()
-
-
-def parse_detail(detail: str | None) -> tuple[str | None, dict[str, str]]:
-    """A duplicate reject's ``detail`` → (keeper sample_id, {evidence name: value}). A bare
-    keeper id (video clips, older corpora) gives an empty evidence dict."""
-    if not detail:
-        return None, {}
-    keeper, *tokens = detail.split()
-    return keeper, dict(t.split("=", 1) if "=" in t else (t, "") for t in tokens)
-
-
-# --------------------------------------------------------------------------- keeper rule
-def keeper_order(t: pa.Table, first: str | None = None) -> np.ndarray:
-    """Row indices of ``t`` sorted best-first by the keeper rule (after column ``first``, if given)."""
-    prio = t.column("priority") if "priority" in t.column_names else pa.nulls(t.num_rows, pa.int64()).fill_null(0)
-    keys = pa.table({
-        "first": t.column(first) if first else pa.nulls(t.num_rows, pa.int8()).fill_null(0),
-        "prio": prio, "neg_area": pc.negate(t.column("area").cast(pa.int64())),
-        "order": pc.binary_join_element_wise(t.column("source"), t.column("key"), "\x00"),
-        "sample_id": t.column("sample_id")})
-    return pc.sort_indices(keys, sort_keys=[(c, "ascending") for c in keys.column_names]).to_numpy()
-
-
-def exact_groups(t: pa.Table, key: str) -> pa.Table:
-    """Within one shard: every row of a ``key`` group but the keeper → (row_id, duplicate, keeper)."""
-    if t.num_rows == 0:
-        return EVIDENCE_SCHEMA.empty_table()
-    t = t.take(pa.array(keeper_order(t, first=key)))
-    codes = pc.dictionary_encode(t.column(key)).combine_chunks().indices.to_numpy(zero_copy_only=False)
-    starts = np.r_[True, codes[1:] != codes[:-1]]
-    run_start = np.maximum.accumulate(np.where(starts, np.arange(len(codes)), 0))
-    dup = np.flatnonzero(~starts)
-    return pa.table({"row_id": t.column("row_id").take(pa.array(dup)),
-                     "reason": pa.array(["duplicate"] * len(dup), pa.string()),
-                     "keeper": t.column("sample_id").take(pa.array(run_start[dup])),
-                     "evidence": pa.array([_EXACT_EVIDENCE[key]] * len(dup), pa.string())}, schema=EVIDENCE_SCHEMA)
-
-
-class UnionFind:
-    """Disjoint sets over arbitrary hashable ids, path halving + union by size."""
-
-    def __init__(self):
-        self.parent: dict = {}
-        self.size: dict = {}
-
-    def find(self, x):
-        parent = self.parent
-        if x not in parent:
-            parent[x], self.size[x] = x, 1
-            return x
-        while parent[x] != x:
-            parent[x] = parent[parent[x]]
-            x = parent[x]
-        return x
-
-    def union(self, x, y) -> bool:
-        rx, ry = self.find(x), self.find(y)
-        if rx == ry:
-            return False
-        if self.size[rx] < self.size[ry]:
-            rx, ry = ry, rx
-        self.parent[ry] = rx
-        self.size[rx] += self.size[ry]
-        return True
-
-    def components(self) -> dict:
-        groups: dict = {}
-        for x in self.parent:
-            groups.setdefault(self.find(x), []).append(x)
-        return groups
-
-
 # --------------------------------------------------------------------------- orchestration
 ROW_COLUMNS = ["row_id", "sample_id", "source", "key", "content_hash", "hashes", "area", "caption"]
-#: rids (int64, row_hash64 of row_id) -> Table(rid, thumb) of those rows, or None
-ThumbSource = Callable[[pa.Array], "pa.Table | None"]
-_HEAVY = ("hashes", "caption", "crop_hashes", "thumb", "layout")
 
 
 def find_duplicates(rows, cfg: DedupConfig, with_evidence: bool = False, stats: dict | None = None,
@@ -431,121 +365,9 @@ def _near_stages(cfg: DedupConfig) -> list:
         ([(make_caption_bands, caption_shard_edges)] if cfg.near_captions else [])
 
 
-def _union(edges: pa.Table) -> tuple[UnionFind, dict[int, dict[int, str]]]:
-    """Union-find components and the adjacency of the verified edges, with each edge's evidence."""
-    uf = UnionFind()
-    adjacent: dict[int, dict[int, str]] = {}
-    cols = [edges.column(c).to_numpy().tolist() for c in ("a", "b", "dist")]
-    limits = edges.column("limit").to_pylist() if "limit" in edges.column_names else [None] * edges.num_rows
-    for x, y, d, s, lim in zip(*cols, edges.column("score").to_pylist(), limits):
-        uf.union(x, y)
-        evidence = _evidence(d, s, lim)
-        adjacent.setdefault(x, {})[y] = evidence
-        adjacent.setdefault(y, {})[x] = evidence
-    return uf, adjacent
-
-
-def _evidence(dist: int, score: float | None, limit: float | None = None) -> str:
-    if dist < 0:
-        return f"jaccard={score:.2f}"
-    if score is None or score != score:  # NaN: decided on the hashes alone
-        return f"hamming={dist}"
-    return f"hamming={dist} residual={score:.1f}" + (f" limit={limit:.1f}" if limit is not None else "")
-
-
-def component_drops(members: pa.Table | None, graph: tuple[UnionFind, dict[int, dict[int, str]]]) -> pa.Table:
-    """Keepers per connected component, without chaining: members are visited in keeper-rule
-    order; one with a verified edge to a keeper of its component is dropped in favour of the
-    best such keeper, any other becomes a keeper itself. So every dropped row was verified
-    against its keeper (A~B~C with A unlike C keeps A and C, drops B)."""
-    if members is None or members.num_rows == 0:
-        return EVIDENCE_SCHEMA.empty_table()
-    uf, adjacent = graph
-    members = members.take(pa.array(keeper_order(members)))
-    rid = row_hash64(members.column("row_id")).tolist()
-    ids, sids = members.column("row_id").to_pylist(), members.column("sample_id").to_pylist()
-    rank = {r: i for i, r in enumerate(rid)}
-    keepers: set[int] = set()
-    out_rows, out_keepers, out_evidence = [], [], []
-    for i, r in enumerate(rid):
-        near = adjacent.get(r, {})
-        best = min((rank[n] for n in near if n in keepers and uf.find(n) == uf.find(r)), default=None)
-        if best is None:
-            keepers.add(r)
-        else:
-            out_rows.append(ids[i])
-            out_keepers.append(sids[best])
-            out_evidence.append(near[rid[best]])
-    return pa.table({"row_id": out_rows, "reason": ["near_duplicate"] * len(out_rows), "keeper": out_keepers,
-                     "evidence": out_evidence}, schema=EVIDENCE_SCHEMA)
-
-
 def _result(drops: list[pa.Table], with_evidence: bool) -> pa.Table:
     t = pa.concat_tables([d.cast(EVIDENCE_SCHEMA) for d in drops]) if drops else EVIDENCE_SCHEMA.empty_table()
     return t if with_evidence else t.select(DROP_SCHEMA.names)
-
-
-def _add_shard(batch: pa.Table, column: str, shards: int) -> pa.Table:
-    values = batch.column(column).to_pylist()
-    shard = [zlib.crc32(v.encode()) % shards if v else 0 for v in values]
-    return batch.append_column("shard", pa.array(shard, pa.int64()))
-
-
-def _without(batch: pa.Table, ids: pa.Array) -> pa.Table:
-    return batch.filter(pc.invert(pc.is_in(batch.column("row_id"), value_set=ids)))
-
-
-def _rows_with_rid(batch: pa.Table, rids: pa.Array) -> pa.Table:
-    mask = pc.is_in(pa.array(row_hash64(batch.column("row_id"))), value_set=rids)
-    return batch.filter(mask).drop_columns([c for c in _HEAVY if c in batch.column_names])
-
-
-class _DatasetThumbs:
-    """A ThumbSource over a Ray Dataset with ``row_id`` and ``thumb``; ``layouts(rids)`` computes
-    the rows' colour signatures where the thumbnails are, so only (rid, 2 floats) reach the driver."""
-
-    def __init__(self, ds, light: dict):
-        self.ds, self.light = ds, light
-
-    def __call__(self, rids: pa.Array) -> pa.Table | None:
-        return _collect(self.ds.map_batches(_thumbs_with_rid, fn_kwargs={"rids": rids}, **self.light), None)
-
-    def layouts(self, rids: pa.Array) -> pa.Table:
-        t = _collect(self.ds.map_batches(_layouts_with_rid, fn_kwargs={"rids": rids}, **self.light), None)
-        return t if t is not None else _layout_with_rid(None)
-
-
-def _layouts_with_rid(batch: pa.Table, rids: pa.Array) -> pa.Table:
-    return _layout_with_rid(_thumbs_with_rid(batch, rids))
-
-
-def thumbs_from(ds, light: dict) -> ThumbSource:
-    """A ThumbSource over a Ray Dataset with ``row_id`` and ``thumb`` (read lazily, so a projection
-    of Parquet work rows reads only those two columns, once per call, keeping the pairs' rows)."""
-    return _DatasetThumbs(ds, light)
-
-
-def _layouts(thumbs: ThumbSource, rids: pa.Array) -> pa.Table:
-    """(rid, layout) of the rows ``rids``: computed where the thumbnails are when the source can
-    (``thumbs_from``), else from the thumbnails it returns."""
-    if hasattr(thumbs, "layouts"):
-        return thumbs.layouts(rids)
-    return _layout_with_rid(thumbs(rids))
-
-
-def _layout_with_rid(t: pa.Table | None) -> pa.Table:
-    """(rid, thumb) rows -> (rid, layout); None (no rows) -> an empty (rid, layout) table."""
-    if t is None:
-        t = pa.table({"rid": pa.array([], pa.int64()), "thumb": pa.array([], pa.binary())})
-    lay = layout_of_thumbs(t.column("thumb").to_pylist())
-    return pa.table({"rid": t.column("rid"), "layout": pa.array(list(lay), pa.list_(pa.float32()))})
-
-
-def _add_layout(batch: pa.Table, layouts: pa.Table) -> pa.Table:
-    """Rows + their ``layout`` column (null where ``layouts`` lacks the row)."""
-    rid = row_hash64(batch.column("row_id"))
-    idx = pc.index_in(pa.array(rid), value_set=layouts.column("rid"))
-    return batch.append_column("layout", layouts.column("layout").take(idx))
 
 
 def _with_layout(table: pa.Table, cfg: DedupConfig, thumbs: ThumbSource | None) -> pa.Table:
@@ -555,21 +377,7 @@ def _with_layout(table: pa.Table, cfg: DedupConfig, thumbs: ThumbSource | None) 
     return _add_layout(table, _layouts(thumbs, pa.array(row_hash64(table.column("row_id")), pa.int64())))
 
 
-def _thumbs_with_rid(batch: pa.Table, rids: pa.Array) -> pa.Table:
-    rid = pa.array(row_hash64(batch.column("row_id")))
-    mask = pc.is_in(rid, value_set=rids)
-    return pa.table({"rid": rid.filter(mask), "thumb": batch.column("thumb").filter(mask)})
-
-
-def _collect(ds, schema: pa.Schema | None) -> pa.Table | None:
-    tables = [pa.Table.from_batches([b]) if isinstance(b, pa.RecordBatch) else b
-              for b in ds.iter_batches(batch_size=None, batch_format="pyarrow")]
-    tables = [t for t in tables if t.num_rows]
-    if not tables:
-        return schema.empty_table() if schema is not None else None
-    return pa.concat_tables(tables, promote_options="default")
-
 
 __all__ = ["DedupConfig", "DROP_SCHEMA", "EVIDENCE_SCHEMA", "find_duplicates", "find_duplicates_local",
            "keeper_order", "exact_groups", "UnionFind", "component_drops", "row_hash64", "verify_edges",
-           "drop_details", "parse_detail", "near_miss_rows"]
+           "drop_details", "parse_detail", "near_miss_rows", "thumbs_from", "ThumbSource"]
