@@ -35,17 +35,16 @@ Reruns: a run starts by removing ``_work/``; outputs are written under ``_work/o
 into place only when complete, then ``stats.json`` is written last, so a directory with
 ``stats.json`` is complete and a failed run leaves the previous outputs whole. Ids, splits and the keeper rule are
 content-derived, so a rerun gives the same rows, and an interrupted run rerun to completion
-leaves no duplicate and no missing row.
+leaves no duplicate and no missing row. The staging, commit and input checksums are in
+pipelines/curate_output.py.
 """
 
 from __future__ import annotations
 
-import hashlib
 import json
 import logging
 import time
 from dataclasses import dataclass, field
-from pathlib import Path
 from typing import Any, Literal
 
 import pyarrow as pa
@@ -55,9 +54,17 @@ import pyarrow.fs as pafs
 from core.config import to_dict
 from core.lineage import code_version
 from core.progress import Progress, report
-from core.storage import move, remove, resolve
+from core.storage import move
 from pipelines import stats as stats_mod
 from pipelines.captions import CaptionConfig, check_language_support
+from pipelines.curate_output import (
+    _clean,
+    _commit,
+    _local_tokenizer_dir,
+    _out_fs,
+    _write_text,
+    checksum_inputs,
+)
 from pipelines.curate_report import NEAR_MISSES, write_curate_report
 from pipelines.datasources import has_urls, read_inputs
 from pipelines.dedup import DROP_SCHEMA, DedupConfig, drop_details, find_duplicates, thumbs_from
@@ -390,46 +397,7 @@ def _rows(ds) -> list[dict]:
     return t.to_pylist() if t is not None else []
 
 
-# --------------------------------------------------------------------------- output dir + manifest
-def _out_fs(out: str) -> tuple[Any, str, str]:
-    fs, path, prefix = resolve(out)
-    return fs, path.rstrip("/"), prefix
-
-
-def _clean(fs: Any, root: str, work: str) -> None:
-    """Remove the scratch of a previous (possibly interrupted) run. The previous outputs stay whole
-    until this run's outputs are complete (_commit): a run that dies (killed, disk full) never
-    leaves partial files in data/ and never destroys a finished corpus."""
-    fs.create_dir(root, recursive=True)
-    if fs.get_file_info(work).type == pafs.FileType.Directory:
-        fs.delete_dir(work)
-    fs.create_dir(work, recursive=True)
-
-
-def _commit(fs: Any, root: str, stage: str) -> None:
-    """Swap the staged outputs in: the old stats.json goes first (from here the directory is
-    incomplete), then each output is replaced by its staged copy (a rename on a local disk, a
-    server-side copy on an object store, which has no rename: core.storage.move)."""
-    remove(fs, f"{root}/stats.json")
-    for name in ("data", "rejects", "tokenizer", "manifest.json", "report.html"):
-        remove(fs, f"{root}/{name}")
-        if name != "report.html" or fs.get_file_info(f"{stage}/{name}").type == pafs.FileType.File:
-            move(fs, f"{stage}/{name}", f"{root}/{name}")
-
-
-def _local_tokenizer_dir(root: str, uri_prefix: str) -> Path:
-    if not uri_prefix:
-        return Path(root) / "tokenizer"
-    import tempfile
-
-    return Path(tempfile.mkdtemp(prefix="mm-tokenizer-")) / "tokenizer"
-
-
-def _write_text(fs: Any, path: str, text: str) -> None:
-    with fs.open_output_stream(path) as f:
-        f.write(text.encode("utf-8"))
-
-
+# --------------------------------------------------------------------------- manifest
 def build_manifest(files: list[SourceFile], cfg: CurateConfig, sources: list[str]) -> dict:
     return {
         "command": "curate",
@@ -439,33 +407,6 @@ def build_manifest(files: list[SourceFile], cfg: CurateConfig, sources: list[str
         "code_version": code_version(),
         "time": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
     }
-
-
-def checksum_inputs(files: list[SourceFile]) -> list[dict]:
-    """uri, size and a BLAKE2b checksum per input file, computed in parallel Ray tasks. A folder's
-    checksum covers its listing (relative path, size, mtime) rather than every file's bytes."""
-    import ray
-
-    items = [{"i": i} for i in range(len(files))]
-    ds = ray.data.from_items(items).map(_checksum_row, fn_kwargs={"files": files}, num_cpus=0.25)
-    rows = sorted(ds.take_all(), key=lambda r: r["i"])
-    return [{k: v for k, v in r.items() if k != "i"} for r in rows]
-
-
-def _checksum_row(row: dict, files: list[SourceFile]) -> dict:
-    f = files[row["i"]]
-    h = hashlib.blake2b(digest_size=32)
-    if f.kind == "folder":
-        infos = f.fs.get_file_info(pafs.FileSelector(f.path, recursive=True))
-        for info in sorted((i for i in infos if i.type == pafs.FileType.File), key=lambda i: i.path):
-            h.update(f"{info.path[len(f.path):]}\0{info.size}\0{info.mtime_ns}\n".encode())
-        kind = "blake2b-256-listing"
-    else:
-        with f.fs.open_input_stream(f.path) as fh:
-            while chunk := fh.read(8 << 20):
-                h.update(chunk)
-        kind = "blake2b-256"
-    return {"i": row["i"], "uri": f.uri, "kind": f.kind, "size": f.size, "checksum": f"{kind}:{h.hexdigest()}"}
 
 
 __all__ = ["CurateConfig", "OutputConfig", "ExecutionConfig", "WORK_COLUMNS", "WORK_DIR", "WORK_ROWS_DIR",
