@@ -89,6 +89,7 @@ from pipelines.dedup_lsh import (
     local_hash_edges,
     make_caption_bands,
     make_hash_bands,
+    nearest_per_row,
     row_hash64,
 )
 from pipelines.dedup_rows import (
@@ -140,6 +141,7 @@ class DedupConfig:
     lsh_shards: int = 64                 # groupby groups the band rows are spread over
     max_bucket_rows: int = 2000          # larger band buckets: sorted-window candidates
     bucket_window_rows: int = 64
+    max_candidates_per_row: int = 0      # keep a candidate pair only if among the K nearest (hash distance) of a row (0: all)
     verify: bool = True                  # decide candidates on the thumbnails (rows with `thumb`)
     verify_max_residual: float = 22.0    # grey levels, worst 8x8 block of the aligned thumbnails
     verify_residual_per_info: float = 1.0  # ... and at most this times the pair's grey std
@@ -220,6 +222,8 @@ def find_duplicates(rows, cfg: DedupConfig, with_evidence: bool = False, stats: 
                          .groupby("shard", num_partitions=cfg.num_partitions)
                          .map_groups(edges_fn, fn_kwargs={"cfg": cfg}, batch_format="pyarrow", num_cpus=0.5),
                          EDGE_SCHEMA)
+        if make is make_hash_bands:
+            edges = _nearest(edges, cfg)
         rids = pa.array(np.unique(np.r_[edges.column("a").to_numpy(), edges.column("b").to_numpy()]), pa.int64())
         if make is make_hash_bands and _verifies(cfg, columns, thumbs):
             pair_thumbs = thumbs(rids) if thumbs is not None else _collect(
@@ -354,6 +358,15 @@ def _dedupe_edges(edges: pa.Table) -> pa.Table:
     edges = edges.sort_by([("a", "ascending"), ("b", "ascending"), ("dist", "ascending")])
     a, b = edges.column("a").to_numpy(), edges.column("b").to_numpy()
     return edges.filter(pa.array(np.r_[True, (a[1:] != a[:-1]) | (b[1:] != b[:-1])]))
+
+
+def _nearest(edges: pa.Table, cfg: DedupConfig) -> pa.Table:
+    """Edges merged from every shard, capped to each row's ``max_candidates_per_row`` nearest."""
+    if cfg.max_candidates_per_row <= 0 or edges.num_rows == 0:
+        return edges
+    edges = _dedupe_edges(edges)
+    a, b, d = (edges.column(c).to_numpy() for c in ("a", "b", "dist"))
+    return edges.filter(pa.array(nearest_per_row(a, b, d, cfg.max_candidates_per_row)))
 
 
 def _exact_key(cfg: DedupConfig) -> str:

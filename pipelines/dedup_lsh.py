@@ -13,6 +13,13 @@ as the hash and meet the hashes of their bucket (never other views), so a copy c
 is missed with probability (1 - C(64-d, b)/C(64, b))^bands. Multi-frame rows (video clips) are
 compared position by position (same list length, every position within ``max_hamming``).
 
+Bounded work: a band bucket of more than ``max_bucket_rows`` entries (hashes and views; such
+buckets appear as the corpus grows denser) is paired on a sliding window of
+``bucket_window_rows`` in the order of each entry's own hash, rotated per band, instead of all
+pairs; and with ``max_candidates_per_row`` = K a candidate pair is kept only if it is among the
+K nearest (hash distance, ties by row id) of one of its rows (``nearest_per_row``): at most 2K
+pairs a row reach verification, and a true copy is a row's nearest candidate.
+
 Captions: MinHash over character shingles, LSH bands of ``caption_band_rows`` rows, candidates
 kept by estimated Jaccard. A band value shared by more than ``max_bucket_rows`` rows (blank
 images) is paired on a sorted window instead of all pairs: never O(n^2).
@@ -154,13 +161,19 @@ def candidate_pairs(keys: np.ndarray, max_bucket_rows: int, window: int,
         ii, jj = np.triu_indices(int(s), k=1)
         a_all.append(idx[(st[:, None] + ii[None]).ravel()])
         b_all.append(idx[(st[:, None] + jj[None]).ravel()])
-    for st, s in zip(starts[sizes > max_bucket_rows], sizes[sizes > max_bucket_rows]):
-        members = idx[st:st + s]
+    big = sizes > max_bucket_rows
+    if big.any():  # over-full buckets: each member meets the next ``window`` ones in ``order_by`` order
+        in_big = np.repeat(big, sizes)
+        members = idx[in_big]
+        mk = k[in_big]
         if order_by is not None:
-            members = members[np.argsort(order_by[members], kind="stable")]
-        for off in range(1, min(window, s - 1) + 1):
-            a_all.append(members[:-off])
-            b_all.append(members[off:])
+            members = members[np.lexsort((order_by[members], mk))]
+        for off in range(1, window + 1):
+            same = mk[off:] == mk[:-off]
+            if not same.any():
+                break
+            a_all.append(members[:-off][same])
+            b_all.append(members[off:][same])
     if not a_all:
         return np.zeros(0, np.int64), np.zeros(0, np.int64)
     return np.concatenate(a_all), np.concatenate(b_all)
@@ -200,6 +213,26 @@ def unique_edges(a: np.ndarray, b: np.ndarray, *values: np.ndarray) -> tuple[np.
     lo, hi = lo[order], hi[order]
     first = np.r_[True, (lo[1:] != lo[:-1]) | (hi[1:] != hi[:-1])]
     return (lo[first], hi[first], *[v[order][first] for v in values])
+
+
+def nearest_per_row(a: np.ndarray, b: np.ndarray, dist: np.ndarray, k: int) -> np.ndarray:
+    """Mask of the edges (a, b, dist) that are among the ``k`` nearest of at least one endpoint
+    (by ``dist``, ties broken by the other endpoint's id: deterministic). At most 2 k edges a row
+    survive, so verification is linear in rows; an edge nearest for a row stays nearest in any
+    subset of edges that holds it, so capping per shard and again after merging shards keeps
+    exactly what one global cap keeps. ``k`` <= 0: every edge."""
+    n = len(a)
+    if k <= 0 or n == 0:
+        return np.ones(n, bool)
+    node = np.r_[a, b]
+    other = np.r_[b, a]
+    order = np.lexsort((other, np.r_[dist, dist], node))
+    sn = node[order]
+    start = np.flatnonzero(np.r_[True, sn[1:] != sn[:-1]])
+    rank = np.arange(2 * n) - np.repeat(start, np.diff(np.r_[start, 2 * n]))
+    keep = np.zeros(2 * n, bool)
+    keep[order[rank < k]] = True
+    return keep[:n] | keep[n:]
 
 
 def _list_or_empty(batch: pa.Table, name: str, n: int) -> pa.Array:
@@ -271,6 +304,8 @@ def hash_shard_edges(t: pa.Table, cfg) -> pa.Table:
     dist = hash_distance(m, lengths, a, b, vm, vlen)
     ok = dist <= cfg.max_hamming
     ea, eb, ed = unique_edges(rid[a[ok]], rid[b[ok]], dist[ok])
+    near = nearest_per_row(ea, eb, ed, cfg.max_candidates_per_row)
+    ea, eb, ed = ea[near], eb[near], ed[near]
     return pa.table({"a": ea, "b": eb, "dist": ed, "score": np.full(len(ea), np.nan)}, schema=EDGE_SCHEMA)
 
 
@@ -292,6 +327,13 @@ def _probe_pairs(keys: np.ndarray, probe_keys: np.ndarray, max_bucket_rows: int,
     return a, order[np.repeat(lo, count) + offset]
 
 
+def _list_position(lengths: np.ndarray, bands: int) -> np.ndarray:
+    """The list position of each entry ``band_keys`` returns (its loop order: position, row, band)."""
+    width = int(lengths.max(initial=0))
+    return np.concatenate([np.full(int((lengths > p).sum()) * bands, p, np.int64) for p in range(width)] or
+                          [np.zeros(0, np.int64)])
+
+
 def local_hash_edges(batch: pa.Table, cfg) -> pa.Table:
     """The candidate edges of ``make_hash_bands`` + ``hash_shard_edges`` over one in-memory table,
     one band at a time: memory O(rows x views), not O(rows x views x bands) band rows."""
@@ -302,7 +344,6 @@ def local_hash_edges(batch: pa.Table, cfg) -> pa.Table:
     else:
         vm, vlen = np.zeros((len(m), 0), np.uint64), np.zeros(len(m), np.int64)
     rid = row_hash64(batch.column("row_id"))
-    order_by = m[:, 0].view(np.int64)
     positions = band_positions(cfg)
     cells = layout_cells(row_layout(batch, cfg), batch.num_rows, cfg)
     ea, eb, ed = [], [], []
@@ -310,9 +351,25 @@ def local_hash_edges(batch: pa.Table, cfg) -> pa.Table:
         rows, keys = band_keys(m, lengths, positions[j:j + 1], cells=cells, first_band=j)
         vrows, vkeys = band_keys(vm, vlen, positions[j:j + 1], as_length=np.ones_like(lengths), cells=cells,
                                  first_band=j)
-        a, b = candidate_pairs(keys, cfg.max_bucket_rows, cfg.bucket_window_rows, order_by=order_by[rows])
-        va, vb = _probe_pairs(keys, vkeys, cfg.max_bucket_rows, cfg.bucket_window_rows)  # hash x view only
-        a, b = np.concatenate([rows[a], rows[va]]), np.concatenate([rows[b], vrows[vb]])
+        # a bucket of up to max_bucket_rows entries (hashes and views): every hash meets every
+        # hash and view; a fuller one (a dense region: grows with the corpus): each entry meets
+        # the next bucket_window_rows in the order of its own hash, rotated per band
+        _, inv, cnt = np.unique(np.r_[keys, vkeys], return_inverse=True, return_counts=True)
+        full = cnt[inv] > cfg.max_bucket_rows
+        hs, vs = np.flatnonzero(~full[:len(keys)]), np.flatnonzero(~full[len(keys):])
+        a, b = candidate_pairs(keys[hs], len(keys) + len(vkeys), 1)
+        va, vb = _probe_pairs(keys[hs], vkeys[vs], len(keys) + len(vkeys), 1)  # hash x view only
+        a, b = [np.concatenate([rows[hs[a]], rows[hs[va]]]), np.concatenate([rows[hs[b]], vrows[vs[vb]]])]
+        if full.any():
+            own = np.r_[m[rows, _list_position(lengths, 1)], vm[vrows, _list_position(vlen, 1)]]
+            r = np.uint64((7 + 23 * j) % 64)
+            own = (own << r) | (own >> (np.uint64(64) - r))
+            ent_row, ent_view = np.r_[rows, vrows][full], np.r_[np.zeros(len(keys), bool), np.ones(len(vkeys), bool)][full]
+            fa, fb = candidate_pairs(np.r_[keys, vkeys][full], 1, cfg.bucket_window_rows, order_by=own[full])
+            fa, fb = fa[~(ent_view[fa] & ent_view[fb])], fb[~(ent_view[fa] & ent_view[fb])]
+            swap = ent_view[fa]  # hash first: hash_distance reads the views of the row, not the entry
+            fa, fb = np.where(swap, fb, fa), np.where(swap, fa, fb)
+            a, b = np.r_[a, ent_row[fa]], np.r_[b, ent_row[fb]]
         keep = a != b
         a, b = a[keep], b[keep]
         dist = hash_distance(m, lengths, a, b, vm, vlen)
@@ -321,6 +378,9 @@ def local_hash_edges(batch: pa.Table, cfg) -> pa.Table:
         eb.append(rid[b[ok]])
         ed.append(dist[ok])
     ea, eb, ed = unique_edges(np.concatenate(ea), np.concatenate(eb), np.concatenate(ed)) if ea else ([], [], [])
+    if len(ea):
+        near = nearest_per_row(ea, eb, ed, cfg.max_candidates_per_row)
+        ea, eb, ed = ea[near], eb[near], ed[near]
     return pa.table({"a": np.asarray(ea, np.int64), "b": np.asarray(eb, np.int64), "dist": np.asarray(ed, np.int64),
                      "score": np.full(len(ea), np.nan)}, schema=EDGE_SCHEMA)
 
@@ -378,5 +438,5 @@ def caption_shard_edges(t: pa.Table, cfg) -> pa.Table:
 
 
 __all__ = ["EDGE_SCHEMA", "BAND_SCHEMA", "band_positions", "layout_cells", "layout_keys_on", "row_layout", "hash_matrix", "band_keys", "shard_of",
-           "candidate_pairs", "hash_distance", "within_hamming", "unique_edges", "make_hash_bands",
+           "candidate_pairs", "nearest_per_row", "hash_distance", "within_hamming", "unique_edges", "make_hash_bands",
            "hash_shard_edges", "local_hash_edges", "minhash_signatures", "make_caption_bands", "caption_shard_edges"]

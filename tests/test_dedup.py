@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import io
 
 import numpy as np
@@ -332,3 +333,39 @@ def test_verify_pairs_needs_information_and_agreeing_colours():
     ok, residual, info = verify_pairs(np.stack([a, a, a]), np.stack([b, flat, swapped]), DedupConfig())
     assert ok.tolist() == [True, False, False]
     assert residual[0] < residual[2] and info[1] == 0
+
+
+def test_nearest_per_row_keeps_each_rows_k_nearest():
+    from pipelines.dedup_lsh import nearest_per_row
+
+    # row 0 meets 1..6 at distances 6..1; rows 1..6 also form a chain 1-2, 2-3, ... at distance 9
+    a = np.r_[np.zeros(6, np.int64), np.arange(1, 6)]
+    b = np.r_[np.arange(1, 7), np.arange(2, 7)]
+    d = np.r_[np.arange(6, 0, -1), np.full(5, 9)]
+    keep = nearest_per_row(a, b, d, 1)
+    kept = {(int(x), int(y)) for x, y, k in zip(a, b, keep) if k}
+    assert kept == {(0, i) for i in range(1, 7)}  # each row's nearest is 0: the chain goes
+    # with two, row i keeps 0 and its neighbour (ties broken by the smaller other id)
+    keep = nearest_per_row(a, b, d, 2)
+    assert keep.all()
+    keep = nearest_per_row(a, b, np.r_[d[:6], 9, 9, 8, 9, 9], 2)  # 3-4 nearer: 2-3 is no end's two nearest
+    assert {(int(x), int(y)) for x, y, k in zip(a, b, keep) if not k} == {(2, 3)}
+    assert nearest_per_row(a, b, d, 0).all()
+    keep = nearest_per_row(a, b, d, 1)
+    assert (nearest_per_row(a[::-1], b[::-1], d[::-1], 1) == keep[::-1]).all()  # order-independent
+
+
+def test_candidate_cap_and_full_buckets_keep_exactly_the_planted_copies(planted_corpus):
+    """The per-row cap (``max_candidates_per_row``) and windowed over-full buckets bound the
+    candidates; the copies are each row's nearest candidates, so they still go, and only them."""
+    t, planted = planted_corpus
+    base = DedupConfig(max_hamming=12, max_candidates_per_row=0, max_bucket_rows=1_000_000)
+    full, capped, windowed = {}, {}, {}
+    assert {k: v[1] for k, v in by_key(t, find_duplicates_local(t, base, stats=full)).items()} == planted
+    cfg = dataclasses.replace(base, max_candidates_per_row=1)
+    assert {k: v[1] for k, v in by_key(t, find_duplicates_local(t, cfg, stats=capped)).items()} == planted
+    assert capped["candidate_edges"] < full["candidate_edges"]  # the cap bites
+    assert capped["candidate_edges"] <= 2 * t.num_rows
+    cfg = dataclasses.replace(base, max_bucket_rows=2, bucket_window_rows=2)
+    assert {k: v[1] for k, v in by_key(t, find_duplicates_local(t, cfg, stats=windowed)).items()} == planted
+    assert windowed["candidate_edges"] < full["candidate_edges"]
