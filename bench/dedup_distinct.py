@@ -1,6 +1,7 @@
 """Benchmark: false near-duplicate drops at scale, on a corpus distinct by construction.
 
     .venv/bin/python bench/dedup_distinct.py --sizes 20000,200000 [--rows-cache DIR] [--via-jpeg]
+        [--set max_candidates_per_row=8 ...]   # DedupConfig fields over the defaults
 
 Corpus: collages of two real pictures (Noto emoji, scikit-learn digits, LFW patches, random crops
 of the scikit-learn / scikit-image photos) on a plain background at random scale and place, no
@@ -74,13 +75,23 @@ def build_rows(n: int, seed: int, via_jpeg: bool) -> pa.Table:
 
 def false_drops(table: pa.Table, cfg: DedupConfig) -> dict:
     stats: dict = {}
-    t0 = time.perf_counter()
+    t0, c0 = time.perf_counter(), time.process_time()
     drops = find_duplicates_local(table, cfg, with_evidence=True, stats=stats)
-    seconds = time.perf_counter() - t0
+    seconds, cpu = time.perf_counter() - t0, time.process_time() - c0
     near = drops.filter(pc.equal(drops.column("reason"), "near_duplicate"))
     return {"dropped": drops.num_rows, "near_duplicate": near.num_rows,
             "false_drop_rate": round(drops.num_rows / table.num_rows, 5), **stats, "dedup_s": round(seconds, 2),
+            "dedup_cpu_s": round(cpu, 2), "load_avg_1m": round(os.getloadavg()[0], 1),
             "examples": near.slice(0, 5).to_pylist()}
+
+
+def _overrides(items: list[str]) -> dict:
+    out = {}
+    for item in items:
+        name, value = item.split("=", 1)
+        kind = type(getattr(DedupConfig(), name))
+        out[name] = value.lower() in ("1", "true", "yes") if kind is bool else kind(value)
+    return out
 
 
 def main() -> None:
@@ -90,6 +101,8 @@ def main() -> None:
     ap.add_argument("--via-jpeg", action="store_true", help="build rows through images.process_image")
     ap.add_argument("--rows-cache", default=None, help="directory for the built rows (rows_<n>.parquet)")
     ap.add_argument("--skip-phash-only", action="store_true")
+    ap.add_argument("--set", action="append", default=[], metavar="FIELD=VALUE",
+                    help="a DedupConfig field over the defaults (int, float or bool), repeatable")
     args = ap.parse_args()
     results = []
     sizes = [int(x) for x in args.sizes.split(",") if x.strip()]
@@ -108,9 +121,9 @@ def main() -> None:
                 os.makedirs(args.rows_cache, exist_ok=True)
                 pq.write_table(table, path)
         build_s = time.time() - t0
-        default = DedupConfig()
+        default = dataclasses.replace(DedupConfig(), **_overrides(args.set))
         res = {"rows": table.num_rows, "build_s": round(build_s, 1), "via_jpeg": args.via_jpeg,
-               "default": {"max_hamming": default.max_hamming, "lsh_bands": default.lsh_bands,
+               "default": {"overrides": args.set, "max_hamming": default.max_hamming, "lsh_bands": default.lsh_bands,
                            "verify_max_residual": default.verify_max_residual, **false_drops(table, default)}}
         if not args.skip_phash_only:
             old = dataclasses.replace(default, verify=False, crop_views=False, lsh_bands=24)
