@@ -114,7 +114,10 @@ class ExecutionConfig:
     batch_rows: int = 256
     num_cpus_per_task: float = 1.0       # of the process stage
     download_num_cpus: float = 0.25      # download tasks mostly wait on the network
-    light_num_cpus: float = 0.5          # dedup/finalise stages
+    # dedup/finalise/stats stages. A whole CPU each: with fractional reservations Ray starts more
+    # worker processes than cores, more of them the more blocks a corpus has, and each stays
+    # resident afterwards (150-250 MB PSS): that was the peak-memory growth from 2k to 20k inputs.
+    light_num_cpus: float = 1.0
     # Ray node labels every curation task and actor must match (Ray Data's
     # ExecutionOptions.label_selector). On cluster.yaml's cluster: {mm.io/role: curation}, so no
     # curation work lands on GPU training nodes. Empty: anywhere (a local Ray has no labels).

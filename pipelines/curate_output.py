@@ -59,11 +59,13 @@ def _write_text(fs: Any, path: str, text: str) -> None:
 
 def checksum_inputs(files: list[SourceFile]) -> list[dict]:
     """uri, size and a BLAKE2b checksum per input file, computed in parallel Ray tasks. A folder's
-    checksum covers its listing (relative path, size, mtime) rather than every file's bytes."""
+    checksum covers its listing (relative path, size, mtime) rather than every file's bytes.
+    One CPU per task: hashing is CPU-bound, and a fractional reservation would start more
+    worker processes than cores (one per input file, up to 4 per core), which stay resident."""
     import ray
 
     items = [{"i": i} for i in range(len(files))]
-    ds = ray.data.from_items(items).map(_checksum_row, fn_kwargs={"files": files}, num_cpus=0.25)
+    ds = ray.data.from_items(items).map(_checksum_row, fn_kwargs={"files": files}, num_cpus=1)
     rows = sorted(ds.take_all(), key=lambda r: r["i"])
     return [{k: v for k, v in r.items() if k != "i"} for r in rows]
 
