@@ -38,6 +38,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from dedup_sources import collages, source_objects  # noqa: E402
 
+from core.config import load_config  # noqa: E402
 from pipelines.dedup import DedupConfig, find_duplicates_local  # noqa: E402
 from pipelines.dedup_verify import compute_descriptors  # noqa: E402
 from pipelines.images import ImageConfig, process_image  # noqa: E402
@@ -85,15 +86,6 @@ def false_drops(table: pa.Table, cfg: DedupConfig) -> dict:
             "examples": near.slice(0, 5).to_pylist()}
 
 
-def _overrides(items: list[str]) -> dict:
-    out = {}
-    for item in items:
-        name, value = item.split("=", 1)
-        kind = type(getattr(DedupConfig(), name))
-        out[name] = value.lower() in ("1", "true", "yes") if kind is bool else kind(value)
-    return out
-
-
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--sizes", default="20000", help="comma-separated corpus sizes")
@@ -121,7 +113,7 @@ def main() -> None:
                 os.makedirs(args.rows_cache, exist_ok=True)
                 pq.write_table(table, path)
         build_s = time.time() - t0
-        default = dataclasses.replace(DedupConfig(), **_overrides(args.set))
+        default = load_config(DedupConfig, None, args.set)
         res = {"rows": table.num_rows, "build_s": round(build_s, 1), "via_jpeg": args.via_jpeg,
                "default": {"overrides": args.set, "max_hamming": default.max_hamming, "lsh_bands": default.lsh_bands,
                            "verify_max_residual": default.verify_max_residual, **false_drops(table, default)}}
