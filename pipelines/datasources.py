@@ -91,9 +91,23 @@ def read_inputs(files: list[SourceFile], cfg: SourceConfig):
         else:
             by_kind.setdefault((f.kind, type(f.fs).__name__), []).append(f)
     for (kind, _), group in sorted(by_kind.items()):
-        parts.append(ray.data.read_datasource(InputFilesDatasource(kind, group, cfg)))
+        parts.append(ray.data.read_datasource(InputFilesDatasource(kind, group, cfg),
+                                              override_num_blocks=_read_blocks(len(group))))
     ds = parts[0]
     return ds.union(*parts[1:]) if len(parts) > 1 else ds
+
+
+def _read_blocks(n_files: int) -> int:
+    """Read tasks for ``n_files`` shards: one per file once there are at least as many files as
+    cluster CPUs. Ray Data's default asks for 200 blocks and splits each file's output into
+    ``200 / n_files`` blocks ("ReadX->SplitBlocks(10)"); a split read cannot fuse with the map
+    after it, so it ran as its own operator holding a whole CPU while backpressured by the
+    process tasks: on 2 cores, one process task at a time (measured: 20k inputs, 20 tars, the
+    process pass 92 s at ~1.25 cores busy). Fewer files than CPUs: split, so every core works."""
+    import ray
+
+    cpus = int(ray.cluster_resources().get("CPU", 1)) if ray.is_initialized() else 1
+    return max(n_files, cpus)
 
 
 def has_urls(files: list[SourceFile]) -> bool:
