@@ -145,7 +145,7 @@ def raw_loop(shards: list[str], limit: int, tok_dir: str, image_px: int) -> dict
 
     def plain(data: bytes) -> None:
         im = Image.open(io.BytesIO(data)).convert("RGB")
-        out = resize_shorter_side(im, image_px)
+        out = resize_shorter_side(im, image_px, resample="bicubic")  # as a user would write it
         out.save(io.BytesIO(), "JPEG", quality=90)
         compute_phash(out)
 

@@ -62,6 +62,11 @@ class ImageConfig:
     max_image_pixels: int = 64_000_000         # checked from the header, before decoding
     animated: Literal["first_frame", "reject"] = "first_frame"
     draft: bool = True                         # JPEG DCT-domain downscale while decoding (n/8 scales, simplejpeg)
+    # Downscaling filter. "area": each output pixel averages the source pixels it covers (Pillow's
+    # BOX filter; OpenCV's INTER_AREA), the usual filter for shrinking; "bicubic": Pillow's bicubic
+    # with reducing_gap=2. Area is 0.8 ms against 1.85 ms for bicubic on a 372x360 -> 265x256 step
+    # (the resize after a 6/8 DCT-scaled decode), the largest single cost of a sample (measured).
+    resample: Literal["area", "bicubic"] = "area"
     formats: tuple[str, ...] = ("JPEG", "PNG", "WEBP", "GIF", "BMP", "TIFF")  # Pillow names; JPEG covers MPO
 
     def __post_init__(self) -> None:
@@ -69,8 +74,13 @@ class ImageConfig:
             raise ValueError("image_px must be >= 8")
         if not 1 <= self.jpeg_quality <= 100:
             raise ValueError("jpeg_quality must be in [1, 100]")
+        if self.resample not in _RESAMPLE:
+            raise ValueError(f"resample must be one of {sorted(_RESAMPLE)}, not {self.resample!r}")
         if self.max_aspect_ratio < 1.0:
             raise ValueError("max_aspect_ratio must be >= 1")
+
+
+_RESAMPLE = ("area", "bicubic")
 
 
 class ImageReject(Exception):
@@ -127,7 +137,7 @@ def process_image(data: bytes | None, name: str | None, cfg: ImageConfig) -> dic
     if im.size != decoded_size:  # EXIF rotation by 90/270 degrees: report the upright size
         w, h = h, w
     rgb = to_rgb(im)
-    return _finish(resize_shorter_side(rgb, cfg.image_px, cfg.upscale), w, h, cfg)
+    return _finish(resize_shorter_side(rgb, cfg.image_px, cfg.upscale, cfg.resample), w, h, cfg)
 
 
 def _finish(out: Image.Image, w: int, h: int, cfg: ImageConfig) -> dict:
@@ -160,7 +170,7 @@ def _fast_jpeg(data: bytes, im: Image.Image, w: int, h: int, cfg: ImageConfig) -
         return None
     small = Image.fromarray(a, "RGB")
     if small.size != size:
-        small = small.resize(size, Image.Resampling.BICUBIC, reducing_gap=2.0)
+        small = resize_shorter_side(small, cfg.image_px, resample=cfg.resample)
     if "exif" in im.info:  # the rotation is the same _apply_orientation as Pillow's path, on fewer pixels
         small.info["exif"] = im.info["exif"]
         decoded = small.size
@@ -247,7 +257,10 @@ def to_rgb(im: Image.Image) -> Image.Image:
     return background
 
 
-def resize_shorter_side(im: Image.Image, image_px: int, upscale: bool = False) -> Image.Image:
+def resize_shorter_side(im: Image.Image, image_px: int, upscale: bool = False,
+                        resample: str = "bicubic") -> Image.Image:
+    """Resize so the shorter side is ``image_px`` (sizes rounded); enlarging (only with ``upscale``)
+    is always bicubic, shrinking uses ``resample`` (``ImageConfig.resample``)."""
     w, h = im.size
     short = min(w, h)
     if short == image_px or (short < image_px and not upscale):
@@ -256,6 +269,8 @@ def resize_shorter_side(im: Image.Image, image_px: int, upscale: bool = False) -
     size = (max(1, round(w * s)), max(1, round(h * s)))
     if w < size[0]:
         return im.resize(size, Image.Resampling.BICUBIC)
+    if resample == "area":
+        return im.resize(size, Image.Resampling.BOX)
     # reducing_gap: box-reduce first, then bicubic: near-Lanczos quality at a fraction of the cost.
     return im.resize(size, Image.Resampling.BICUBIC, reducing_gap=2.0)
 

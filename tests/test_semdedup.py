@@ -1,7 +1,7 @@
 """Semantic (embedding) dedup, SemDeDup-style (pipelines/semdedup.py), through ``mm curate`` on real photos.
 
 The corpus: a dozen distinct real photos (scikit-image, scikit-learn), horizontal mirrors and
-15% crops rescaled to full size of some of them — copies a pHash does not see (30 bits apart
+20% crops rescaled to full size of some of them — copies a pHash does not see (30 bits apart
 for a mirror) but MobileNetV2's embedding does (cosine >= 0.96) — and a plain smaller
 re-encode that near-dup catches first. Off: only the near duplicate goes. On: the mirrors and
 crops go too, as ``semantic_duplicate`` naming their original and the cosine; every distinct
@@ -44,8 +44,8 @@ def _photos() -> dict[str, Image.Image]:
     return out
 
 
-def _crop(im: Image.Image, keep: float = 0.85) -> Image.Image:
-    """A strong crop (15% of each side's length, off centre) rescaled back to the full size."""
+def _crop(im: Image.Image, keep: float = 0.8) -> Image.Image:
+    """A strong crop (20% of each side's length, off centre) rescaled back to the full size."""
     w, h = im.size
     cw, ch = int(w * keep), int(h * keep)
     x, y = (w - cw) // 2, (h - ch) // 4
