@@ -71,6 +71,19 @@ def test_draft_mode_matches_full_decode():
     assert hamming(a["phash"], b["phash"]) <= 4
 
 
+def test_area_and_bicubic_resample_agree_in_kind():
+    """Both shrink filters give the configured size, JPEG out, and nearly the same picture."""
+    for fmt in ("JPEG", "PNG"):
+        data = encode(photo(640, 480), fmt)
+        a = process_image(data, "x", CFG)  # area, the default
+        b = process_image(data, "x", ImageConfig(image_px=64, min_side_px=16, resample="bicubic"))
+        assert (a["width"], a["height"]) == (b["width"], b["height"]) == (85, 64)
+        pa_, pb = (np.asarray(Image.open(io.BytesIO(x["image"])), np.float32) for x in (a, b))
+        assert np.abs(pa_ - pb).mean() < 12 and hamming(a["phash"], b["phash"]) <= 6
+    with pytest.raises(ValueError, match="resample"):
+        ImageConfig(resample="lanczos")
+
+
 @pytest.mark.parametrize("data,reason", [
     (b"", "empty_file"),
     (b"this is not an image at all", "decode_error"),
