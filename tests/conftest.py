@@ -17,6 +17,7 @@ os.environ.setdefault("RAY_DATA_DISABLE_PROGRESS_BARS", "1")
 os.environ.setdefault("RAY_DATA_EXECUTION_NO_PROGRESS_TIMEOUT_S", "120")
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+os.environ.setdefault("ARROW_DEFAULT_MEMORY_POOL", "system")  # what core.runtime.init_ray gives a local Ray
 os.environ.pop("RAY_ADDRESS", None)
 
 

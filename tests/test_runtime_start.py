@@ -84,3 +84,23 @@ def test_child_pids_finds_grandchildren():
         runtime._kill_pids(runtime._child_pids(p.pid) | {p.pid})
     p.wait(timeout=10)
     assert all(_gone(pid) for pid in grandchildren | {p.pid})
+
+
+def test_arrow_uses_the_system_allocator_unless_told_otherwise(monkeypatch):
+    """init_ray's allocator choice: the C library's malloc for Arrow (mimalloc kept a finalize
+    worker's freed buffers, docs/BENCHMARKS.md); an explicit ARROW_DEFAULT_MEMORY_POOL is kept."""
+    import pyarrow as pa
+
+    before = pa.default_memory_pool()
+    try:
+        monkeypatch.delenv("ARROW_DEFAULT_MEMORY_POOL", raising=False)
+        runtime._use_system_arrow_allocator()
+        assert pa.default_memory_pool().backend_name == "system"
+        assert runtime.os.environ["ARROW_DEFAULT_MEMORY_POOL"] == "system"  # what a local Ray's workers inherit
+        pa.set_memory_pool(pa.mimalloc_memory_pool())
+        monkeypatch.setenv("ARROW_DEFAULT_MEMORY_POOL", "mimalloc")
+        runtime._use_system_arrow_allocator()
+        assert pa.default_memory_pool().backend_name == "mimalloc"
+        assert runtime.os.environ["ARROW_DEFAULT_MEMORY_POOL"] == "mimalloc"
+    finally:
+        pa.set_memory_pool(before)
