@@ -40,6 +40,7 @@ import io
 from functools import lru_cache
 
 import numpy as np
+import simplejpeg
 from PIL import Image
 
 try:  # these products are small: BLAS threads spinning on a busy machine cost more than they give
@@ -97,10 +98,13 @@ def decode_thumbs(blobs: list[bytes | None]) -> tuple[np.ndarray, np.ndarray]:
     for i, b in enumerate(blobs):
         if not b:
             continue
-        try:
-            a = np.asarray(Image.open(io.BytesIO(b)).convert("RGB"))
-        except Exception:  # noqa: BLE001 - a broken thumbnail is no evidence, never an error
-            continue
+        try:  # thumbnails are JPEGs (compute_descriptors): libjpeg-turbo straight, as Pillow would, ~2x faster
+            a = simplejpeg.decode_jpeg(b, colorspace="RGB")
+        except Exception:  # noqa: BLE001 - not a JPEG after all: Pillow, whatever the format
+            try:
+                a = np.asarray(Image.open(io.BytesIO(b)).convert("RGB"))
+            except Exception:  # noqa: BLE001 - a broken thumbnail is no evidence, never an error
+                continue
         if a.shape == out.shape[1:]:
             out[i], ok[i] = a, True
     return out, ok

@@ -369,3 +369,21 @@ def test_candidate_cap_and_full_buckets_keep_exactly_the_planted_copies(planted_
     cfg = dataclasses.replace(base, max_bucket_rows=2, bucket_window_rows=2)
     assert {k: v[1] for k, v in by_key(t, find_duplicates_local(t, cfg, stats=windowed)).items()} == planted
     assert windowed["candidate_edges"] < full["candidate_edges"]
+
+
+def test_decode_thumbs_reads_jpeg_and_other_formats_and_skips_broken():
+    """JPEG thumbnails decode through libjpeg-turbo exactly as Pillow decodes them; another
+    format still decodes (Pillow); a missing, broken or wrongly sized one is invalid, not an error."""
+    from pipelines.dedup_verify import THUMB_PX, decode_thumbs
+
+    rng = np.random.default_rng(0)
+    im = Image.fromarray(rng.integers(0, 255, (THUMB_PX, THUMB_PX, 3), dtype=np.uint8))
+    jpg, png, small = io.BytesIO(), io.BytesIO(), io.BytesIO()
+    im.save(jpg, "JPEG", quality=90, subsampling=0)
+    im.save(png, "PNG")
+    im.resize((8, 8)).save(small, "JPEG")
+    out, ok = decode_thumbs([jpg.getvalue(), png.getvalue(), None, b"not an image", small.getvalue()])
+    assert ok.tolist() == [True, True, False, False, False]
+    assert (out[0] == np.asarray(Image.open(io.BytesIO(jpg.getvalue())).convert("RGB"))).all()
+    assert (out[1] == np.asarray(im)).all()
+    assert not out[2:].any()
