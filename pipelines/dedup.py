@@ -159,6 +159,7 @@ class DedupConfig:
     caption_min_jaccard: float = 0.8
     num_partitions: int = 4              # Ray Data shuffle partitions for the groupbys
     local_max_rows: int = 100_000        # up to this many candidates, dedup runs in the driver
+    band_rows_per_round: int = 4_000_000  # above local_max_rows: band rows (rows x hash views x bands) shuffled at once
     semantic: SemanticConfig = field(default_factory=SemanticConfig)  # after exact/near, images only
 
     def __post_init__(self) -> None:
@@ -218,12 +219,15 @@ def find_duplicates(rows, cfg: DedupConfig, with_evidence: bool = False, stats: 
             rids = pa.array(row_hash64(ids.column("row_id")) if ids is not None else [], pa.int64())
             banded = survivors.map_batches(_add_layout, fn_kwargs={"layouts": _layouts(thumbs, rids)},
                                            batch_format="pyarrow", num_cpus=0.5)
-        edges = _collect(banded.map_batches(make, fn_kwargs={"cfg": cfg}, batch_format="pyarrow", num_cpus=0.5)
-                         .groupby("shard", num_partitions=cfg.num_partitions)
-                         .map_groups(edges_fn, fn_kwargs={"cfg": cfg}, batch_format="pyarrow", num_cpus=0.5),
-                         EDGE_SCHEMA)
+        rounds = _band_rounds(survivors.count(), cfg) if make is make_hash_bands else [None]
+        edges = pa.concat_tables([
+            _collect(banded.map_batches(make, fn_kwargs={"cfg": cfg, **({"bands": r} if r else {})},
+                                        batch_format="pyarrow", num_cpus=0.5)
+                     .groupby("shard", num_partitions=cfg.num_partitions)
+                     .map_groups(edges_fn, fn_kwargs={"cfg": cfg}, batch_format="pyarrow", num_cpus=0.5),
+                     EDGE_SCHEMA) for r in rounds])
         if make is make_hash_bands:
-            edges = _nearest(edges, cfg)
+            edges = _nearest(_dedupe_edges(edges) if len(rounds) > 1 else edges, cfg)
         rids = pa.array(np.unique(np.r_[edges.column("a").to_numpy(), edges.column("b").to_numpy()]), pa.int64())
         if make is make_hash_bands and _verifies(cfg, columns, thumbs):
             pair_thumbs = thumbs(rids) if thumbs is not None else _collect(
@@ -351,6 +355,17 @@ def _unverified(edges: pa.Table, cfg: DedupConfig) -> pa.Table:
     """Without thumbnails (video clips, older index rows) the hashes decide alone, at the stricter
     ``unverified_max_hamming``."""
     return edges.filter(pc.less_equal(edges.column("dist"), cfg.unverified_max_hamming))
+
+
+def _band_rounds(n_rows: int, cfg: DedupConfig) -> list[tuple[int, int]]:
+    """The distributed dedup's bands, split into rounds of at most ``band_rows_per_round`` band
+    rows (an image row makes 1 + 4 crop views entries per band). One round of all 32 bands at
+    200k collages was 32M band rows, ~3.7 GB in the object store at once, most of that run's
+    peak memory (bench/curate_images.py); a round is a shuffle of its own, so the rounds trade a
+    few seconds of fixed cost each for memory that does not grow with the band count."""
+    per_band = max(1, n_rows * (1 + 4 * cfg.crop_views))
+    size = max(1, min(cfg.lsh_bands, cfg.band_rows_per_round // per_band))
+    return [(lo, min(lo + size, cfg.lsh_bands)) for lo in range(0, cfg.lsh_bands, size)]
 
 
 def _dedupe_edges(edges: pa.Table) -> pa.Table:

@@ -15,8 +15,8 @@ compared position by position (same list length, every position within ``max_ham
 
 Bounded work: a band bucket of more than ``max_bucket_rows`` entries (hashes and views; such
 buckets appear as the corpus grows denser) is paired on a sliding window of
-``bucket_window_rows`` in the order of each entry's own hash, rotated per band, instead of all
-pairs; and with ``max_candidates_per_row`` = K a candidate pair is kept only if it is among the
+``bucket_window_rows`` in the order of each entry's own hash, rotated per band (``window_order``,
+ties by row: the same pairs in process and on Ray), instead of all pairs; and with ``max_candidates_per_row`` = K a candidate pair is kept only if it is among the
 K nearest (hash distance, ties by row id) of one of its rows (``nearest_per_row``): at most 2K
 pairs a row reach verification, and a true copy is a row's nearest candidate.
 
@@ -39,7 +39,8 @@ EDGE_SCHEMA = pa.schema([pa.field("a", pa.int64()), pa.field("b", pa.int64()),
                          pa.field("dist", pa.int64()), pa.field("score", pa.float64())])
 BAND_SCHEMA = pa.schema([pa.field("shard", pa.int64()), pa.field("band", pa.int64()),
                          pa.field("rid", pa.int64()), pa.field("vec", pa.list_(pa.int64())),
-                         pa.field("views", pa.list_(pa.int64())), pa.field("view", pa.bool_())])
+                         pa.field("views", pa.list_(pa.int64())), pa.field("view", pa.bool_()),
+                         pa.field("own", pa.int64())])
 
 
 _HEX = np.zeros(256, np.uint8)
@@ -126,7 +127,7 @@ def band_keys(m: np.ndarray, lengths: np.ndarray, positions: np.ndarray,
         head = (key_len[valid].astype(np.uint64) << np.uint64(56)) | (np.uint64(pos) << np.uint64(48))
         keys = np.empty((len(valid), bands), dtype=np.uint64)
         for j in range(bands):  # bands x bits vector ops over n rows: no (n, bands, bits) tensor
-            v = head | (np.uint64(j) << np.uint64(40))
+            v = head | (np.uint64(first_band + j) << np.uint64(40))
             for k, bit in enumerate(positions[j]):
                 v |= ((h >> np.uint64(bit)) & one) << np.uint64(k)
             if cells is not None:  # bits [band bits, 40): a cell code collision only adds candidates
@@ -144,10 +145,24 @@ def shard_of(keys: np.ndarray, shards: int) -> np.ndarray:
     return (mixed % np.uint64(shards)).astype(np.int64)
 
 
+def window_order(own: np.ndarray, band: np.ndarray | int) -> np.ndarray:
+    """The order of an over-full bucket's entries in band ``band``: each entry's own hash (the
+    hash or view the key was cut from), rotated by a band-dependent amount so that each band's
+    window meets other neighbours. One definition for both paths (local_hash_edges and
+    hash_shard_edges), so the in-process and the Ray dedup pair the same entries."""
+    own = np.asarray(own).view(np.uint64)
+    r = ((7 + 23 * np.asarray(band, np.int64)) % 64).astype(np.uint64)
+    left = np.where(r == 0, own, own << r)
+    right = np.where(r == 0, np.uint64(0), own >> ((np.uint64(64) - r) % np.uint64(64)))
+    return (left | right).view(np.int64)
+
+
 def candidate_pairs(keys: np.ndarray, max_bucket_rows: int, window: int,
-                    order_by: np.ndarray | None = None) -> tuple[np.ndarray, np.ndarray]:
+                    order_by: np.ndarray | None = None, ties: tuple[np.ndarray, ...] = ()) -> tuple[np.ndarray, np.ndarray]:
     """Index pairs (i < j by position) of rows sharing a key: all pairs in buckets up to
-    ``max_bucket_rows``, a sliding window of ``window`` rows (sorted by ``order_by``) above it."""
+    ``max_bucket_rows``, a sliding window of ``window`` rows above it, sorted by ``order_by``, then
+    by ``ties`` (first = most significant; e.g. row hash, is-view) so that equal hashes are ordered
+    the same whatever the rows' positions."""
     if len(keys) < 2:
         return np.zeros(0, np.int64), np.zeros(0, np.int64)
     idx = np.argsort(keys, kind="stable")
@@ -167,7 +182,7 @@ def candidate_pairs(keys: np.ndarray, max_bucket_rows: int, window: int,
         members = idx[in_big]
         mk = k[in_big]
         if order_by is not None:
-            members = members[np.lexsort((order_by[members], mk))]
+            members = members[np.lexsort((*(t[members] for t in reversed(ties)), order_by[members], mk))]
         for off in range(1, window + 1):
             same = mk[off:] == mk[:-off]
             if not same.any():
@@ -269,23 +284,30 @@ def row_layout(batch: pa.Table, cfg) -> np.ndarray | None:
     return None
 
 
-def make_hash_bands(batch: pa.Table, cfg) -> pa.Table:
-    """Rows → band rows (shard, band key, row hash, hash list, views) for the perceptual-hash LSH."""
+def make_hash_bands(batch: pa.Table, cfg, bands: tuple[int, int] | None = None) -> pa.Table:
+    """Rows → band rows (shard, band key, row hash, hash list, views) for the perceptual-hash LSH;
+    ``bands`` = (lo, hi): only those bands (one round of the distributed dedup)."""
+    lo, hi = bands or (0, cfg.lsh_bands)
+    positions = band_positions(cfg)[lo:hi]
     hashes = batch.column("hashes").combine_chunks()
     views = _list_or_empty(batch, "crop_hashes", batch.num_rows) if cfg.crop_views else \
         pa.array([[] for _ in range(batch.num_rows)], pa.list_(pa.int64()))
     m, lengths = hash_matrix(hashes)
     cells = layout_cells(row_layout(batch, cfg), batch.num_rows, cfg)
-    rows, keys = band_keys(m, lengths, band_positions(cfg), cells=cells)
+    rows, keys = band_keys(m, lengths, positions, cells=cells, first_band=lo)
     vm, vlen = hash_matrix(views)
     vlen = np.where(lengths == 1, vlen, 0)  # views belong to one-hash rows (images) only
-    vrows, vkeys = band_keys(vm, vlen, band_positions(cfg), as_length=np.ones_like(lengths), cells=cells)
+    vrows, vkeys = band_keys(vm, vlen, positions, as_length=np.ones_like(lengths), cells=cells, first_band=lo)
     rows, keys = np.concatenate([rows, vrows]), np.concatenate([keys, vkeys])
     rid = row_hash64(batch.column("row_id"))
     take = pa.array(rows, pa.int64())
     is_view = np.r_[np.zeros(len(rows) - len(vrows), bool), np.ones(len(vrows), bool)]
+    bands = hi - lo
+    own = np.r_[m[rows[:len(rows) - len(vrows)], _list_position(lengths, bands)],
+                vm[vrows, _list_position(vlen, bands)]].view(np.int64)
     return pa.table({"shard": shard_of(keys, cfg.lsh_shards), "band": keys, "rid": rid[rows],
-                     "vec": hashes.take(take), "views": views.take(take), "view": is_view}, schema=BAND_SCHEMA)
+                     "vec": hashes.take(take), "views": views.take(take), "view": is_view, "own": own},
+                    schema=BAND_SCHEMA)
 
 
 def hash_shard_edges(t: pa.Table, cfg) -> pa.Table:
@@ -296,9 +318,12 @@ def hash_shard_edges(t: pa.Table, cfg) -> pa.Table:
     m, lengths = hash_matrix(t.column("vec"))
     vm, vlen = hash_matrix(t.column("views"))
     rid = t.column("rid").to_numpy()
-    a, b = candidate_pairs(t.column("band").to_numpy(), cfg.max_bucket_rows, cfg.bucket_window_rows,
-                           order_by=m[:, 0].view(np.int64))
+    keys = t.column("band").to_numpy()
     view = t.column("view").to_numpy(zero_copy_only=False)
+    band = (keys.view(np.uint64) >> np.uint64(40)) & np.uint64(0xFF)  # band_keys puts the band number there
+    a, b = candidate_pairs(keys, cfg.max_bucket_rows, cfg.bucket_window_rows,
+                           order_by=window_order(t.column("own").to_numpy(), band.astype(np.int64)),
+                           ties=(rid, view))
     keep = (rid[a] != rid[b]) & ~(view[a] & view[b])  # a view meets hashes, never another view
     a, b = a[keep], b[keep]
     dist = hash_distance(m, lengths, a, b, vm, vlen)
@@ -361,11 +386,10 @@ def local_hash_edges(batch: pa.Table, cfg) -> pa.Table:
         va, vb = _probe_pairs(keys[hs], vkeys[vs], len(keys) + len(vkeys), 1)  # hash x view only
         a, b = [np.concatenate([rows[hs[a]], rows[hs[va]]]), np.concatenate([rows[hs[b]], vrows[vs[vb]]])]
         if full.any():
-            own = np.r_[m[rows, _list_position(lengths, 1)], vm[vrows, _list_position(vlen, 1)]]
-            r = np.uint64((7 + 23 * j) % 64)
-            own = (own << r) | (own >> (np.uint64(64) - r))
+            own = window_order(np.r_[m[rows, _list_position(lengths, 1)], vm[vrows, _list_position(vlen, 1)]], j)
             ent_row, ent_view = np.r_[rows, vrows][full], np.r_[np.zeros(len(keys), bool), np.ones(len(vkeys), bool)][full]
-            fa, fb = candidate_pairs(np.r_[keys, vkeys][full], 1, cfg.bucket_window_rows, order_by=own[full])
+            fa, fb = candidate_pairs(np.r_[keys, vkeys][full], 1, cfg.bucket_window_rows, order_by=own[full],
+                                     ties=(rid[ent_row], ent_view))
             fa, fb = fa[~(ent_view[fa] & ent_view[fb])], fb[~(ent_view[fa] & ent_view[fb])]
             swap = ent_view[fa]  # hash first: hash_distance reads the views of the row, not the entry
             fa, fb = np.where(swap, fb, fa), np.where(swap, fa, fb)
@@ -421,7 +445,8 @@ def make_caption_bands(batch: pa.Table, cfg) -> pa.Table:
     flat = keys.ravel()
     return pa.table({"shard": shard_of(flat, cfg.lsh_shards), "band": flat, "rid": rid[rows], "vec": vec,
                      "views": pa.array([[]] * len(rows), pa.list_(pa.int64())),
-                     "view": np.zeros(len(rows), bool)}, schema=BAND_SCHEMA)
+                     "view": np.zeros(len(rows), bool),
+                     "own": np.zeros(len(rows), np.int64)}, schema=BAND_SCHEMA)  # caption buckets window unordered
 
 
 def caption_shard_edges(t: pa.Table, cfg) -> pa.Table:

@@ -160,14 +160,21 @@ def test_caption_minhash_near_duplicates():
     assert (sig[0] == sig[1]).all() and (sig[0] != sig[2]).mean() > 0.5
 
 
-def test_ray_path_equals_local_path(ray_session):
+# 4-bit bands put ~20 of the 300 rows in every bucket: over max_bucket_rows 4, so each bucket is
+# paired on its window, whose order both paths must share (dedup_lsh.window_order).
+@pytest.mark.parametrize("overrides", [{}, {"lsh_band_bits": 4, "max_bucket_rows": 4, "bucket_window_rows": 2},
+                                       {"band_rows_per_round": 302 * 5 * 5}],
+                         ids=["default", "over-full-buckets", "rounds-of-5-bands"])
+def test_ray_path_equals_local_path(ray_session, overrides):
     import ray
 
     specs, planted = _planted(300, seed=3)
     specs += [{"key": "x1", "hashes": [5], "content_hash": "same"}, {"key": "x2", "hashes": [5], "content_hash": "same"}]
     t = rows_table(specs)
-    local = find_duplicates_local(t, DedupConfig())
-    ray_cfg = DedupConfig(local_max_rows=0, lsh_shards=8, num_partitions=2)
+    views = [[flip(h[0], [i, 20 + i, 40 + i]) for i in range(4)] for h in t.column("hashes").to_pylist()]
+    t = t.append_column("crop_hashes", pa.array(views, pa.list_(pa.int64())))  # the crop views' entries too
+    local = find_duplicates_local(t, DedupConfig(**overrides))
+    ray_cfg = DedupConfig(local_max_rows=0, lsh_shards=8, num_partitions=2, **overrides)
     distributed = find_duplicates(ray.data.from_arrow(t).repartition(4), ray_cfg)
     assert distributed.schema == DROP_SCHEMA
     assert sorted(distributed.to_pylist(), key=str) == sorted(local.to_pylist(), key=str)
