@@ -165,8 +165,10 @@ class DedupConfig:
     def __post_init__(self) -> None:
         if not 0 <= self.max_hamming < 64 or not 0 <= self.unverified_max_hamming < 64:
             raise ValueError("max_hamming and unverified_max_hamming must be in [0, 63]")
-        if not 1 <= self.lsh_band_bits <= 32 or self.lsh_bands < 1:
-            raise ValueError("lsh_band_bits must be in [1, 32] and lsh_bands >= 1")
+        if not 1 <= self.lsh_band_bits <= 32 or not 1 <= self.lsh_bands <= 255:  # 8 key bits hold the band
+            raise ValueError("lsh_band_bits must be in [1, 32] and lsh_bands in [1, 255]")
+        if self.band_rows_per_round < 1:
+            raise ValueError("band_rows_per_round must be >= 1")
         if self.caption_num_perm % self.caption_band_rows:
             raise ValueError("caption_num_perm must be a multiple of caption_band_rows")
         if not 0.0 < self.caption_min_jaccard <= 1.0:

@@ -181,7 +181,7 @@ def test_ray_path_equals_local_path(ray_session, overrides):
     assert by_key(t, local)["x2"] == ("duplicate", "x1")
 
 
-@pytest.mark.parametrize("bad", [{"max_hamming": 64}, {"lsh_band_bits": 0}, {"caption_num_perm": 10},
+@pytest.mark.parametrize("bad", [{"max_hamming": 64}, {"lsh_band_bits": 0}, {"lsh_bands": 256}, {"band_rows_per_round": 0}, {"caption_num_perm": 10},
                                  {"verify_max_gain": 0.5}, {"verify_max_crop": 0.5},
                                  {"unverified_max_hamming": 64}])
 def test_config_validation(bad):
