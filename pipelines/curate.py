@@ -45,6 +45,7 @@ import contextlib
 import json
 import logging
 import time
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from typing import Any, Literal
 
@@ -115,8 +116,7 @@ class ExecutionConfig:
     # process task, and the unfused read held a core while backpressured (measured: 20k inputs,
     # process pass 92 s -> 57 s once fused). One work file per process task.
     batch_rows: int = 256
-    num_cpus_per_task: float = 1.0       # of the process stage
-    download_num_cpus: float = 0.25      # download tasks mostly wait on the network
+    num_cpus_per_task: float = 1.0       # of the process stage (which also downloads URL rows)
     # dedup/finalise/stats stages. A whole CPU each: with fractional reservations Ray starts more
     # worker processes than cores, more of them the more blocks a corpus has, and each stays
     # resident afterwards (150-250 MB PSS): that was the peak-memory growth from 2k to 20k inputs.
@@ -162,6 +162,18 @@ def process_batch(batch: pa.Table, cfg: CurateConfig, progress: Any = None) -> p
                 nbytes += pc.sum(pc.binary_length(batch.column(col))).as_py() or 0
         report(progress, batch.num_rows, nbytes)
     return out
+
+
+def download_and_process(batch: pa.Table, cfg: CurateConfig, progress: Any = None) -> Iterator[pa.Table]:
+    """URL records → work rows: ``download_chunks`` keeps the worker's ``download_threads``
+    fetching ahead while this thread runs ``process_batch`` on the chunks already here. A
+    separate download operator (0.25 CPU a task) ran 5,000 local URLs at 193/s against 864/s for
+    the same threads in one process: Ray started a worker process per fractional task, and the
+    starts and imports took the CPU (bench/ingest_urls.py, docs/BENCHMARKS.md)."""
+    from pipelines.download import download_chunks
+
+    for chunk in download_chunks(batch, cfg.sources):
+        yield process_batch(chunk, cfg, progress)
 
 
 # --------------------------------------------------------------------------- finalise stages
@@ -243,23 +255,19 @@ def _run_curate(sources: list[str], out: str, cfg: CurateConfig) -> dict:
     light = {"batch_format": "pyarrow", "num_cpus": ex.light_num_cpus}
     _import_in_background("transformers")  # for step 3, while this process waits on step 1
 
-
     # 1. process -------------------------------------------------------------------------------
     ds = read_inputs(files, cfg.sources)
+    per_input = process_batch
     if has_urls(files):
-        from pipelines.download import download_chunks
-
-        # Small blocks before and after the download: one manifest file is read as a few large
-        # blocks, and a map task takes whole blocks, so without this 1,000 URLs ran as 2 download
-        # tasks of 500 rows, then 2 process tasks of 500 rows after them (measured).
-        dl_rows = cfg.sources.download_threads * 2  # one task: two rounds of its thread pool
-        ds = ds.repartition(target_num_rows_per_block=dl_rows).map_batches(
-            download_chunks, fn_kwargs={"cfg": cfg.sources}, batch_format="pyarrow", batch_size=dl_rows,
-            num_cpus=ex.download_num_cpus).repartition(target_num_rows_per_block=ex.batch_rows)
+        # URLs are fetched inside the process task, on its worker's download threads, while the
+        # task decodes the rows already fetched (img2dataset's layout). One manifest is read as a
+        # few large blocks, so they are cut to batch_rows first: tasks for every core.
+        ds = ds.repartition(target_num_rows_per_block=ex.batch_rows)
+        per_input = download_and_process
     known = all(f.kind == "tar" for f in files) and not has_urls(files)  # input bytes known: an ETA
     with Progress("process", total_bytes=sum(f.size for f in files) if known else None,
                   unit="videos" if cfg.modality == "video" else "inputs") as progress:
-        ds = ds.map_batches(process_batch, fn_kwargs={"cfg": cfg, "progress": progress.handle},
+        ds = ds.map_batches(per_input, fn_kwargs={"cfg": cfg, "progress": progress.handle},
                             batch_format="pyarrow",
                             batch_size=cfg.video.videos_per_task if cfg.modality == "video" else None,
                             num_cpus=ex.num_cpus_per_task)
