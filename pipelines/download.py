@@ -1,14 +1,13 @@
 """URL download inside the curate plan: fills ``media`` of manifest records that carry a ``url``.
 
-    ds = ds.map_batches(download_chunks, fn_kwargs={"cfg": source_cfg}, batch_format="pyarrow",
-                        batch_size=rows, num_cpus=0.25)   # as pipelines/curate.py runs it
+    for chunk in download_chunks(batch, source_cfg):   # in a process task: curate.download_and_process
+        yield process_batch(chunk, cfg)
 
 As img2dataset does it: each worker process keeps one thread pool of ``download_threads`` and
 one ``urllib3`` PoolManager (connections reused per host) for its whole life. ``download_chunks``
 streams a block's rows through that pool in input order, ``CHUNK_ROWS`` at a time, keeping up to
 ``AHEAD_ROWS`` requests (and at most ``AHEAD_BYTES`` of downloaded, not yet consumed bytes) ahead
-of its consumer; each chunk is an output block of the map, so process tasks can start on the
-first rows while the download task fetches the rest.
+of its consumer, so the task decodes the first rows while its threads fetch the rest.
 
 ``download_per_host`` connections per host per process (``block=True``: a request waits for a free
 connection, so one slow host cannot take every thread's socket), ``download_timeout_s`` for

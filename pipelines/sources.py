@@ -81,7 +81,7 @@ class SourceConfig:
     download_backoff_s: float = 0.5              # doubled after each retry
     videos_dir: str = ""                         # videos of annotation files; "" = beside the file
     caption_rule: Literal["all", "first", "longest", "random"] = "all"   # videos with several captions
-    download_threads: int = 32                   # concurrent requests per download task
+    download_threads: int = 32                   # concurrent requests per worker process (its process task's download threads)
     download_per_host: int = 8                   # concurrent connections per host per process
     download_max_redirects: int = 5
     opt_out_tags: tuple[str, ...] = ("noai", "noimageai")   # X-Robots-Tag values that reject
