@@ -110,7 +110,7 @@ class OutputConfig:
 class ExecutionConfig:
     """Ray Data resources of the curate plans (see ../shared/RAY_NOTES.md for small machines)."""
 
-    # Rows per process block after URL downloads (downloads are re-blocked to this size). Tars,
+    # Rows per process task for URL inputs (the task downloads them, then decodes them). Tars,
     # manifests and folders are processed as their read blocks (sources.rows_per_block), with no
     # batch_size on the process map: a batch_size there stops Ray Data fusing the read into the
     # process task, and the unfused read held a core while backpressured (measured: 20k inputs,

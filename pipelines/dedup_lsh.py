@@ -302,9 +302,9 @@ def make_hash_bands(batch: pa.Table, cfg, bands: tuple[int, int] | None = None) 
     rid = row_hash64(batch.column("row_id"))
     take = pa.array(rows, pa.int64())
     is_view = np.r_[np.zeros(len(rows) - len(vrows), bool), np.ones(len(vrows), bool)]
-    bands = hi - lo
-    own = np.r_[m[rows[:len(rows) - len(vrows)], _list_position(lengths, bands)],
-                vm[vrows, _list_position(vlen, bands)]].view(np.int64)
+    n_bands = hi - lo
+    own = np.r_[m[rows[:len(rows) - len(vrows)], _list_position(lengths, n_bands)],
+                vm[vrows, _list_position(vlen, n_bands)]].view(np.int64)
     return pa.table({"shard": shard_of(keys, cfg.lsh_shards), "band": keys, "rid": rid[rows],
                      "vec": hashes.take(take), "views": views.take(take), "view": is_view, "own": own},
                     schema=BAND_SCHEMA)
