@@ -104,3 +104,29 @@ def test_arrow_uses_the_system_allocator_unless_told_otherwise(monkeypatch):
         assert runtime.os.environ["ARROW_DEFAULT_MEMORY_POOL"] == "mimalloc"
     finally:
         pa.set_memory_pool(before)
+
+
+def test_worker_setup_drops_only_ray_listing_race():
+    """The local Ray's worker hook silences Ray Data's file-listing completion thread dying with
+    InterruptedError (a shutdown race, the listing already complete); every other thread error
+    still reaches the hook that was there before."""
+    import threading
+
+    before, seen = threading.excepthook, []
+    try:
+        threading.excepthook = lambda args: seen.append((args.thread.name, args.exc_type))
+        runtime.worker_setup()
+
+        def run(name: str, exc: type[BaseException]) -> None:
+            def boom():
+                raise exc()
+            t = threading.Thread(target=boom, name=name)
+            t.start()
+            t.join()
+
+        run("pool-0/completion-signaler", InterruptedError)
+        run("pool-0/completion-signaler", ValueError)
+        run("other", InterruptedError)
+        assert seen == [("pool-0/completion-signaler", ValueError), ("other", InterruptedError)]
+    finally:
+        threading.excepthook = before
