@@ -229,7 +229,7 @@ def find_duplicates(rows, cfg: DedupConfig, with_evidence: bool = False, stats: 
                      .map_groups(edges_fn, fn_kwargs={"cfg": cfg}, batch_format="pyarrow", num_cpus=0.5),
                      EDGE_SCHEMA) for r in rounds])
         if make is make_hash_bands:
-            edges = _nearest(_dedupe_edges(edges) if len(rounds) > 1 else edges, cfg)
+            edges = _nearest(edges, cfg)  # a pair from several rounds or shards: deduped there or in verify_edges
         rids = pa.array(np.unique(np.r_[edges.column("a").to_numpy(), edges.column("b").to_numpy()]), pa.int64())
         if make is make_hash_bands and _verifies(cfg, columns, thumbs):
             pair_thumbs = thumbs(rids) if thumbs is not None else _collect(

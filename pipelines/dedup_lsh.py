@@ -140,6 +140,11 @@ def band_keys(m: np.ndarray, lengths: np.ndarray, positions: np.ndarray,
     return np.concatenate(out_rows), np.concatenate(out_keys)
 
 
+def band_of_key(keys: np.ndarray) -> np.ndarray:
+    """The band number ``band_keys`` put in bits [40, 48) of each key."""
+    return ((keys.view(np.uint64) >> np.uint64(40)) & np.uint64(0xFF)).astype(np.int64)
+
+
 def shard_of(keys: np.ndarray, shards: int) -> np.ndarray:
     mixed = (keys.view(np.uint64) * np.uint64(0x9E3779B97F4A7C15)) >> np.uint64(40)
     return (mixed % np.uint64(shards)).astype(np.int64)
@@ -152,9 +157,8 @@ def window_order(own: np.ndarray, band: np.ndarray | int) -> np.ndarray:
     hash_shard_edges), so the in-process and the Ray dedup pair the same entries."""
     own = np.asarray(own).view(np.uint64)
     r = ((7 + 23 * np.asarray(band, np.int64)) % 64).astype(np.uint64)
-    left = np.where(r == 0, own, own << r)
-    right = np.where(r == 0, np.uint64(0), own >> ((np.uint64(64) - r) % np.uint64(64)))
-    return (left | right).view(np.int64)
+    right = np.where(r == 0, np.uint64(0), own >> ((np.uint64(64) - r) % np.uint64(64)))  # no shift by 64
+    return ((own << r) | right).view(np.int64)
 
 
 def candidate_pairs(keys: np.ndarray, max_bucket_rows: int, window: int,
@@ -320,9 +324,8 @@ def hash_shard_edges(t: pa.Table, cfg) -> pa.Table:
     rid = t.column("rid").to_numpy()
     keys = t.column("band").to_numpy()
     view = t.column("view").to_numpy(zero_copy_only=False)
-    band = (keys.view(np.uint64) >> np.uint64(40)) & np.uint64(0xFF)  # band_keys puts the band number there
     a, b = candidate_pairs(keys, cfg.max_bucket_rows, cfg.bucket_window_rows,
-                           order_by=window_order(t.column("own").to_numpy(), band.astype(np.int64)),
+                           order_by=window_order(t.column("own").to_numpy(), band_of_key(keys)),
                            ties=(rid, view))
     keep = (rid[a] != rid[b]) & ~(view[a] & view[b])  # a view meets hashes, never another view
     a, b = a[keep], b[keep]
