@@ -253,7 +253,7 @@ def _run_curate(sources: list[str], out: str, cfg: CurateConfig) -> dict:
     _clean(fs, root, work)
     ex = cfg.execution
     light = {"batch_format": "pyarrow", "num_cpus": ex.light_num_cpus}
-    _import_in_background("transformers")  # for step 3, while this process waits on step 1
+    importer = _import_in_background("transformers", ("AutoTokenizer", "BertTokenizerFast", "PreTrainedTokenizerFast"))
 
     # 1. process -------------------------------------------------------------------------------
     ds = read_inputs(files, cfg.sources)
@@ -274,6 +274,7 @@ def _run_curate(sources: list[str], out: str, cfg: CurateConfig) -> dict:
         # One file per process task, fused into it. No min_rows_per_file: Ray Data bundles that many
         # rows into each task before the map, which left one core busy on 2k inputs (measured).
         ds.write_parquet(uri_prefix + f"{root}/{WORK_ROWS_DIR}", filesystem=None if uri_prefix else fs)
+    importer.join()  # before this thread imports anything of it: transformers' lazy module is not thread-safe
     t_process = time.time()
     processed = uri_prefix + f"{root}/{WORK_ROWS_DIR}"
 
@@ -372,19 +373,27 @@ def _candidates_only(batch: pa.Table) -> pa.Table:
     return batch.filter(pc.is_null(batch.column("reason"))).drop_columns(["stage", "reason", "detail"])
 
 
-def _import_in_background(module: str) -> None:
-    """Import ``module`` on a daemon thread. The tokenizer stage saves through transformers, whose
-    import (with torch's) took 5.2 of its 7.3 s on the 20k collage run (cProfile of the driver),
-    after the process pass that the driver spends waiting. A failed import is left to the stage
-    that needs the module, which raises it there."""
+def _import_in_background(module: str, names: tuple[str, ...] = ()):
+    """Import ``module`` and its attributes ``names`` on a daemon thread; returns the thread. The
+    tokenizer stage saves through transformers, whose import (with torch's) took 5.2 of its 7.3 s
+    on the 20k collage run (cProfile of the driver), after the process pass that the driver spends
+    waiting. The caller joins the thread before its own thread touches the module: transformers
+    resolves names lazily, and a second thread importing it meanwhile can get a half-initialised
+    module (an ``ImportError: cannot import ...`` failed a curate test's setup once in three runs
+    of the curate and dedup tests before the join).
+    A failed import is left to the stage that needs the module, which raises it there."""
     import importlib
     import threading
 
     def load() -> None:
         with contextlib.suppress(Exception):
-            importlib.import_module(module)
+            mod = importlib.import_module(module)
+            for name in names:
+                getattr(mod, name)
 
-    threading.Thread(target=load, name=f"import-{module}", daemon=True).start()
+    thread = threading.Thread(target=load, name=f"import-{module}", daemon=True)
+    thread.start()
+    return thread
 
 
 def _kept_captions(ds, drop_ids: pa.Array, cfg: CurateConfig, light: dict):
