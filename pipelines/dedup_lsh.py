@@ -205,14 +205,18 @@ def hash_distance(m: np.ndarray, lengths: np.ndarray, a: np.ndarray, b: np.ndarr
     and (view, hash)."""
     if len(a) == 0:
         return np.zeros(0, np.int64)
-    dist = np.bitwise_count(m[a] ^ m[b]).max(axis=1).astype(np.int64)
+    if m.shape[1] == 1:
+        dist = np.bitwise_count(m[a, 0] ^ m[b, 0]).astype(np.int64)
+    else:
+        dist = np.bitwise_count(m[a] ^ m[b]).max(axis=1).astype(np.int64)
     if views is not None and views.shape[1]:
+        # a missing view slot holds the row's own hash: its distance is then the (hash, hash)
+        # one, already in the minimum, so no per-pair mask (the hot loop of candidate generation)
+        own = m[:, 0]
+        filled = np.where(np.arange(views.shape[1])[None] < n_views[:, None], views, own[:, None])
+        va = np.bitwise_count(filled[a] ^ own[b][:, None]).min(axis=1)
+        vb = np.bitwise_count(filled[b] ^ own[a][:, None]).min(axis=1)
         one = (lengths[a] == 1) & (lengths[b] == 1)
-        big = np.int64(65)
-        va = np.where(np.arange(views.shape[1])[None] < n_views[a][:, None],
-                      np.bitwise_count(views[a] ^ m[b, :1]), big).min(axis=1)
-        vb = np.where(np.arange(views.shape[1])[None] < n_views[b][:, None],
-                      np.bitwise_count(views[b] ^ m[a, :1]), big).min(axis=1)
         dist = np.where(one, np.minimum(dist, np.minimum(va, vb)), dist)
     return np.where(lengths[a] == lengths[b], dist, 65)
 
@@ -362,6 +366,22 @@ def _list_position(lengths: np.ndarray, bands: int) -> np.ndarray:
                           [np.zeros(0, np.int64)])
 
 
+def _unique_row_edges(a: np.ndarray, b: np.ndarray, dist: np.ndarray, rid: np.ndarray) -> tuple[np.ndarray, ...]:
+    """``unique_edges`` of row positions (a, b) with their distances, returned as row-hash edges
+    (lo, hi, dist): the same edges, found by one sort of packed int64 keys instead of a three-key
+    lexsort (at 200k rows, ~20M raw edges: 8.8 s of the candidate step before)."""
+    n = len(rid)
+    if len(a) == 0 or n >= 1 << 27:  # (pair, distance) would not fit one int64
+        return unique_edges(rid[a], rid[b], dist)
+    lo, hi = np.minimum(a, b).astype(np.int64), np.maximum(a, b).astype(np.int64)
+    packed = np.unique(((lo * n + hi) << 7) | dist.astype(np.int64))  # dist <= 65 < 2^7
+    pair = packed >> 7
+    first = np.r_[True, pair[1:] != pair[:-1]]  # the smallest distance of each pair
+    pair, d = pair[first], (packed[first] & 127)
+    ra, rb = rid[pair // n], rid[pair % n]
+    return np.minimum(ra, rb), np.maximum(ra, rb), d
+
+
 def local_hash_edges(batch: pa.Table, cfg) -> pa.Table:
     """The candidate edges of ``make_hash_bands`` + ``hash_shard_edges`` over one in-memory table,
     one band at a time: memory O(rows x views), not O(rows x views x bands) band rows."""
@@ -401,10 +421,10 @@ def local_hash_edges(batch: pa.Table, cfg) -> pa.Table:
         a, b = a[keep], b[keep]
         dist = hash_distance(m, lengths, a, b, vm, vlen)
         ok = dist <= cfg.max_hamming
-        ea.append(rid[a[ok]])
-        eb.append(rid[b[ok]])
+        ea.append(a[ok])
+        eb.append(b[ok])
         ed.append(dist[ok])
-    ea, eb, ed = unique_edges(np.concatenate(ea), np.concatenate(eb), np.concatenate(ed)) if ea else ([], [], [])
+    ea, eb, ed = _unique_row_edges(np.concatenate(ea), np.concatenate(eb), np.concatenate(ed), rid) if ea else ([], [], [])
     if len(ea):
         near = nearest_per_row(ea, eb, ed, cfg.max_candidates_per_row)
         ea, eb, ed = ea[near], eb[near], ed[near]

@@ -177,14 +177,29 @@ def information(thumbs: np.ndarray) -> np.ndarray:
     """Grey standard deviation of each thumbnail (levels): how much an image shows."""
     if len(thumbs) == 0:
         return np.zeros(0, np.float32)
-    grey = thumbs.astype(np.float32) @ np.array([0.299, 0.587, 0.114], np.float32)
-    return grey.reshape(len(thumbs), -1).std(axis=1)
+    f = thumbs.reshape(len(thumbs), -1, 3)
+    grey = f[..., 0] * np.float32(0.299)  # channel by channel, in place: ~3x faster than a matmul + std
+    grey += f[..., 1] * np.float32(0.587)
+    grey += f[..., 2] * np.float32(0.114)
+    grey -= grey.mean(axis=1, keepdims=True)
+    np.square(grey, out=grey)
+    return np.sqrt(grey.mean(axis=1))
 
 
 def block_means(thumbs: np.ndarray) -> np.ndarray:
-    """(N, 64, 64, 3) → (N, 192) float32: the colour means of the 8x8 grid of blocks."""
+    """(N, 64, 64, 3) → (N, 192) float32: the colour means of the 8x8 grid of blocks. Exact
+    integer sums, eight slices at a time: a mean over strided axes was ~5x slower, and every
+    candidate row's thumbnail passes here (15 s of the verification at 200k rows)."""
     n = len(thumbs)
-    return thumbs.reshape(n, 8, 8, 8, 8, 3).mean(axis=(2, 4), dtype=np.float32).reshape(n, -1)
+    px = thumbs.reshape(n * 512, 8, 3)  # (row of a block, 8 pixels across, colour)
+    across = px[:, 0].astype(np.uint16)
+    for i in range(1, 8):
+        across += px[:, i]
+    rows = across.reshape(n, 8, 8, 8, 3)  # (block row, pixel row, block column, colour)
+    total = rows[:, :, 0].copy()
+    for i in range(1, 8):
+        total += rows[:, :, i]  # <= 64 x 255: fits uint16
+    return total.reshape(n, 192).astype(np.float32) / np.float32(64)
 
 
 def layout_signature(means: np.ndarray, valid: np.ndarray | None = None) -> np.ndarray:

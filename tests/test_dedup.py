@@ -20,14 +20,17 @@ from pipelines.dedup import (
     keeper_order,
 )
 from pipelines.dedup_lsh import (
+    _unique_row_edges,
     band_keys,
     band_positions,
     candidate_pairs,
+    hash_distance,
     hash_matrix,
     minhash_signatures,
+    unique_edges,
     within_hamming,
 )
-from pipelines.dedup_verify import compute_descriptors, verify_pairs
+from pipelines.dedup_verify import block_means, compute_descriptors, information, verify_pairs
 from pipelines.images import ImageConfig, process_image
 from pipelines.schema import make_sample_id
 
@@ -95,6 +98,36 @@ def test_within_hamming_multi_hash():
     m, lengths = hash_matrix(pa.array([[0, 0], [0b111, 0], [0b111, 0b1111111111]], pa.list_(pa.int64())))
     ok = within_hamming(m, lengths, np.array([0, 0]), np.array([1, 2]), 3)
     assert ok.tolist() == [True, False]  # every position must be within max_hamming
+
+
+def test_hash_distance_with_missing_views_is_the_minimum_over_present_ones():
+    # row 0 has one crop view and three empty (zero-padded) slots; row 2's hash is 1 bit from
+    # zero, so a slot read as a view would give 1 instead of the true 5
+    m, lengths = hash_matrix(pa.array([[0xFF00], [0x00F3], [0x0001], [0, 1]], pa.list_(pa.int64())))
+    vm, vlen = hash_matrix(pa.array([[0x00F0], [], [], []], pa.list_(pa.int64())))
+    vm = np.pad(vm, ((0, 0), (0, 3)))
+    d = hash_distance(m, lengths, np.array([0, 1, 0, 2, 0]), np.array([1, 0, 2, 0, 3]), vm, vlen)
+    assert d.tolist() == [2, 2, 5, 5, 65]  # (view, hash) both ways; list lengths differ: 65
+
+
+def test_unique_row_edges_matches_unique_edges():
+    rng = np.random.default_rng(0)
+    rid = rng.integers(-(1 << 62), 1 << 62, 50)
+    a, b = rng.integers(0, 50, 2000), rng.integers(0, 50, 2000)
+    d = rng.integers(0, 11, 2000)
+    keep = a != b
+    a, b, d = a[keep], b[keep], d[keep]
+    want = set(zip(*(x.tolist() for x in unique_edges(rid[a], rid[b], d))))
+    got = set(zip(*(x.tolist() for x in _unique_row_edges(a, b, d, rid))))
+    assert got == want and len(want) < len(a)
+
+
+def test_block_means_and_information_are_the_plain_definitions():
+    t = np.random.default_rng(1).integers(0, 256, (3, 64, 64, 3), dtype=np.uint8)
+    want = t.reshape(3, 8, 8, 8, 8, 3).astype(np.float64).mean(axis=(2, 4)).reshape(3, -1)
+    assert np.array_equal(block_means(t), want.astype(np.float32))
+    grey = t.astype(np.float64) @ np.array([0.299, 0.587, 0.114])
+    assert np.allclose(information(t), grey.reshape(3, -1).std(axis=1), atol=1e-3)
 
 
 def test_keeper_rule_largest_then_earliest():
