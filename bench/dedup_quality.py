@@ -47,6 +47,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from dedup_sources import emoji, faces, real_photos  # noqa: E402
 
+from core.config import load_config  # noqa: E402
 from pipelines.dedup import DedupConfig, find_duplicates, find_duplicates_local  # noqa: E402
 from pipelines.images import ImageConfig, ImageReject, process_image  # noqa: E402
 from pipelines.schema import make_sample_id  # noqa: E402
@@ -219,6 +220,8 @@ def main() -> None:
     ap.add_argument("--rows-cache", default=None, help="parquet file: reuse the processed rows (built if absent)")
     ap.add_argument("--lsh-bands", type=int, default=None, help="scaling only: override dedup.lsh_bands")
     ap.add_argument("--lsh-band-bits", type=int, default=None, help="scaling only: override dedup.lsh_band_bits")
+    ap.add_argument("--set", action="append", default=[], metavar="FIELD=VALUE",
+                    help="quality: a DedupConfig field over the defaults, repeatable")
     args = ap.parse_args()
     sizes = [int(x) for x in args.scale.split(",") if x.strip()]
     if args.skip_quality:
@@ -240,14 +243,14 @@ def main() -> None:
             pq.write_table(table.replace_schema_metadata({"info": json.dumps(info)}), args.rows_cache)
     kinds = info["kinds"]
     build_s = time.time() - t0
-    default = DedupConfig()
+    default = load_config(DedupConfig, None, args.set)
     t1 = time.time()
     drops = find_duplicates_local(table, default)
     dedup_s = time.time() - t1
     result = {"bench": "dedup_quality", "images": table.num_rows, "distinct_bases": info["bases"],
               "by_kind": {k: sum(1 for v in kinds.values() if v == k) for k in sorted(set(kinds.values()))},
               "build_s": round(build_s, 1), "dedup_s": round(dedup_s, 2),
-              "default": {"max_hamming": default.max_hamming, "lsh_bands": default.lsh_bands,
+              "default": {"overrides": args.set, "max_hamming": default.max_hamming, "lsh_bands": default.lsh_bands,
                           "verify_max_residual": default.verify_max_residual, **score(table, drops, info["origin"])},
               "recall_by_transform": per_transform_recall(table, drops, info["origin"])}
     # before verification (issue 20): pHash LSH within 8 bits decides alone, no crop views

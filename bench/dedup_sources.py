@@ -121,9 +121,11 @@ def source_objects(seed: int = 0, n_photo_crops: int = 3000) -> list[tuple[str, 
             + [("photo", p) for p in photo_crops(n_photo_crops, seed)])
 
 
-def collages(objects: list[tuple[str, np.ndarray]], n: int, seed: int = 0,
-             short_px: int = 256) -> Iterator[tuple[tuple[int, int], Image.Image]]:
-    """``n`` collages ((source i, source j), image): two different sources each, no pair twice."""
+def collage_plans(objects: list[tuple[str, np.ndarray]], n: int, seed: int = 0,
+                  short_px: int = 256) -> Iterator[tuple[tuple[int, int], tuple]]:
+    """The random choices of ``n`` collages, without drawing them: ((source i, source j), plan)
+    with two different sources each and no pair twice; ``draw_collage(objects, plan)`` draws one.
+    Split so that the drawing can run on several cores and give the same corpus."""
     rng = np.random.default_rng(seed)
     n_obj = len(objects)
     if n > n_obj * (n_obj - 1) // 2:
@@ -138,18 +140,33 @@ def collages(objects: list[tuple[str, np.ndarray]], n: int, seed: int = 0,
         used.add(pair)
         aspect = float(np.exp(rng.uniform(np.log(0.75), np.log(1.6))))
         w, h = (round(short_px * aspect), short_px) if rng.random() < 0.5 else (short_px, round(short_px * aspect))
-        canvas = Image.new("RGB", (w, h), tuple(int(c) for c in rng.integers(0, 256, 3)))
+        background = tuple(int(c) for c in rng.integers(0, 256, 3))
+        placed = []
         for k in (i, j):
-            arr = objects[k][1]
-            oh, ow = arr.shape[:2]
+            oh, ow = objects[k][1].shape[:2]
             side = rng.uniform(0.12, 0.6) * short_px
             s = side / max(oh, ow)
             size = (max(2, round(ow * s)), max(2, round(oh * s)))
-            obj = Image.fromarray(arr).resize(size, Image.BICUBIC)
             x, y = int(rng.integers(0, max(1, w - size[0]))), int(rng.integers(0, max(1, h - size[1])))
-            canvas.paste(obj, (x, y))
+            placed.append((k, size, x, y))
         made += 1
-        yield pair, canvas
+        yield pair, ((w, h), background, tuple(placed))
 
 
-__all__ = ["real_photos", "faces", "digits", "emoji", "photo_crops", "source_objects", "collages"]
+def draw_collage(objects: list[tuple[str, np.ndarray]], plan: tuple) -> Image.Image:
+    (w, h), background, placed = plan
+    canvas = Image.new("RGB", (w, h), background)
+    for k, size, x, y in placed:
+        canvas.paste(Image.fromarray(objects[k][1]).resize(size, Image.BICUBIC), (x, y))
+    return canvas
+
+
+def collages(objects: list[tuple[str, np.ndarray]], n: int, seed: int = 0,
+             short_px: int = 256) -> Iterator[tuple[tuple[int, int], Image.Image]]:
+    """``n`` collages ((source i, source j), image): two different sources each, no pair twice."""
+    for pair, plan in collage_plans(objects, n, seed, short_px):
+        yield pair, draw_collage(objects, plan)
+
+
+__all__ = ["real_photos", "faces", "digits", "emoji", "photo_crops", "source_objects", "collage_plans", "draw_collage",
+           "collages"]
