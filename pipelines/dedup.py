@@ -139,9 +139,9 @@ class DedupConfig:
     lsh_seed: int = 0
     lsh_layout_cell: float = 0.0         # colour-signature cell width in the band keys (0: off; 32 measured), see dedup_lsh
     lsh_shards: int = 64                 # groupby groups the band rows are spread over
-    max_bucket_rows: int = 2000          # larger band buckets: sorted-window candidates
-    bucket_window_rows: int = 64
-    max_candidates_per_row: int = 0      # keep a candidate pair only if among the K nearest (hash distance) of a row (0: all)
+    max_bucket_rows: int = 32            # larger band buckets: sorted-window candidates (bounded work a row)
+    bucket_window_rows: int = 16
+    max_candidates_per_row: int = 16     # keep a candidate pair only if among the K nearest (hash distance) of a row (0: all)
     verify: bool = True                  # decide candidates on the thumbnails (rows with `thumb`)
     verify_max_residual: float = 22.0    # grey levels, worst 8x8 block of the aligned thumbnails
     verify_residual_per_info: float = 1.0  # ... and at most this times the pair's grey std
