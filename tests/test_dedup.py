@@ -196,8 +196,8 @@ def test_caption_minhash_near_duplicates():
 # 4-bit bands put ~20 of the 300 rows in every bucket: over max_bucket_rows 4, so each bucket is
 # paired on its window, whose order both paths must share (dedup_lsh.window_order).
 @pytest.mark.parametrize("overrides", [{}, {"lsh_band_bits": 4, "max_bucket_rows": 4, "bucket_window_rows": 2},
-                                       {"band_rows_per_round": 302 * 5 * 5}],
-                         ids=["default", "over-full-buckets", "rounds-of-5-bands"])
+                                       {"band_rows_per_round": 302 * 5 * 10}],  # rounds of 10, 10, 10, 2 bands
+                         ids=["default", "over-full-buckets", "rounds-of-10-bands"])
 def test_ray_path_equals_local_path(ray_session, overrides):
     import ray
 
