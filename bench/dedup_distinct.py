@@ -107,8 +107,8 @@ def false_drops(table: pa.Table, cfg: DedupConfig, planted: tuple[pa.Table, dict
     table gets them appended and the result also scores the planted copies."""
     n_distinct = table.num_rows
     if planted is not None:
-        rows, _ = planted
-        table = pa.concat_tables([table.select(rows.column_names), rows.cast(table.select(rows.column_names).schema)])
+        base = table.select(planted[0].column_names)
+        table = pa.concat_tables([base, planted[0].cast(base.schema)])
     stats: dict = {}
     t0, c0 = time.perf_counter(), time.process_time()
     drops = find_duplicates_local(table, cfg, with_evidence=True, stats=stats)
